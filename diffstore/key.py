@@ -1,0 +1,111 @@
+"""The key of a feature array: its readable name and its fingerprint.
+
+A feature array is *named* by (dataset, split, model, input, t, block, pool): that name is its path in the
+store. Everything else that changes its values (weights bytes, architecture, preprocessing, sample order,
+noise seed and draws, compute and storage dtype, extractor version) goes into the *fingerprint*. A store
+refuses to write under a name whose stored fingerprint differs (see store.py), so a stale cache can never
+be silently reused or mixed.
+
+Failure policy: fingerprints are sha256 over canonical JSON. A value that is not plain JSON (numbers,
+strings, bools, None, lists, dicts with string keys) raises TypeError: we never fall back to repr() or
+pickling, whose bytes change between versions and processes. Settings that do not change values (batch
+size, device, worker count) are never passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Bump when a change to extraction alters stored values; it is part of every feature fingerprint.
+EXTRACTOR_VERSION = "1"
+
+INPUT_MODES = ("noised", "clean")
+
+
+def canonical_json(value) -> str:
+    """JSON with sorted keys and no whitespace; raises TypeError on anything that is not plain JSON."""
+
+    def reject(obj):
+        raise TypeError(f"not a plain JSON value, refusing to fingerprint it: {type(obj).__name__} {obj!r}")
+
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=reject)
+
+
+def fingerprint(value) -> str:
+    """sha256 hex digest of the canonical JSON of `value`."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """sha256 over the bytes of the given files, in the given order (file names do not count)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(weights_sha256: str, config: dict) -> str:
+    """Model identity: the weight bytes plus the architecture config, never a name or a path."""
+    return fingerprint({"weights_sha256": weights_sha256, "config": config})
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """The readable name of one feature array; `path` is where it lives in a store."""
+
+    dataset: str
+    split: str
+    model: str
+    input: str  # "noised" (x_t) or "clean" (x_0, t only in the time embedding)
+    t: int
+    block: int  # b, 1-based in forward order (see blocks.py)
+    pool: str  # "1", "2", "4", ... (adaptive average pool to p x p) or "full" (the unpooled map)
+
+    def __post_init__(self):
+        if self.input not in INPUT_MODES:
+            raise ValueError(f"input must be one of {INPUT_MODES}, got {self.input!r}")
+        if self.pool != "full" and not (self.pool.isdigit() and int(self.pool) > 0):
+            raise ValueError(f"pool must be a positive integer or 'full', got {self.pool!r}")
+
+    @property
+    def path(self) -> str:
+        return f"features/{self.dataset}/{self.split}/{self.model}/{self.input}/t{self.t}/b{self.block}/p{self.pool}"
+
+    @classmethod
+    def from_path(cls, path: str) -> "FeatureKey":
+        parts = path.strip("/").split("/")
+        if len(parts) != 8 or parts[0] != "features":
+            raise ValueError(f"not a feature path: {path!r}")
+        _, dataset, split, model, input_, t, block, pool = parts
+        return cls(dataset, split, model, input_, int(t[1:]), int(block[1:]), pool[1:])
+
+    def short(self) -> str:
+        """The compact form users type: t=90/b=5/p=2."""
+        return f"t={self.t}/b={self.block}/p={self.pool}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything besides the name that changes a feature array's values (goes into its fingerprint)."""
+
+    model_fingerprint: str
+    dataset_fingerprint: str  # source + split + ids + preprocessing (datasets.py)
+    noise_seed: int
+    noise_draws: int
+    compute_dtype: str  # "float32", "bfloat16", "float16"
+    storage_dtype: str  # "float16" or "float32"
+    extractor_version: str = EXTRACTOR_VERSION
+
+    def fingerprint(self, key: FeatureKey) -> str:
+        return fingerprint({"key": key.to_dict(), "recipe": asdict(self)})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

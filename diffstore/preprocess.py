@@ -1,0 +1,53 @@
+"""Images -> model input, as the paper does: resize the short side, center crop, match channels, scale to [-1, 1].
+
+The Preprocess record is part of the dataset fingerprint, so two stores built with different resolutions,
+channel conversions or flip views can never be mixed under one name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int  # output H = W
+    channels: int  # 1 (grey) or 3 (RGB)
+    resize: str = "bicubic"
+    crop: str = "center"
+    flip: bool = False  # the horizontal-flip view (RepFusion's view bank)
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.resize not in RESAMPLE:
+            raise ValueError(f"resize must be one of {sorted(RESAMPLE)}, got {self.resize!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def one(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxW or HxWxC -> float32 CxSxS in [-1, 1]."""
+        pil = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[:, :, 0])
+        pil = pil.convert("L" if self.channels == 1 else "RGB")
+        w, h = pil.size
+        scale = self.size / min(w, h)
+        if (w, h) != (self.size, self.size):
+            pil = pil.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), RESAMPLE[self.resize])
+            w, h = pil.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            pil = pil.crop((left, top, left + self.size, top + self.size))
+        if self.flip:
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def __call__(self, images) -> torch.Tensor:
+        """A sequence of uint8 images (HxW or HxWxC, any sizes) -> float32 [B, C, S, S] in [-1, 1]."""
+        return torch.from_numpy(np.stack([self.one(np.asarray(im)) for im in images]))

@@ -1,0 +1,106 @@
+"""Shared fixtures: small datasets cut from the real files in ../shared/datasets (skipped where that folder is absent)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffstore.datasets import CIFAR10_CLASSES
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+IDX_SAMPLES = {"train": 50, "test": 30}
+CIFAR_PER_CLASS = 2  # 20 images per split
+
+
+def shared_path(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"needs the real sample data at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """name -> the real file or folder under ../shared/datasets (the test is skipped where it is absent)."""
+    return shared_path
+
+
+def copy_idx_head(src: Path, dst: Path, n: int) -> None:
+    """Write the first n records of a real IDX .gz file as a smaller valid one (the header's count rewritten)."""
+    with gzip.open(src) as f:
+        magic = f.read(4)
+        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3])]
+        data = f.read(n * math.prod(dims[1:]))
+    with gzip.open(dst, "wb") as f:
+        f.write(magic + b"".join(d.to_bytes(4, "big") for d in [n, *dims[1:]]) + data)
+
+
+@pytest.fixture(scope="session")
+def idx_root(tmp_path_factory):
+    """name -> a directory with the four IDX .gz files holding the first 50 train / 30 test records."""
+    roots = {}
+    for name in ("mnist", "fashion-mnist"):
+        src = shared_path(name)
+        roots[name] = tmp_path_factory.mktemp(name)
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            for kind in ("images-idx3", "labels-idx1"):
+                file = f"{prefix}-{kind}-ubyte.gz"
+                copy_idx_head(src / file, roots[name] / file, IDX_SAMPLES[split])
+    return roots
+
+
+@pytest.fixture(scope="session")
+def cifar_jpg_root(tmp_path_factory):
+    """root/{train,test}/<class>/*.jpg with the first 2 JPEGs per class, streamed out of the real archive."""
+    archive = shared_path("cifar10-jpg.tar.gz")
+    root = tmp_path_factory.mktemp("cifar10-jpg")
+    counts = {(split, c): 0 for split in ("train", "test") for c in CIFAR10_CLASSES}
+    with tarfile.open(archive, "r|gz") as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 3 and counts.get(parts[:2], CIFAR_PER_CLASS) < CIFAR_PER_CLASS:
+                dst = root.joinpath(*parts)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(tar.extractfile(member).read())
+                counts[parts[:2]] += 1
+                if min(counts.values()) == CIFAR_PER_CLASS:
+                    break
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_bin_root(cifar_jpg_root, tmp_path_factory):
+    """The same pixels in CIFAR-10's binary-batch format under root/cifar-10-batches-bin/ (built with PIL directly)."""
+    bin_dir = tmp_path_factory.mktemp("cifar10-bin") / "cifar-10-batches-bin"
+    bin_dir.mkdir()
+    batches = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+    for split, names in batches.items():
+        paths = sorted((cifar_jpg_root / split).glob("*/*.jpg"))
+        labels = np.array([CIFAR10_CLASSES.index(p.parent.name) for p in paths], dtype=np.uint8)
+        chw = np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1).reshape(-1) for p in paths])
+        records = np.concatenate([labels[:, None], chw], axis=1)
+        for name, part in zip(names, np.array_split(records, len(names))):
+            (bin_dir / name).write_bytes(part.tobytes())
+    (bin_dir / "batches.meta.txt").write_text("\n".join(CIFAR10_CLASSES) + "\n\n")
+    return bin_dir.parent
+
+
+@pytest.fixture(scope="session")
+def imagefolder_root(cifar_jpg_root, tmp_path_factory):
+    """train/cat/{a.jpg, b.png (grey, 40x30)}, train/dog/{broken.jpg (truncated), c.jpg}, test/bird/x.jpg."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    jpgs = sorted((cifar_jpg_root / "train").glob("*/*.jpg"))
+    for d in ("train/cat", "train/dog", "test/bird"):
+        (root / d).mkdir(parents=True)
+    (root / "train/cat/a.jpg").write_bytes(jpgs[0].read_bytes())
+    Image.open(jpgs[1]).convert("L").resize((40, 30)).save(root / "train/cat/b.png")
+    (root / "train/dog/broken.jpg").write_bytes(jpgs[2].read_bytes()[:300])
+    (root / "train/dog/c.jpg").write_bytes(jpgs[3].read_bytes())
+    (root / "test/bird/x.jpg").write_bytes(jpgs[4].read_bytes())
+    return root
