@@ -108,6 +108,9 @@ def trace_blocks(module: torch.nn.Module, units: list[tuple[str, str]], run, mid
             h.remove()
     blocks, mid = [], None
     for i, (name, path, shape) in enumerate(fired, start=1):
+        if len(shape) != 4:
+            raise DiffstoreError(f"block {name} ({path}) outputs shape {shape}, not a feature map [B, C, H, W]; "
+                                 "list only modules whose output is a 4-D map")
         blocks.append(BlockInfo(i, name, path, shape[1], shape[2], shape[3]))
         if path == mid_path:
             mid = i

@@ -216,7 +216,7 @@ def pending(plan: Plan) -> list[tuple[int, int]]:
 
 def run_task(plan: Plan, t: int, shard: int, batch_size: int, on_batch=None) -> None:
     """Compute shard `shard` at time step t for every array still missing it, then write those shards."""
-    todo: dict = {(b, p): a for (tt, b, p), a in plan.arrays.items() if tt == t and not a.done_mask()[shard]}
+    todo: dict = {(b, p): a for (tt, b, p), a in plan.arrays.items() if tt == t and not a.is_done(shard)}
     if not todo:
         return
     blocks = sorted({b for b, _ in todo})

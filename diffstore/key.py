@@ -109,3 +109,28 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SELECTOR_FIELDS = {"dataset": "dataset", "split": "split", "model": "model", "input": "input", "t": "t", "b": "block",
+                   "block": "block", "p": "pool", "pool": "pool"}
+
+
+def parse_selector(text: str) -> dict:
+    """'t=90/b=5/p=2' (any subset, also dataset=, split=, model=, input=) -> {field: value}."""
+    out = {}
+    for part in (p for p in text.strip().strip("/").split("/") if p):
+        name, sep, value = part.partition("=")
+        if not sep or name not in SELECTOR_FIELDS:
+            raise ValueError(f"cannot read {part!r} in {text!r}: use name=value parts such as t=90/b=5/p=2 "
+                             f"(names: {', '.join(SELECTOR_FIELDS)})")
+        field_ = SELECTOR_FIELDS[name]
+        out[field_] = int(value) if field_ in ("t", "block") else value
+    return out
+
+
+def select(keys: list[FeatureKey], text: str) -> list[FeatureKey]:
+    """Keys matching a selector (a store path works too)."""
+    if text.startswith("features/"):
+        return [k for k in keys if k.path == text.rstrip("/")]
+    want = parse_selector(text)
+    return [k for k in keys if all(getattr(k, f) == v for f, v in want.items())]

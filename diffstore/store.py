@@ -109,6 +109,9 @@ class ShardedArray:
     def done_mask(self) -> np.ndarray:
         return self._done[:].astype(bool)
 
+    def is_done(self, i: int) -> bool:
+        return bool(self._done[i])  # reads one chunk: the shard's own marker
+
     def missing(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_mask())]
 
@@ -118,7 +121,7 @@ class ShardedArray:
 
     def write_shard(self, i: int, data: np.ndarray) -> None:
         """Write shard i whole, then mark it done. A done shard is never rewritten."""
-        if self._done[i]:
+        if self.is_done(i):
             raise DiffstoreError(f"shard {i} of {self.path} is already done; refusing to rewrite it")
         sl = self.shard_slice(i)
         if data.shape != (sl.stop - sl.start, *self.x.shape[1:]):
@@ -228,6 +231,11 @@ class Store:
             g.create_array("done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None, dimension_names=("shard",))
         return ShardedArray(g)
+
+    def arrays(self) -> list[ShardedArray]:
+        """Every sharded array (features and targets), in path order."""
+        return [ShardedArray(node) for _, node in sorted(self.root.members(max_depth=None), key=lambda m: m[0])
+                if isinstance(node, zarr.Group) and "x" in node and "done" in node]
 
     # --- feature arrays ---------------------------------------------------------------------------
     def feature_keys(self) -> list[FeatureKey]:

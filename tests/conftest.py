@@ -104,3 +104,70 @@ def imagefolder_root(cifar_jpg_root, tmp_path_factory):
     (root / "train/dog/c.jpg").write_bytes(jpgs[3].read_bytes())
     (root / "test/bird/x.jpg").write_bytes(jpgs[4].read_bytes())
     return root
+
+
+# --- models and splits for extraction tests ------------------------------------------------------------
+
+
+def build_tiny_unet(size: int = 16, channels: int = 1):
+    """A small diffusers UNet2DModel with every block type the default model has (random weights)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32, 32),
+                       layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory) -> Path:
+    """A diffusers model folder (config.json + safetensors + scheduler config), as a user would pass it."""
+    from diffusers import DDPMScheduler
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-unet"
+    build_tiny_unet().save_pretrained(folder, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_config(folder)
+    return folder
+
+
+def subset(split, n: int):
+    """The first n samples of a split (same ids, labels and loader)."""
+    from dataclasses import replace
+
+    rows = np.arange(n)
+    return replace(split, ids=split.ids[:n], labels=split.labels[:n], load=lambda r: split.load(rows[np.asarray(r)]))
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 with a bucket 'team'.
+
+    Returns the environment that points boto3/s3fs at it (credentials and endpoint come from the
+    environment, as they would on a team's workers); it is also applied to this process.
+    """
+    import os
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="team")
+    yield {**os.environ, **env}
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

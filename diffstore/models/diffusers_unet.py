@@ -19,6 +19,7 @@ from .base import DiffusionModel, linear_alphas_cumprod
 
 DEFAULT_DIR = Path(__file__).parent / "default"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt"]
 
 
 def unet_units(unet) -> list[tuple[str, str]]:
@@ -47,7 +48,7 @@ def trace_unet(model: DiffusionModel, x_shape: tuple) -> BlockTable:
     return trace_blocks(model.module, unet_units(model.module), lambda: model.run(x, t, None), mid_path="mid_block")
 
 
-def resolve_folder(spec: str) -> Path:
+def resolve_folder(spec: str, allow_patterns: list[str] = HUB_PATTERNS) -> Path:
     """A local folder as is; otherwise a hub id, downloaded (or taken from the local hub cache)."""
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -57,7 +58,7 @@ def resolve_folder(spec: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"]))
+        return Path(snapshot_download(spec, allow_patterns=allow_patterns))
     except Exception as e:  # offline, unknown id, gated repo: all need the same advice
         raise DiffstoreError(f"could not fetch hub model {spec!r} ({type(e).__name__}: {e}); "
                              "pass a local folder, or check the id and your network/HF token") from e
