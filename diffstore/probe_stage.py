@@ -1,0 +1,386 @@
+"""The `diffstore probe` stage: pick feature arrays in a store, train heads on them side by side (probe.py),
+show the results as a table (or JSON) and store them next to the features.
+
+Which keys: every train array matching the filters (--dataset/--model/--input/--t/--blocks/--pools), each paired
+with its test twin; --model M also keeps M's random-init twins (M.random-init-sN) as the baseline they are.
+--baseline pixels adds the same head on the preprocessed images; --fuse trains one head on several keys'
+features concatenated; --select K ranks the keys by the ridge proxy (probe.proxy_scores) and trains the top K.
+
+Results cache: a result is stored as results/probe/{name}, name = head + a fingerprint of (the arrays'
+fingerprints, the head, the recipe with its seed). Running the same recipe again shows the stored result,
+marked "cached", instead of retraining (--retrain forces it); --list shows every stored result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .datasets import load_split
+from .errors import DiffstoreError
+from .feed import DEFAULT_BUDGET, Rows, fuse_rows
+from .heads import HeadSpec
+from .key import FeatureKey, fingerprint
+from .key import select as match_selector
+from .preprocess import Preprocess
+from .probe import Job, ProbeRecipe, proxy_scores, train_many
+from .progress import stderr
+from .store import ShardedArray, Store
+
+DEFAULT_STORE = "data/default.zarr"
+ROW_FIELDS = ("dataset", "model", "input", "t", "block", "pool")
+
+
+@dataclass
+class Source:
+    """The train and test rows one head reads, and the identity shown in the table and stored with results."""
+
+    row: dict  # dataset, model, input, t, block, pool
+    kind: str  # "store" | "fuse" | "pixels"
+    keys: list[FeatureKey]  # train keys read (empty for pixels)
+    fingerprints: list[str]  # what the values depend on: a changed array invalidates cached results
+    train: Rows
+    test: Rows
+    fix: str  # how to get spatial maps, for heads that need them
+
+
+def extract_command(url: str, key: FeatureKey, attrs: dict, pools: str | None = None) -> str:
+    """The `diffstore extract` call that writes (or completes) `key`, from what its array's attrs recorded."""
+    base, _, seed = key.model.partition(".random-init-s")
+    spec = attrs.get("model", {}).get("source", {}).get("spec", base)
+    root = attrs.get("dataset", {}).get("source", {}).get("root")
+    return " ".join(["diffstore extract", f"--store {url}", f"--dataset {key.dataset}",
+                     *([f"--data-root {root}"] if root else []),
+                     f"--split {key.split}", f"--model {spec}", f"--model-name {base}",
+                     *([f"--random-init {seed}"] if seed else []), f"--input {key.input}", f"--t {key.t}",
+                     f"--blocks {key.block}", f"--pools {pools or key.pool}"])
+
+
+def open_complete(store: Store, key: FeatureKey) -> ShardedArray:
+    arr = store.features(key)
+    missing = arr.missing()
+    if missing:
+        shown = ", ".join(map(str, missing[:12])) + (", ..." if len(missing) > 12 else "")
+        raise DiffstoreError(f"{key.path} is incomplete: {len(missing)} of {arr.n_shards} shards are missing "
+                             f"({shown}). Complete it (done shards are skipped) with:\n  "
+                             + extract_command(store.url, key, arr.attrs))
+    return arr
+
+
+def key_source(store: Store, key: FeatureKey) -> Source:
+    """A train key and its test twin, both complete."""
+    train, test_key = open_complete(store, key), replace(key, split="test")
+    try:
+        store.features(test_key)
+    except DiffstoreError:
+        raise DiffstoreError(f"{key.path} has no test twin {test_key.path}; extract it with:\n  "
+                             f"{extract_command(store.url, test_key, train.attrs)}") from None
+    test = open_complete(store, test_key)
+    row = {"dataset": key.dataset, "model": key.model, "input": key.input, "t": key.t, "block": key.block, "pool": key.pool}
+    fix = (f"Extract spatial maps with `{extract_command(store.url, key, train.attrs, 'full')}` (and the same for "
+           "--split test), or use a larger pool.")
+    return Source(row, "store", [key], [train.attrs["fingerprint"], test.attrs["fingerprint"]],
+                  Rows.of(train), Rows.of(test), fix)
+
+
+def joined(values: list) -> str:
+    """One value when all agree, else all of them joined by '+' (a fused key's table cell)."""
+    return str(values[0]) if len({str(v) for v in values}) == 1 else "+".join(map(str, values))
+
+
+def fuse_source(sources: list[Source]) -> Source:
+    """One source of several keys' features (same samples), channels concatenated (feed.fuse_rows)."""
+    if len({s.row["dataset"] for s in sources}) > 1:
+        raise DiffstoreError("--fuse needs keys of one dataset (the same samples): pass --dataset")
+    row = {f: joined([s.row[f] for s in sources]) for f in ROW_FIELDS}
+    return Source(row, "fuse", [k for s in sources for k in s.keys], [f for s in sources for f in s.fingerprints],
+                  fuse_rows([s.train for s in sources]), fuse_rows([s.test for s in sources]), sources[0].fix)
+
+
+def parse_fuse(spec: str, keys: list[FeatureKey]) -> list[FeatureKey]:
+    """'t=90/b=5/p=2,t=150/b=6/p=2' (key.py selectors) -> one train key each, among `keys` (already filtered)."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        try:
+            found = match_selector(keys, item)
+        except ValueError as e:
+            raise DiffstoreError(f"--fuse: {e}") from None
+        if len(found) != 1:
+            close = difflib.get_close_matches(item, sorted({k.short() for k in keys}), n=3, cutoff=0.3)
+            why = "no array" if not found else f"{len(found)} arrays (add model=/input=/dataset= to the item to pick one)"
+            raise DiffstoreError(f"--fuse {item}: {why} in the store matches; closest: {', '.join(close) or 'none'}")
+        out.append(found[0])
+    if len(out) < 2:
+        raise DiffstoreError("--fuse needs at least two keys, e.g. t=90/b=5/p=2,t=150/b=6/p=2")
+    return out
+
+
+def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None) -> Source:
+    """The raw images, preprocessed exactly as the features' extraction did (attrs['preprocess'])."""
+    pre = Preprocess(**attrs["preprocess"])
+    root = data_root or attrs.get("dataset", {}).get("source", {}).get("root")
+    rows, fps = {}, []
+    for split in ("train", "test"):
+        data, record = load_split(dataset, split, root), store.split(dataset, split)
+        # the store's samples, in the store's order, looked up by id (a store may hold a subset of the split)
+        sorter = np.argsort(data.ids)
+        found = sorter[np.searchsorted(data.ids, record.ids, sorter=sorter).clip(0, len(data) - 1)]
+        if not np.array_equal(data.ids[found], record.ids):
+            raise DiffstoreError(f"the {dataset}/{split} images found (root {root}) do not hold every sample the store "
+                                 "holds; pass --data-root of the data it was extracted from")
+        x = np.concatenate([pre(data.load(found[i:i + 1024])).numpy() for i in range(0, len(found), 1024)])
+        rows[split] = Rows.of(x)
+        fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,
+                                "source": data.source, "preprocess": pre.to_dict()}))
+    row = {"dataset": dataset, "model": "pixels", "input": "-", "t": "-", "block": "-", "pool": f"{pre.size}"}
+    return Source(row, "pixels", [], fps, rows["train"], rows["test"], "")
+
+
+def select_keys(store: Store, dataset=None, model=None, input=None, ts=None, blocks=None, pools=None) -> list[FeatureKey]:
+    """Train keys matching the filters; a model filter also keeps its random-init twins (the baseline)."""
+    every = [k for k in store.feature_keys() if k.split == "train"]
+    keys = [k for k in every if (dataset is None or k.dataset == dataset)
+            and (model is None or k.model == model or k.model.startswith(f"{model}.random-init-"))
+            and (input is None or k.input == input) and (ts is None or k.t in ts)
+            and (blocks is None or k.block in blocks) and (pools is None or k.pool in pools)]
+    if not keys:
+        asked = {"dataset": dataset, "model": model, "input": input, "t": ts, "block": blocks, "pool": pools}
+        given = {f: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in asked.items()}
+        want = "/".join(f"{f}={v}" for f, v in given.items() if v is not None)
+        spell = lambda get: "/".join(f"{f}={get(f)}" for f in ROW_FIELDS)  # noqa: E731
+        close = difflib.get_close_matches(spell(lambda f: given[f] or "*"), [spell(lambda f: getattr(k, f)) for k in every],
+                                          n=3, cutoff=0.3)
+        held = "; ".join(f"{f}: {', '.join(sorted({str(getattr(k, f)) for k in every}))}" for f in ROW_FIELDS)
+        raise DiffstoreError(f"no train feature array in {store.url} matches {want or '(no filter)'}. "
+                             + (f"Closest: {'; '.join(close)}. " if close else "")
+                             + (f"The store holds {held}" if every else "The store is empty: run `diffstore extract` first"))
+    return keys
+
+
+# --- training and the results cache -----------------------------------------------------------------------
+
+
+def result_name(source: Source, spec: HeadSpec, recipe: ProbeRecipe) -> str:
+    fp = fingerprint({"arrays": source.fingerprints, "head": spec.to_dict(), "recipe": recipe.to_dict()})
+    return f"{spec.kind}-{fp[:24]}"
+
+
+def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recipe: ProbeRecipe, retrain: bool = False,
+               device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
+    """One result per (source, head), in that order: stored ones reused unless `retrain`; the rest trained side
+    by side per dataset (one pass over the shared samples per epoch) and stored."""
+    cached = {} if retrain else {r["name"]: r for r in store.results("probe")}
+    results: list = [None] * (len(sources) * len(specs))
+    todo: dict[str, list] = {}
+    for i, (source, spec) in enumerate((src, sp) for src in sources for sp in specs):
+        name = result_name(source, spec, recipe)
+        if name in cached:
+            results[i] = {**cached[name], "cached": True}
+        else:
+            todo.setdefault(source.row["dataset"], []).append((i, name, source, spec))
+    writer = Store.open(store.url, "a") if todo else None
+    for dataset, items in todo.items():
+        train, test = store.split(dataset, "train"), store.split(dataset, "test")
+        for _, _, source, _ in items:
+            for rows, split in ((source.train, train), (source.test, test)):
+                if rows.n_rows != len(split.labels):
+                    raise DiffstoreError(f"{dataset} {source.row['model']} t={source.row['t']}/b={source.row['block']}/"
+                                         f"p={source.row['pool']}: {rows.n_rows} feature rows but the {split.split} split "
+                                         f"has {len(split.labels)} labels; re-extract the array into this store")
+        stderr.print(f"{dataset}: training {len(items)} head(s) side by side")
+        jobs = [Job(s.train, s.test, spec, what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}",
+                    fix=s.fix) for _, _, s, spec in items]
+        metrics = train_many(jobs, train.labels, test.labels, len(train.class_names), recipe, device, budget, show_progress)
+        for (i, name, source, spec), m in zip(items, metrics):
+            results[i] = {"name": name, **source.row, "kind": source.kind, "keys": [k.to_dict() for k in source.keys],
+                          "fingerprints": source.fingerprints, "head": spec.to_dict(), "head_label": spec.label(),
+                          "recipe": recipe.to_dict(), "seed": recipe.seed, **m}
+            writer.put_result("probe", name, results[i])
+    return results
+
+
+def linear_top1(stored: list[dict], source: Source) -> float | None:
+    """Test top-1 of a stored linear probe on exactly this array (any recipe; the latest stored), if any."""
+    found = [r["top1"] for r in stored if r["kind"] == "store" and r["head"]["kind"] == "linear"
+             and r["fingerprints"] == source.fingerprints]
+    return found[-1] if found else None
+
+
+def rank_keys(store: Store, sources: list[Source], recipe: ProbeRecipe, device=None, budget=DEFAULT_BUDGET,
+              show_progress=True) -> tuple[list[dict], dict]:
+    """Proxy ranking per dataset (best first) and, where >= 3 keys have stored linear probes, Spearman's rho."""
+    from scipy.stats import spearmanr
+
+    ranking, rho, stored = [], {}, store.results("probe")
+    for dataset in dict.fromkeys(s.row["dataset"] for s in sources):
+        group = [s for s in sources if s.row["dataset"] == dataset]
+        split = store.split(dataset, "train")
+        scores = proxy_scores([s.train for s in group], split.labels, len(split.class_names), recipe, device, budget,
+                              show_progress)
+        rows = sorted(({**s.row, "proxy_val_top1": sc, "linear_top1": linear_top1(stored, s), "source": s}
+                       for s, sc in zip(group, scores)), key=lambda r: -r["proxy_val_top1"])
+        pairs = [(r["proxy_val_top1"], r["linear_top1"]) for r in rows if r["linear_top1"] is not None]
+        if len(pairs) >= 3:
+            rho[dataset] = {"spearman": float(spearmanr(*zip(*pairs)).statistic), "n_keys": len(pairs)}
+        ranking += [{**r, "rank": i + 1} for i, r in enumerate(rows)]
+    return ranking, rho
+
+
+# --- output: tables, grids, plots --------------------------------------------------------------------------
+
+
+def pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def results_table(results: list[dict], title: str = "probe results") -> Table:
+    top5 = any(r.get("top5") is not None for r in results)
+    table = Table(title=title)
+    for col in ("dataset", "model", "t", "block", "pool", "head", "params", "top-1", *(["top-5"] if top5 else []),
+                "val top-1", "train time"):
+        table.add_column(col, justify="right" if col in ("params", "top-1", "top-5", "val top-1", "train time") else "left")
+    for r in results:
+        when = "cached" if r.get("cached") else f"{r['train_time_s']:.1f}s"
+        table.add_row(r["dataset"], r["model"], str(r["t"]), str(r["block"]), str(r["pool"]), r["head_label"],
+                      f"{r['params']:,}", pct(r["top1"]), *([pct(r.get("top5"))] if top5 else []), pct(r["val_top1"]), when)
+    return table
+
+
+def ranking_table(ranking: list[dict], rho: dict) -> Table:
+    notes = "; ".join(f"{d}: Spearman rho {v['spearman']:.2f} vs linear probes over {v['n_keys']} keys"
+                      for d, v in rho.items())
+    table = Table(title="proxy ranking (ridge, validation top-1)",
+                  caption=notes or "no stored linear probes to compare with")
+    for col in ("rank", "dataset", "model", "t", "block", "pool", "proxy val top-1", "linear top-1"):
+        table.add_column(col)
+    for r in ranking:
+        table.add_row(str(r["rank"]), r["dataset"], r["model"], str(r["t"]), str(r["block"]), str(r["pool"]),
+                      pct(r["proxy_val_top1"]), pct(r["linear_top1"]))
+    return table
+
+
+def grids(results: list[dict]) -> dict[tuple, dict]:
+    """(dataset, model, input, pool, head) -> {(t, block): top-1} over single-key store results."""
+    out: dict = {}
+    for r in results:
+        if r["kind"] == "store":
+            cells = out.setdefault((r["dataset"], r["model"], r["input"], r["pool"], r["head_label"]), {})
+            cells[(r["t"], r["block"])] = r["top1"]
+    return out
+
+
+def grid_matrix(cells: dict) -> tuple[list, list, np.ndarray]:
+    ts, bs = sorted({t for t, _ in cells}), sorted({b for _, b in cells})
+    m = np.full((len(ts), len(bs)), np.nan)
+    for (t, b), v in cells.items():
+        m[ts.index(t), bs.index(b)] = 100 * v
+    return ts, bs, m
+
+
+def grid_tables(results: list[dict]) -> list[Table]:
+    tables = []
+    for (dataset, model, input_, pool, head), cells in grids(results).items():
+        ts, bs, m = grid_matrix(cells)
+        table = Table(title=f"{dataset} {model} ({input_}) p={pool} {head}: top-1 (%), t x block")
+        table.add_column("t")
+        for b in bs:
+            table.add_column(f"b{b}", justify="right")
+        for t, row in zip(ts, m):
+            table.add_row(str(t), *("-" if np.isnan(v) else f"{v:.1f}" for v in row))
+        tables.append(table)
+    return tables
+
+
+def write_plots(results: list[dict], out_dir: str) -> list[str]:
+    """Per (dataset, model, input, pool, head): a t x block heatmap and top-1 vs t curves per block (Fig. 2)."""
+    from .plots import curves, heatmap
+
+    paths = []
+    for (dataset, model, input_, pool, head), cells in grids(results).items():
+        ts, bs, m = grid_matrix(cells)
+        stem = Path(out_dir) / "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head))
+        title = f"{dataset} {model} ({input_}) p={pool}, {head} head"
+        paths.append(heatmap(m, ts, [f"b{b}" for b in bs], f"{title}: top-1 (%), t x block", f"{stem}_heatmap.png",
+                             "top-1 (%)"))
+        paths.append(curves(ts, {f"block {b}": m[:, j] for j, b in enumerate(bs)}, "t", "top-1 (%)", title,
+                            f"{stem}_vs_t.png"))
+    return [str(p) for p in paths]
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+def parse_list(text, name: str, cast=str) -> list | None:
+    """'90,150' -> [90, 150]; None, '' or 'all' -> None (no filter)."""
+    if text is None or str(text).strip() in ("", "all"):
+        return None
+    try:
+        return [cast(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DiffstoreError(f"--{name} takes comma-separated {cast.__name__}s, got {text!r}") from None
+
+
+def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model: str | None = None,
+                  input: str | None = None, t: str | None = None, blocks: str | None = None, pools: str | None = None,
+                  head: str = "linear", head_pool: int | None = None, batchnorm: bool = False, hidden: str = "512",
+                  channels: str = "64,64", dim: int = 128, depth: int = 1, n_heads: int = 4,
+                  epochs: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 128,
+                  step_every: int = 8, gamma: float = 0.1, val_frac: float = 0.1, early_stop: bool = False, seed: int = 0,
+                  baseline: str | None = None, data_root: str | None = None, select: int = 0, fuse: str | None = None,
+                  grid: bool = False, plot: str | None = None, json_out: bool = False, list_results: bool = False,
+                  retrain: bool = False, device: str | None = None, memory_gb: float = DEFAULT_BUDGET / 2**30,
+                  show_progress: bool = True) -> dict:
+    """`diffstore probe`: results table (or JSON) on stdout, progress on stderr; returns what it printed."""
+    st = Store.open(store, "r")
+    ranking, rho, plots = [], {}, []
+    if list_results:
+        results = st.results("probe")
+    else:
+        recipe = ProbeRecipe(epochs, lr, weight_decay, batch_size, step_every, gamma, val_frac, early_stop, seed)
+        specs = [HeadSpec(k, head_pool, batchnorm, tuple(parse_list(hidden, "hidden", int) or ()),
+                          tuple(parse_list(channels, "channels", int) or ()), dim, depth, n_heads)
+                 for k in parse_list(head, "head") or ["linear"]]
+        if select and fuse:
+            raise DiffstoreError("--select ranks single keys; use it without --fuse")
+        if baseline not in (None, "", "none", "pixels"):
+            raise DiffstoreError(f"--baseline takes 'pixels' (random-init models are keys: extract them), got {baseline!r}")
+        keys = select_keys(st, dataset, model, input, parse_list(t, "t", int), parse_list(blocks, "blocks", int),
+                           parse_list(pools, "pools"))
+        if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
+            fused = parse_fuse(fuse, [k for k in keys if model is None or k.model == model])
+            sources = [fuse_source([key_source(st, k) for k in fused])]
+        else:
+            sources = [key_source(st, k) for k in keys]
+        budget = int(memory_gb * 2**30)
+        if select:
+            ranking, rho = rank_keys(st, sources, recipe, device, budget, show_progress)
+            sources = [r["source"] for r in ranking if r["rank"] <= select]
+        if baseline == "pixels":
+            for ds in dict.fromkeys(s.row["dataset"] for s in sources):
+                attrs = st.features(next(k for s in sources for k in s.keys if k.dataset == ds)).attrs
+                sources.append(pixel_source(st, ds, attrs, data_root))
+        results = run_probes(st, sources, specs, recipe, retrain, device, budget, show_progress)
+    if plot:
+        plots = write_plots(results, plot)
+        stderr.print(f"wrote {len(plots)} plots to {plot}")
+    ranking = [{k: v for k, v in r.items() if k != "source"} for r in ranking]
+    out = {"results": results, **({"ranking": ranking, "spearman": rho} if select else {}),
+           **({"plots": plots} if plots else {})}
+    if json_out:
+        print(json.dumps(out, indent=1))
+        return out
+    console = Console()
+    if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
+        console = Console(width=200)
+    if ranking:
+        console.print(ranking_table(ranking, rho))
+    console.print(results_table(results, "stored probe results" if list_results else "probe results"))
+    for table in grid_tables(results) if grid else []:
+        console.print(table)
+    return out

@@ -1,0 +1,224 @@
+"""diffstore probe: heads trained from a real (tiny) store, evaluation coverage, seeds, refusals, proxy, cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffstore.datasets import Split, load_split
+from diffstore.errors import DiffstoreError
+from diffstore.extract import extract_features, plan_extraction
+from diffstore.feed import Feed, Rows
+from diffstore.heads import HEADS, HeadSpec
+from diffstore.key import FeatureKey
+from diffstore.models import load_model
+from diffstore.probe import ProbeRecipe, train_probe
+from diffstore.probe_stage import probe_command
+from diffstore.store import Store
+
+FAST = dict(epochs=3, lr=1e-2, show_progress=False)
+SMALL_HEADS = dict(hidden="32", channels="8,8", dim=16, n_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(tmp_path_factory):
+    """A real diffusers UNet2DModel (8x8 grey, seeded weights) saved as a model folder."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    folder = tmp_path_factory.mktemp("tiny-unet")
+    unet.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store_url(tiny_unet, tmp_path_factory):
+    """Digits (1437 train / 360 test) through the tiny U-Net at t=0: blocks 1 (8x8) and 3 (4x4), pools 1 and full;
+    plus its random-init twin at block 1, pool 1."""
+    torch.set_num_threads(1)
+    url = str(tmp_path_factory.mktemp("probe") / "s.zarr")
+    store = Store.open(url, "a")
+    for model, blocks, pools in ((load_model(str(tiny_unet), name="tiny"), "1,3", "1,full"),
+                                 (load_model(str(tiny_unet), name="tiny", random_init=1), "1", "1")):
+        for split in ("train", "test"):
+            plan = plan_extraction(store, model, load_split("digits", split), t="0", blocks=blocks, pools=pools,
+                                   shard_rows=256)
+            extract_features(plan, batch_size=512, show_progress=False)
+    return url
+
+
+def probe(url, capsys=None, **kw):
+    if capsys is not None:
+        capsys.readouterr()  # drop what earlier calls printed
+    out = probe_command(url, json_out=True, **{**FAST, **kw})
+    if capsys is not None:
+        assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))  # stdout holds exactly the JSON
+    return out
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_beats_chance_on_store_features(store_url, head):
+    r = probe(store_url, model="tiny", blocks="1", pools="full", head=head, **SMALL_HEADS)["results"]
+    assert len(r) == 1 and r[0]["head"]["kind"] == head
+    assert r[0]["top1"] > 0.5, r[0]  # 10 classes: chance is 0.1
+    assert r[0]["top5"] >= r[0]["top1"] and r[0]["params"] > 0
+
+
+def test_evaluation_covers_every_test_sample(store_url):
+    # 360 test rows: neither the eval batch (1024) nor the train batch (100) divides it; nothing may be dropped
+    r = probe(store_url, model="tiny", t="0", blocks="3", pools="1", batch_size=100)["results"][0]
+    assert r["n_test"] == 360
+    assert r["n_train"] + r["n_val"] == 1437 and r["n_val"] == round(0.1 * 1437)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_streamed_feed_yields_each_position_once(shuffle):
+    x = np.arange(103, dtype=np.float16).reshape(103, 1, 1, 1)
+    positions = np.sort(np.random.default_rng(0).choice(103, 77, replace=False))
+    feed = Feed([Rows.of(x, chunk_rows=10)], np.arange(103), positions, 16, torch.device("cpu"), budget=200)
+    assert feed.cache is None  # 77 rows x 4 bytes > 200: streamed, not held
+    batches = list(feed.batches(np.random.default_rng(1) if shuffle else None))
+    seen = np.concatenate([xs[0].flatten().numpy() for xs, _ in batches]).astype(int)
+    labels = np.concatenate([y.numpy() for _, y in batches])
+    assert sorted(seen) == list(positions) and np.array_equal(seen, labels)
+    assert [len(y) for _, y in batches[:-1]] == [16] * (len(batches) - 1)  # only the last batch is short
+    assert (seen != positions).any() == shuffle
+
+
+def test_same_seed_gives_identical_accuracies_alone_or_side_by_side(store_url):
+    kw = dict(model="tiny", t="0", blocks="1", pools="1", retrain=True, seed=3)
+    a = probe(store_url, **kw)["results"][0]
+    b = probe(store_url, **kw)["results"][0]
+    many = probe(store_url, **{**kw, "pools": None, "blocks": None})["results"]
+    c = next(r for r in many if (r["model"], r["block"], r["pool"]) == ("tiny", 1, "1"))
+    assert len(many) == 5 and c["trained_with"] == 5
+    assert (a["top1"], a["val_top1"]) == (b["top1"], b["val_top1"]) == (c["top1"], c["val_top1"])
+    d = probe(store_url, **{**kw, "seed": 4})["results"][0]
+    assert (d["top1"], d["val_top1"]) != (a["top1"], a["val_top1"])
+
+
+def test_stored_result_is_shown_cached_and_listed(store_url, capsys):
+    kw = dict(model="tiny", blocks="3", pools="full", seed=11)
+    first = probe(store_url, **kw)["results"][0]
+    again = probe(store_url, **kw)["results"][0]
+    assert again["cached"] and not first.get("cached") and again["top1"] == first["top1"]
+    listed = probe(store_url, capsys, list_results=True)["results"]
+    assert first["name"] in {r["name"] for r in listed}
+
+
+def test_random_init_twin_and_pixel_baseline_in_one_table(store_url, capsys):
+    out = probe_command(store_url, model="tiny", blocks="1", pools="1", baseline="pixels", **FAST)
+    table = capsys.readouterr().out
+    models = [r["model"] for r in out["results"]]
+    assert models == ["tiny", "tiny.random-init-s1", "pixels"]
+    assert "tiny.random-init-s1" in table and "pixels" in table and "top-5" in table
+    pixels = out["results"][-1]
+    assert pixels["n_test"] == 360 and pixels["top1"] > 0.8  # linear on 8x8 digit pixels
+
+
+def test_fuse_trains_one_head_on_concatenated_keys(store_url):
+    r = probe(store_url, model="tiny", fuse="t=0/b=1/p=full,t=0/b=3/p=full", head="cnn", **SMALL_HEADS)["results"]
+    assert len(r) == 1 and r[0]["block"] == "1+3" and len(r[0]["keys"]) == 2
+    assert r[0]["top1"] > 0.5  # b1 (8x8) pooled to b3's 4x4: still a spatial map the cnn head reads
+
+
+def test_select_ranks_every_key_and_trains_the_top_k(store_url, capsys):
+    probe(store_url, model="tiny")  # linear probes on all 5 keys: what the ranking is compared with
+    out = probe(store_url, capsys, model="tiny", select=2)
+    ranking = out["ranking"]
+    assert len(ranking) == 5 and [r["rank"] for r in ranking] == [1, 2, 3, 4, 5]
+    scores = [r["proxy_val_top1"] for r in ranking]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.5
+    assert all(r["linear_top1"] is not None for r in ranking)
+    assert -1 <= out["spearman"]["digits"]["spearman"] <= 1 and out["spearman"]["digits"]["n_keys"] == 5
+    setting = lambda r: (r["t"], r["block"], r["pool"])  # noqa: E731
+    assert [setting(r) for r in out["results"]] == [setting(r) for r in ranking[:2]]
+
+
+def test_grid_writes_heatmaps_and_curves(store_url, tmp_path, capsys):
+    out = probe_command(store_url, model="tiny", t="0", grid=True, plot=str(tmp_path), **FAST)
+    assert "t x block" in capsys.readouterr().out
+    assert len(out["plots"]) == 6  # (tiny p=1, tiny p=full, random-init p=1) x (heatmap, curves)
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in out["plots"])
+
+
+def test_refuses_spatial_head_on_pooled_vectors(store_url):
+    with pytest.raises(DiffstoreError, match=r"needs spatial maps.*--pools full"):
+        probe(store_url, model="tiny", blocks="1", pools="1", head="attention")
+
+
+def test_refuses_unknown_head_and_baseline(store_url):
+    with pytest.raises(DiffstoreError, match=r"unknown head 'resnet': choose one of linear, mlp, cnn, attention"):
+        probe(store_url, head="linear,resnet")
+    with pytest.raises(DiffstoreError, match=r"--baseline takes 'pixels'"):
+        probe(store_url, baseline="random")
+
+
+def test_refuses_unknown_key_naming_close_matches(store_url):
+    with pytest.raises(DiffstoreError, match=r"no train feature array.*matches model=tiny/t=500. Closest: [^ ]*t=0/"):
+        probe(store_url, model="tiny", t="500")
+    with pytest.raises(DiffstoreError, match=r"--fuse t=5/b=1/p=1: no array.*closest: t=0/b=1/p=1"):
+        probe(store_url, model="tiny", fuse="t=5/b=1/p=1,t=0/b=3/p=1")
+
+
+def synthetic_store(tmp_path, n_rows: int, done_shards: list[int], splits=("train", "test")) -> str:
+    """A store with a 40-sample split and one train/test array pair written by hand (some shards missing)."""
+    url = str(tmp_path / "bad.zarr")
+    store = Store.open(url, "a")
+    for split in splits:
+        store.put_split(Split("toy", split, np.arange(40), np.arange(40) % 4, list("abcd"), {"kind": "toy"}))
+        key = FeatureKey("toy", split, "m", "noised", 10, 2, "1")
+        arr = store.create(key.path, f"fp-{split}", {"key": key.to_dict()}, (3, 1, 1), n_rows, 10)
+        for i in done_shards:
+            sl = arr.shard_slice(i)
+            arr.write_shard(i, np.ones((sl.stop - sl.start, 3, 1, 1), np.float16))
+    return url
+
+
+def test_refuses_incomplete_array_naming_shards_and_command(tmp_path):
+    url = synthetic_store(tmp_path, 40, done_shards=[0, 2])
+    with pytest.raises(DiffstoreError, match=r"(?s)incomplete: 2 of 4 shards are missing \(1, 3\)"
+                                              r".*diffstore extract .*--t 10 --blocks 2"):
+        probe(url)
+
+
+def test_refuses_train_array_without_test_twin(tmp_path):
+    url = synthetic_store(tmp_path, 40, done_shards=[0, 1, 2, 3], splits=("train",))
+    with pytest.raises(DiffstoreError, match=r"(?s)has no test twin features/toy/test/.*--split test --model m"):
+        probe(url)
+
+
+def test_refuses_feature_label_count_mismatch(tmp_path):
+    url = synthetic_store(tmp_path, 30, done_shards=[0, 1, 2])
+    with pytest.raises(DiffstoreError, match=r"30 feature rows but the train split has 40 labels"):
+        probe(url)
+
+
+def test_train_probe_on_plain_arrays_streams_like_in_ram():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = (np.eye(3)[y][:, :, None, None] * 2 + rng.normal(size=(300, 3, 1, 1))).astype(np.float16)
+    recipe = ProbeRecipe(epochs=4, lr=1e-2, batch_size=16)
+    held = train_probe(x[:200], y[:200], x[200:], y[200:], HeadSpec(), recipe, show_progress=False)
+    streamed = train_probe(x[:200], y[:200], x[200:], y[200:], HeadSpec(), recipe, show_progress=False, budget=1000)
+    assert held["n_test"] == streamed["n_test"] == 100
+    assert held["top1"] > 0.7 and streamed["top1"] > 0.7 and held["top5"] is None  # 3 classes: no top-5
+
+
+def test_early_stop_keeps_the_best_validation_epoch():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 240)
+    x = (np.eye(4)[y][:, :, None, None] + rng.normal(size=(240, 4, 1, 1))).astype(np.float16)
+    recipe = ProbeRecipe(epochs=6, lr=3e-2, batch_size=16, val_frac=0.25, early_stop=True)
+    r = train_probe(x[:160], y[:160], x[160:], y[160:], HeadSpec(), recipe, show_progress=False)
+    assert len(r["val_history"]) == 6 and r["n_val"] == 40
+    # the reported head is the one of the first best epoch: its val accuracy is that epoch's
+    assert r["val_top1"] == max(r["val_history"]) == r["val_history"][r["epochs_used"] - 1]
+    with pytest.raises(DiffstoreError, match="--val-frac > 0"):
+        ProbeRecipe(early_stop=True, val_frac=0)
