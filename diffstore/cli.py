@@ -6,8 +6,11 @@ with its message; nothing else is printed.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
+import typing
 from typing import Optional
 
 import typer
@@ -234,6 +237,83 @@ def probe(
         probe_distributed(opts | {"json_out": as_json}, workers=workers, scheduler=scheduler)
     else:
         probe_command(**opts, json_out=as_json)
+
+
+@app.command()
+def cka(
+    store: str = StoreOpt,
+    by: Optional[str] = typer.Option(None, help="block | t | pool: the matrix axis; the other fields stay fixed."),
+    t: Optional[str] = typer.Option(None, "--t", help="Time step(s) (comma-separated)."),
+    block: Optional[str] = typer.Option(None, help="Block(s)."),
+    pool: Optional[str] = typer.Option(None, help="Pool(s)."),
+    model: Optional[str] = typer.Option(None), dataset: Optional[str] = typer.Option(None),
+    split: Optional[str] = typer.Option(None), input_mode: Optional[str] = typer.Option(None, "--input"),
+    a: Optional[str] = typer.Option(None, help="Row keyset: t=90/b=5/p=2,t=150/b=6/p=2 (model=... too)."),
+    b: Optional[str] = typer.Option(None, help="Column keyset (default: the rows)."),
+    store_b: Optional[str] = typer.Option(None, help="Store of the column keyset (across stores)."),
+    method: str = typer.Option("exact", help="exact (streamed, O(D^2) memory) | minibatch (unbiased, O(batch^2)) | auto."),
+    kernel: str = typer.Option("linear", help="linear | rbf (minibatch only)."),
+    batch_size: int = typer.Option(256, help="Minibatch size (recorded with the result)."),
+    seed: int = typer.Option(0, help="Sample-order seed of the minibatch estimator (recorded)."),
+    sigma_frac: float = typer.Option(1.0, help="RBF bandwidth as a fraction of the median distance."),
+    plot: Optional[str] = typer.Option(None, help="Write the heatmap PNG here."),
+    out: Optional[str] = typer.Option(None, help="Write the matrix JSON here."),
+    as_json: bool = JsonOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    workers: Optional[int] = typer.Option(None, help="Compute on a local dask cluster with this many workers."),
+    scheduler: Optional[str] = typer.Option(None, help="Compute on a dask.distributed scheduler."),
+):
+    """Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores."""
+    from .cka_stage import cka_command
+
+    opts = {k: v for k, v in locals().items() if k not in ("as_json", "quiet", "workers", "scheduler")}
+    opts |= {"json_out": as_json, "show_progress": not quiet}
+    if workers or scheduler:
+        from .distributed import cka_distributed
+
+        cka_distributed(opts, workers=workers, scheduler=scheduler)
+    else:
+        cka_command(**opts)
+
+
+def config_command(group: typer.Typer, name: str, config_cls, run, help: str) -> None:
+    """A typer command whose options are the fields of a config dataclass (one source of option names)."""
+    hints = typing.get_type_hints(config_cls)
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                default=typer.Option(f.default, f"--{f.name.replace('_', '-')}"))
+              for f in dataclasses.fields(config_cls)]
+    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=JsonOpt))
+
+    def command(**kw):
+        as_json = kw.pop("as_json")
+        run(config_cls(**kw), json_out=as_json)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = help
+    group.command(name)(command)
+
+
+repfusion_app = typer.Typer(no_args_is_help=True, help="RepFusion from the store: teacher targets, t policy, distillation.")
+app.add_typer(repfusion_app, name="repfusion")
+
+
+def add_repfusion_commands() -> None:
+    from .repfusion.analyze import AnalyzeConfig
+    from .repfusion.commands import analyze_command, finetune_command, targets_command, train_command
+    from .repfusion.distill import DistillConfig, FinetuneConfig
+    from .repfusion.targets import TargetsConfig
+
+    config_command(repfusion_app, "targets", TargetsConfig, targets_command,
+                   "Precompute teacher targets z(t) for every sample x view x t on the grid (truncated forward, once).")
+    config_command(repfusion_app, "train", DistillConfig, train_command,
+                   "Train the t policy (REINFORCE) and distil the stored targets into a student; no U-Net is loaded.")
+    config_command(repfusion_app, "finetune", FinetuneConfig, finetune_command,
+                   "Fine-tune a distilled student with labels, beside a no-distillation baseline; no U-Net is loaded.")
+    config_command(repfusion_app, "analyze", AnalyzeConfig, analyze_command,
+                   "Singular values, effective rank and t-SNE of the targets per t (PNG).")
+
+
+add_repfusion_commands()
 
 
 def main():

@@ -46,7 +46,10 @@ def main(argv=None):
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(DEFAULT_DIR))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (does not change the result's recipe)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     channels = args.channels or (3 if args.dataset == "cifar10" else 1)
@@ -84,6 +87,8 @@ def main(argv=None):
                     pe.lerp_(p, 1 - args.ema)
             losses.append(loss.item())
             bar.update(task, advance=1, description=f"train loss {np.mean(losses[-100:]):.4f}")
+            if (step + 1) % 100 == 0 and not stderr.is_terminal:
+                stderr.log(f"step {step + 1}/{args.steps} loss {np.mean(losses[-100:]):.4f}")
     minutes = (time.time() - t0) / 60
 
     out = Path(args.out)

@@ -1,0 +1,244 @@
+"""The `diffstore cka` stage: pick feature arrays from a store, check they cover the same samples, compute
+the CKA matrix (cka.py), then store it with store.put_result("cka", ...) and write JSON + a PNG heatmap.
+
+Two ways to choose arrays:
+    --by block|t|pool     one axis varies, the other key fields are fixed by --t/--block/--pool/--model/...;
+                          a field left out defaults to the only value the store holds (else: an error
+                          listing the values). With --store-b the columns come from the second store.
+    --a KEYSET [--b KEYSET]  explicit keys, "t=90/b=5/p=2,model=NAME/t=10/b=5/p=2"; --b may read --store-b.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .cka import CKAConfig, cka_matrix
+from .errors import DiffstoreError
+from .key import FeatureKey, parse_selector
+from .plots import heatmap
+from .progress import progress
+from .store import ShardedArray, Store
+
+FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
+AXES = ("block", "t", "pool")
+
+
+def field_value(field: str, text: str):
+    text = text.strip()
+    if field in ("t", "block"):
+        if not text.lstrip("-").isdigit():
+            raise DiffstoreError(f"{field} takes integers (e.g. {field}=5), got {text!r}")
+        return int(text)
+    return text
+
+
+def parse_values(field: str, value) -> set | None:
+    """A CLI filter ("10,50,90", 90 or None) -> set of values, or None when not given."""
+    if value is None or value == "":
+        return None
+    return {field_value(field, v) for v in str(value).split(",") if v.strip()}
+
+
+def parse_keyset(spec: str) -> list[dict]:
+    """'t=90/b=5/p=2,model=ddpm/t=10/b=5/p=2' -> [{"t": 90, "block": 5, "pool": "2"}, ...] (key.py's selectors)."""
+    try:
+        out = [parse_selector(item) for item in spec.split(",") if item.strip()]
+    except ValueError as e:
+        raise DiffstoreError(f"bad key set {spec!r}: {e}") from None
+    if not out:
+        raise DiffstoreError(f"empty key set {spec!r}: pass e.g. --a t=90/b=5/p=2")
+    return out
+
+
+def axis_order(field: str, value):
+    return (value == "full", int(value) if value != "full" else 0) if field == "pool" else value
+
+
+def select(store: Store, keys: list[FeatureKey], want: dict, free: str | None) -> list[FeatureKey]:
+    """Keys matching `want` ({field: set}); every field except `free` must then have one value."""
+    matches = [k for k in keys if all(getattr(k, f) in vals for f, vals in want.items() if vals is not None)]
+    asked = ", ".join(f"{f}={','.join(map(str, sorted(v, key=str)))}" for f, v in want.items() if v is not None) or "(no filter)"
+    if not matches:
+        held = "; ".join(f"{f}: {', '.join(map(str, sorted({getattr(k, f) for k in keys}, key=str)))}" for f in FIELDS)
+        raise DiffstoreError(f"no feature array in {store.url} matches {asked}. "
+                             + (f"The store holds {held}" if keys else "It is empty: run `diffstore extract` first"))
+    for f in FIELDS:
+        values = sorted({getattr(k, f) for k in matches}, key=lambda v: axis_order(f, v))
+        if f != free and len(values) > 1:
+            raise DiffstoreError(f"{store.url} holds several {f} values for {asked}: {', '.join(map(str, values))}. "
+                                 f"Pick one with --{f} (or {f}= in a key set)")
+    return sorted(matches, key=lambda k: axis_order(free, getattr(k, free)) if free else 0)
+
+
+def open_feature(store: Store, key: FeatureKey) -> ShardedArray:
+    arr = store.features(key)
+    if not arr.complete:
+        raise DiffstoreError(f"{key.path} in {store.url} is incomplete ({len(arr.missing())} of {arr.n_shards} shards "
+                             "missing): re-run `diffstore extract` to finish it")
+    return arr
+
+
+def check_same_samples(entries: list[tuple[Store, ShardedArray]]) -> dict:
+    """Refuse to compare arrays over different samples: same dataset, split, source and the same ids in the
+    same order. Preprocessing may differ, so a network with another input size (a 224-px CNN brought in
+    through a py: plugin) compares with the diffusion features of the same images."""
+    sets = {}
+    for store, arr in entries:
+        source = {k: v for k, v in arr.attrs.get("dataset", {}).get("source", {}).items() if k != "root"}
+        sets.setdefault(json.dumps([arr.key.dataset, arr.key.split, source], sort_keys=True), []).append(f"{store.url}:{arr.path}")
+    if len(sets) > 1:
+        groups = "\n  ".join(f"{', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for paths in sets.values())
+        raise DiffstoreError("these arrays cover different sample sets (dataset, split or source differ), so CKA "
+                             f"between them is meaningless:\n  {groups}\nCompare features extracted from the same dataset split")
+    # The stored ids decide: the same images in the same order.
+    splits = {}
+    for store, arr in entries:
+        where = (store.url, arr.key.dataset, arr.key.split)
+        if where not in splits:
+            splits[where] = store.split(arr.key.dataset, arr.key.split)
+    (first_url, *_), first = next(iter(splits.items()))
+    for (url, dataset, split), rec in splits.items():
+        if rec.ids_sha256 != first.ids_sha256 or not np.array_equal(rec.ids, first.ids):
+            raise DiffstoreError(f"{url} stores {dataset}/{split} with other sample ids than {first_url}: "
+                                 "extract both stores from the same dataset split (same ids in the same order)")
+    return {"dataset_fingerprints": sorted({arr.attrs["recipe"]["dataset_fingerprint"] for _, arr in entries}),
+            "ids_sha256": first.ids_sha256}
+
+
+def label(key: FeatureKey, arr: ShardedArray | None, varying: list[str]) -> str:
+    """Axis label naming only the fields that vary; blocks by index and, given the array, by name (as in the
+    paper's figures)."""
+    parts = []
+    for f in varying:
+        if f == "block":
+            name = arr.attrs.get("block", {}).get("name", "") if arr is not None else ""
+            parts.append(f"b{key.block} {name}".strip())
+        else:
+            parts.append({"t": f"t={key.t}", "pool": f"p={key.pool}"}.get(f, str(getattr(key, f))))
+    return " ".join(parts) or key.short()
+
+
+def varying_fields(keys: list[FeatureKey]) -> list[str]:
+    return [f for f in FIELDS if len({getattr(k, f) for k in keys}) > 1]
+
+
+def choose(store: Store, store_b: Store | None, by: str | None, a: str | None, b: str | None, filters: dict):
+    """(row keys from `store`, column store, column keys): what the matrix compares."""
+    if by:
+        if a or b:
+            raise DiffstoreError("pass either --by or --a/--b, not both")
+        if by not in AXES:
+            raise DiffstoreError(f"--by must be one of {', '.join(AXES)}, got {by!r}")
+        rows = select(store, store.feature_keys(), filters, by)
+        if store_b is None:
+            return rows, store, rows
+        return rows, store_b, select(store_b, store_b.feature_keys(), filters, by)
+    if not a:
+        raise DiffstoreError("say what to compare: --by block|t|pool, or --a KEYSET [--b KEYSET]")
+
+    def resolve(s: Store, spec: str) -> list[FeatureKey]:
+        keys = s.feature_keys()
+        return [select(s, keys, {**filters, **{f: {v} for f, v in item.items()}}, None)[0] for item in parse_keyset(spec)]
+
+    rows = resolve(store, a)
+    col_store = store_b or store
+    return rows, col_store, resolve(col_store, b) if b else (rows if store_b is None else resolve(col_store, a))
+
+
+def result_name(by: str | None, rows: list[FeatureKey], cols: list[FeatureKey], method: str, stores: list[str]) -> str:
+    if by and rows == cols and len(stores) == 1:
+        k = rows[0]
+        fixed = "_".join(f"{short}{getattr(k, f)}" for f, short in (("t", "t"), ("block", "b"), ("pool", "p")) if f != by)
+        return f"{k.dataset}-{k.split}-{k.model}-{k.input}_by-{by}_{fixed}_{method}"
+    digest = hashlib.sha256(json.dumps([stores, [k.path for k in rows], [k.path for k in cols]]).encode()).hexdigest()[:10]
+    return f"pairs-{digest}_{method}"
+
+
+def draw(payload: dict, path: Path) -> Path:
+    """PNG heatmap like the paper's Figure 6: block names (or t, pool) on the rows, compact ticks on the columns."""
+    m = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)
+    est = payload["method"] + (f", n={payload['batch_size']}, seed={payload['seed']}" if payload["method"] == "minibatch" else "")
+    return heatmap(m, [r["label"] for r in payload["rows"]], [c["tick"] for c in payload["cols"]],
+                   f"{payload['kernel']} CKA ({est})\n{payload['title']}", path, cbar_label="CKA", fmt="{:.2f}")
+
+
+def render(payload: dict) -> None:
+    """The matrix as a compact rich table on stdout (no column rules, short column heads: a 10 x 10 block
+    matrix fits 80 columns). A wider one widens the console rather than dropping columns."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("", no_wrap=True, max_width=16, overflow="ellipsis")
+    for c in payload["cols"]:
+        table.add_column(c["tick"], justify="right", no_wrap=True, min_width=4)
+    for r, values in zip(payload["rows"], payload["matrix"]):
+        table.add_row(r["label"], *("-" if v is None else f"{v:.2f}" for v in values))
+    console = Console()
+    console = Console(width=max(console.width, 20 + 7 * len(payload["cols"])))
+    console.print(f"[bold]{payload['kernel']} CKA, {payload['method']}[/]: {payload['title']}", highlight=False)
+    console.print(table)
+
+
+def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
+                dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
+                a: str | None = None, b: str | None = None, store_b: str | None = None,
+                method: str = "exact", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
+                sigma_frac: float = 1.0, json_out: bool = False, plot: str | None = None, out: str | None = None,
+                name: str | None = None, save: bool = True, show_progress: bool = True) -> dict:
+    """Compute one CKA matrix from the store(s); store it, write JSON (--out) and PNG (--plot), print it."""
+    cfg = CKAConfig(method=method, kernel=kernel, batch_size=batch_size, seed=seed, sigma_frac=sigma_frac)
+    filters = {f: parse_values(f, v) for f, v in zip(FIELDS, (dataset, split, model, input_mode, t, block, pool))}
+    st = Store.open(store, mode="r")
+    st_b = Store.open(store_b, mode="r") if store_b else None
+    row_keys, col_store, col_keys = choose(st, st_b, by, a, b, filters)
+    row_arrays = [open_feature(st, k) for k in row_keys]
+    col_arrays = row_arrays if (col_store is st and col_keys == row_keys) else [open_feature(col_store, k) for k in col_keys]
+    samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
+
+    # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
+    xs_rows = {arr.path: arr.x for arr in row_arrays}
+    xs_cols = [xs_rows.get(arr.path, arr.x) if col_store is st else arr.x for arr in col_arrays]
+    n = row_arrays[0].n_rows
+    started = time.perf_counter()
+    with progress("row", disable=not show_progress) as bar:
+        task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)}", total=n)
+        result = cka_matrix(list(xs_rows.values()), xs_cols, cfg, on_rows=lambda k: bar.advance(task, k))
+    seconds = time.perf_counter() - started
+
+    def describe(s: Store, keys, arrays):
+        vary = [by] if by else varying_fields(keys) or []
+        return [{"store": s.url, "key": k.to_dict(), "short": k.short(), "label": label(k, arr, vary), "tick": label(k, None, vary),
+                 "block_name": arr.attrs.get("block", {}).get("name")} for k, arr in zip(keys, arrays)]
+
+    # Title: the fixed key fields users choose between (dataset, split and input are in the name and JSON).
+    fixed = {f: getattr(row_keys[0], f) for f in ("model", "t", "block", "pool") if f not in varying_fields(row_keys + col_keys)}
+    urls = sorted({st.url, col_store.url})
+    payload = {
+        "name": name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls),
+        "title": (f"by {by}, " if by else "") + " ".join(f"{f}={v}" for f, v in fixed.items()),
+        "by": by, "rows": describe(st, row_keys, row_arrays), "cols": describe(col_store, col_keys, col_arrays),
+        "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in result.matrix],
+        "method": result.method, "kernel": cfg.kernel,
+        "batch_size": cfg.batch_size if result.method == "minibatch" else None,
+        "seed": cfg.seed if result.method == "minibatch" else None,
+        "sigma_frac": cfg.sigma_frac if cfg.kernel == "rbf" else None,
+        "n": n, "n_used": result.n_used, **samples, "stores": urls, "seconds": round(seconds, 3),
+    }
+    if save:
+        Store.open(store, mode="a").put_result("cka", payload["name"], payload)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
+    if plot:
+        draw(payload, Path(plot) / f"{payload['name']}.png")
+    if json_out:
+        print(json.dumps(payload))
+    else:
+        render(payload)
+    return payload
