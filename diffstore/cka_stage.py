@@ -190,7 +190,8 @@ def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None
                 a: str | None = None, b: str | None = None, store_b: str | None = None,
                 method: str = "exact", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
                 sigma_frac: float = 1.0, json_out: bool = False, plot: str | None = None, out: str | None = None,
-                name: str | None = None, save: bool = True, show_progress: bool = True) -> dict:
+                name: str | None = None, save: bool = True, show_progress: bool = True,
+                workers: int | None = None, scheduler: str | None = None) -> dict:
     """Compute one CKA matrix from the store(s); store it, write JSON (--out) and PNG (--plot), print it."""
     cfg = CKAConfig(method=method, kernel=kernel, batch_size=batch_size, seed=seed, sigma_frac=sigma_frac)
     filters = {f: parse_values(f, v) for f, v in zip(FIELDS, (dataset, split, model, input_mode, t, block, pool))}
@@ -206,9 +207,15 @@ def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None
     xs_cols = [xs_rows.get(arr.path, arr.x) if col_store is st else arr.x for arr in col_arrays]
     n = row_arrays[0].n_rows
     started = time.perf_counter()
-    with progress("row", disable=not show_progress) as bar:
-        task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)}", total=n)
-        result = cka_matrix(list(xs_rows.values()), xs_cols, cfg, on_rows=lambda k: bar.advance(task, k))
+    if workers or scheduler:  # tiles of the matrix on a dask cluster
+        from .distributed import cka_distributed
+
+        result = cka_distributed([(st.url, k) for k in row_keys], [(col_store.url, k) for k in col_keys], cfg,
+                                 workers=workers, scheduler=scheduler, show_progress=show_progress)
+    else:
+        with progress("row", disable=not show_progress) as bar:
+            task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)}", total=n)
+            result = cka_matrix(list(xs_rows.values()), xs_cols, cfg, on_rows=lambda k: bar.advance(task, k))
     seconds = time.perf_counter() - started
 
     def describe(s: Store, keys, arrays):

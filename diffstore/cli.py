@@ -6,6 +6,7 @@ with its message; nothing else is printed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -46,6 +47,18 @@ def human_bytes(n: int) -> str:
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+@contextlib.contextmanager
+def cluster_or_none(workers, scheduler):
+    """A dask client when --workers/--scheduler is given, else None (everything in-process)."""
+    if not (workers or scheduler):
+        yield None
+        return
+    from .distributed import cluster_client
+
+    with cluster_client(workers, scheduler) as client:
+        yield client
 
 
 def model_options(model: str, model_name, random_init, adm_config, class_label, prompt, resolution):
@@ -92,21 +105,23 @@ def extract(
     m = model_options(model, model_name, random_init, adm_config, class_label, prompt, resolution).to(pick_device(device))
     s = Store.open(store)
     rows = []
-    for sp in [x.strip() for x in split.split(",") if x.strip()]:
-        data = load_split(dataset, sp, data_root, skip_bad=skip_bad)
-        plan = plan_extraction(s, m, data, t, blocks, pools, input_mode, noise_seed, noise_draws, compute_dtype, dtype, shard_rows)
-        if workers or scheduler:
-            from .distributed import extract_distributed
+    with cluster_or_none(workers, scheduler) as client:  # one cluster (and one model load per worker) for all splits
+        for sp in [x.strip() for x in split.split(",") if x.strip()]:
+            data = load_split(dataset, sp, data_root, skip_bad=skip_bad)
+            plan = plan_extraction(s, m, data, t, blocks, pools, input_mode, noise_seed, noise_draws, compute_dtype, dtype, shard_rows)
+            if client is not None:
+                from .distributed import extract_distributed
 
-            summary = extract_distributed(plan, store, model_spec=dict(spec=model, name=model_name, random_init=random_init,
-                                          adm_config=adm_config, class_label=class_label, prompt=prompt, resolution=resolution),
-                                          data_spec=dict(name=dataset, split=sp, root=data_root, skip_bad=skip_bad),
-                                          batch_size=batch_size, device=device, workers=workers, scheduler=scheduler)
-        else:
-            summary = extract_features(plan, batch_size=batch_size, show_progress=not quiet)
-        rows.append({"dataset": dataset, "split": sp, "model": m.name, "arrays": summary["arrays"],
-                     "shards run": summary["tasks_run"], "shards total": summary["tasks_total"],
-                     "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})
+                summary = extract_distributed(
+                    plan, store, client=client, batch_size=batch_size, device=device, show_progress=not quiet,
+                    model_spec=dict(spec=model, name=model_name, random_init=random_init, adm_config=adm_config,
+                                    class_label=class_label, prompt=prompt, resolution=resolution),
+                    data_spec=dict(name=dataset, split=sp, root=data_root, skip_bad=skip_bad))
+            else:
+                summary = extract_features(plan, batch_size=batch_size, show_progress=not quiet)
+            rows.append({"dataset": dataset, "split": sp, "model": m.name, "arrays": summary["arrays"],
+                         "shards run": summary["tasks_run"], "shards total": summary["tasks_total"],
+                         "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})
     emit(rows, f"extract -> {store}", False)
     if all(r["shards run"] == 0 for r in rows):
         stdout.print("Everything requested is already stored; nothing was recomputed.")
@@ -229,14 +244,8 @@ def probe(
     """Train heads on stored features (the U-Net is never run): table on stdout, results saved in the store."""
     from .probe_stage import probe_command
 
-    opts = {k: v for k, v in locals().items() if k not in ("as_json", "workers", "scheduler", "input_mode")}
-    opts["input"] = input_mode
-    if workers or scheduler:
-        from .distributed import probe_distributed
-
-        probe_distributed(opts | {"json_out": as_json}, workers=workers, scheduler=scheduler)
-    else:
-        probe_command(**opts, json_out=as_json)
+    opts = {k: v for k, v in locals().items() if k not in ("as_json", "input_mode")}
+    probe_command(**opts, input=input_mode, json_out=as_json)
 
 
 @app.command()
@@ -266,14 +275,8 @@ def cka(
     """Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores."""
     from .cka_stage import cka_command
 
-    opts = {k: v for k, v in locals().items() if k not in ("as_json", "quiet", "workers", "scheduler")}
-    opts |= {"json_out": as_json, "show_progress": not quiet}
-    if workers or scheduler:
-        from .distributed import cka_distributed
-
-        cka_distributed(opts, workers=workers, scheduler=scheduler)
-    else:
-        cka_command(**opts)
+    opts = {k: v for k, v in locals().items() if k not in ("as_json", "quiet")}
+    cka_command(**opts, json_out=as_json, show_progress=not quiet)
 
 
 def config_command(group: typer.Typer, name: str, config_cls, run, help: str) -> None:

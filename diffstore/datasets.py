@@ -28,7 +28,7 @@ import hashlib
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from pathlib import Path
 from typing import Callable
@@ -69,6 +69,16 @@ class Split:
 
     def ids_sha256(self) -> str:
         return hashlib.sha256(np.ascontiguousarray(self.ids, dtype="<i8").tobytes()).hexdigest()
+
+    def take(self, ids: np.ndarray, hint: str = "") -> "Split":
+        """The samples `ids`, in that order (a store may hold a subset of a split, or another order)."""
+        if np.array_equal(self.ids, ids):
+            return self
+        sorter = np.argsort(self.ids)
+        rows = sorter[np.searchsorted(self.ids, ids, sorter=sorter).clip(0, max(len(self) - 1, 0))]
+        if len(self) == 0 or not np.array_equal(self.ids[rows], ids):
+            raise DiffstoreError(f"the {self.name}/{self.split} data loaded here lacks samples the store holds; {hint or 'pass the --data-root the store was extracted from'}")
+        return replace(self, ids=self.ids[rows], labels=self.labels[rows], load=lambda r: self.load(rows[np.asarray(r)]))
 
     def fingerprint(self, preprocess: Preprocess) -> str:
         """Source + split + the exact sample order + preprocessing. The local root is left out: colleagues

@@ -23,7 +23,7 @@ from .models.base import DiffusionModel
 from .noise import add_noise, noise
 from .preprocess import Preprocess
 from .progress import progress
-from .store import ShardedArray, Store
+from .store import Store
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = ("float16", "float32")
@@ -68,6 +68,22 @@ def run_truncated(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, label
 
 def pool_map(f: torch.Tensor, pool: str) -> torch.Tensor:
     return f if pool == "full" else F.adaptive_avg_pool2d(f.float(), int(pool))
+
+
+@torch.no_grad()
+def encode_images(model: DiffusionModel, images: torch.Tensor) -> torch.Tensor:
+    """Preprocessed images -> x_0 in the model's space (SD latents; the images themselves otherwise), encoded in
+    the same padded micro-batches as the forward, so latents too are independent of the batch size."""
+    if model.encode is None:
+        return images
+    device = next(model.module.parameters()).device
+    out = []
+    for i in range(0, len(images), MICRO_BATCH):
+        x = images[i:i + MICRO_BATCH]
+        pad = MICRO_BATCH - len(x)
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+        out.append(model.encode(x.to(device)).float().cpu()[:MICRO_BATCH - pad])
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -224,13 +240,9 @@ def run_task(plan: Plan, t: int, shard: int, batch_size: int, on_batch=None) -> 
     rows = np.arange(len(plan.split))[next(iter(todo.values())).shard_slice(shard)]
     batch_size = -(-batch_size // MICRO_BATCH) * MICRO_BATCH  # keep every batch aligned to the micro-batch partition
     buffers = {k: np.empty((len(rows), *a.shape[1:]), dtype=np.float32) for k, a in todo.items()}
-    device = next(plan.model.module.parameters()).device
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        x0 = plan.preprocess(plan.split.load(batch))
-        if plan.model.encode is not None:
-            with torch.no_grad():
-                x0 = plan.model.encode(x0.to(device)).float().cpu()
+        x0 = encode_images(plan.model, plan.preprocess(plan.split.load(batch)))
         out = forward_blocks(plan.model, x0, t, plan.split.ids[batch], plan.split.labels[batch], plan.recipe.noise_seed,
                              plan.recipe.noise_draws, plan.input_mode, blocks, pools, plan.recipe.compute_dtype)
         for k, buf in buffers.items():

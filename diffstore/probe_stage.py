@@ -127,14 +127,9 @@ def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None)
     root = data_root or attrs.get("dataset", {}).get("source", {}).get("root")
     rows, fps = {}, []
     for split in ("train", "test"):
-        data, record = load_split(dataset, split, root), store.split(dataset, split)
-        # the store's samples, in the store's order, looked up by id (a store may hold a subset of the split)
-        sorter = np.argsort(data.ids)
-        found = sorter[np.searchsorted(data.ids, record.ids, sorter=sorter).clip(0, len(data) - 1)]
-        if not np.array_equal(data.ids[found], record.ids):
-            raise DiffstoreError(f"the {dataset}/{split} images found (root {root}) do not hold every sample the store "
-                                 "holds; pass --data-root of the data it was extracted from")
-        x = np.concatenate([pre(data.load(found[i:i + 1024])).numpy() for i in range(0, len(found), 1024)])
+        record = store.split(dataset, split)
+        data = load_split(dataset, split, root).take(record.ids, f"pass --data-root of the data it was extracted from (tried {root})")
+        x = np.concatenate([pre(data.load(np.arange(i, min(i + 1024, len(data))))).numpy() for i in range(0, len(data), 1024)])
         rows[split] = Rows.of(x)
         fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,
                                 "source": data.source, "preprocess": pre.to_dict()}))
@@ -335,7 +330,7 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
                   baseline: str | None = None, data_root: str | None = None, select: int = 0, fuse: str | None = None,
                   grid: bool = False, plot: str | None = None, json_out: bool = False, list_results: bool = False,
                   retrain: bool = False, device: str | None = None, memory_gb: float = DEFAULT_BUDGET / 2**30,
-                  show_progress: bool = True) -> dict:
+                  show_progress: bool = True, workers: int | None = None, scheduler: str | None = None) -> dict:
     """`diffstore probe`: results table (or JSON) on stdout, progress on stderr; returns what it printed."""
     st = Store.open(store, "r")
     ranking, rho, plots = [], {}, []
@@ -365,7 +360,13 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
             for ds in dict.fromkeys(s.row["dataset"] for s in sources):
                 attrs = st.features(next(k for s in sources for k in s.keys if k.dataset == ds)).attrs
                 sources.append(pixel_source(st, ds, attrs, data_root))
-        results = run_probes(st, sources, specs, recipe, retrain, device, budget, show_progress)
+        if workers or scheduler:  # one task per (key, head) on a dask cluster; same rows as in-process
+            from .distributed import probe_distributed
+
+            results = probe_distributed(st, sources, specs, recipe, retrain, device, budget, show_progress,
+                                        workers=workers, scheduler=scheduler)
+        else:
+            results = run_probes(st, sources, specs, recipe, retrain, device, budget, show_progress)
     if plot:
         plots = write_plots(results, plot)
         stderr.print(f"wrote {len(plots)} plots to {plot}")

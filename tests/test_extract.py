@@ -1,6 +1,5 @@
 """The extractor: block tables, key invariance, determinism, resume after SIGKILL, early exit, bad input."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from diffstore.models import load_model
 from diffstore.noise import noise
 from diffstore.store import Store
 
-DS = [sys.executable, "-m", "diffstore.cli"] if False else [str(Path(sys.executable).parent / "diffstore")]
+DS = [str(Path(sys.executable).parent / "diffstore")]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from diffstore.datasets import Split, load_split
 from diffstore.errors import DiffstoreError
-from diffstore.extract import extract_features, forward_blocks, plan_extraction
+from diffstore.extract import encode_images, extract_features, forward_blocks, plan_extraction
 from diffstore.key import sha256_files
 from diffstore.models import load_model
 from diffstore.models.sd import load_sd
@@ -154,7 +154,7 @@ def test_tiny_sd_extracts_into_a_store(sd_folder, tmp_path):
     mid = store.features(next(k for k in keys if k.t == 150 and k.block == model.blocks.mid and k.pool == "full"))
     assert mid.complete and mid.read().shape == (rows, 64, LATENT // 2, LATENT // 2)
     # The stored rows are what one direct forward on the encoded latents gives.
-    x0 = model.encode(plan.preprocess(split.load(np.arange(rows))))
+    x0 = encode_images(model, plan.preprocess(split.load(np.arange(rows))))
     direct = forward_blocks(model, x0, 150, split.ids, None, 0, 1, "noised", [model.blocks.mid], ["full"])
     np.testing.assert_array_equal(mid.read(), direct[(model.blocks.mid, "full")].numpy().astype(np.float16))
 

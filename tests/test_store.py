@@ -1,7 +1,6 @@
 """The key and the store: fingerprints, refusals, resume bookkeeping, verify, ls/info."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
