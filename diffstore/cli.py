@@ -242,9 +242,9 @@ def probe(
     scheduler: Optional[str] = typer.Option(None, help="Train on a dask.distributed scheduler."),
 ):
     """Train heads on stored features (the U-Net is never run): table on stdout, results saved in the store."""
+    opts = {k: v for k, v in locals().items() if k not in ("as_json", "input_mode")}
     from .probe_stage import probe_command
 
-    opts = {k: v for k, v in locals().items() if k not in ("as_json", "input_mode")}
     probe_command(**opts, input=input_mode, json_out=as_json)
 
 
@@ -273,9 +273,9 @@ def cka(
     scheduler: Optional[str] = typer.Option(None, help="Compute on a dask.distributed scheduler."),
 ):
     """Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores."""
+    opts = {k: v for k, v in locals().items() if k not in ("as_json", "quiet")}
     from .cka_stage import cka_command
 
-    opts = {k: v for k, v in locals().items() if k not in ("as_json", "quiet")}
     cka_command(**opts, json_out=as_json, show_progress=not quiet)
 
 
