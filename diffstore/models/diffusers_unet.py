@@ -101,7 +101,8 @@ def load_unet2d(spec: str, name: str | None = None, random_init: int | None = No
     alphas, schedule = read_alphas_cumprod(root)
     try:
         if random_init is None:
-            unet = UNet2DModel.from_pretrained(folder, use_safetensors=(folder / "diffusion_pytorch_model.safetensors").is_file())
+            unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False,
+                                               use_safetensors=(folder / "diffusion_pytorch_model.safetensors").is_file())
             weights_sha = sha256_files(weight_files(folder))
         else:
             torch.manual_seed(random_init)

@@ -53,8 +53,8 @@ def load_parts(root: Path, random_init: int | None):
 
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     if random_init is None:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, low_cpu_mem_usage=False)
         # transformers 5 would otherwise keep the file's dtype (fp16 checkpoints stay fp16)
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32)
         return unet, vae, text_encoder, tokenizer
