@@ -22,7 +22,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -42,7 +41,8 @@ from diffstore.store import Store
 def full_forward(model, x, t, module_path):
     """The whole network runs; the layer's output is caught by a hook."""
     caught = {}
-    handle = model.module.get_submodule(module_path).register_forward_hook(lambda m, i, o: caught.setdefault("z", first_tensor(o)))
+    module = model.module.get_submodule(module_path)
+    handle = module.register_forward_hook(lambda m, i, o: caught.setdefault("z", first_tensor(o)))
     try:
         model.run(x, t, None)
     finally:
@@ -154,7 +154,8 @@ def main(argv=None):
     result = {"device": str(device), "threads": torch.get_num_threads(), "model": model.name, "layer": layer.info.module,
               "layer_shape": [c, layer.info.height, layer.info.width], "t_grid_K": k, "views": v_count, "batch": b,
               "student": f"{args.student} x{args.width}", "step_ms": timings,
-              "speedup_vs_full": timings["full"] / timings["stored"], "speedup_vs_truncated": timings["truncated"] / timings["stored"],
+              "speedup_vs_full": timings["full"] / timings["stored"],
+              "speedup_vs_truncated": timings["truncated"] / timings["stored"],
               "teacher_share_of_full_step": 1 - timings["stored"] / timings["full"], "flops_per_step": flops,
               "teacher_flop_share": {k: flops[f"teacher {k}"] / (flops[f"teacher {k}"] + flops["student+policy step"])
                                      for k in ("truncated", "full")},
@@ -172,12 +173,14 @@ def main(argv=None):
     for name, ms in timings.items():
         table.add_row(name, f"{ms:.1f}", f"{ms / timings['stored']:.2f}x")
     Console().print(table)
+    share = result["teacher_flop_share"]
     print(f"teacher share of a full-forward step: {result['teacher_share_of_full_step']:.0%} of the time, "
-          f"{result['teacher_flop_share']['full']:.0%} of the FLOPs (truncated: {result['teacher_flop_share']['truncated']:.0%}); "
+          f"{share['full']:.0%} of the FLOPs (truncated: {share['truncated']:.0%}); "
           "GFLOP per step: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in flops.items()))
     print(f"storage per image, K={k} x V={v_count} x C={c}: {result['bytes_per_image_raw']} B raw float16, "
           f"{disk_per_image:.0f} B on disk; spatial maps would add {result['map_bytes_per_image_raw']} B raw")
-    print(f"building targets: {result['build_forwards_per_s']:.0f} truncated forwards/s ({args.n} images x {v_count} views x {k} t)")
+    print(f"building targets: {result['build_forwards_per_s']:.0f} truncated forwards/s "
+          f"({args.n} images x {v_count} views x {k} t)")
     return result
 
 

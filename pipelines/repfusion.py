@@ -24,25 +24,31 @@ from diffstore.repfusion.losses import LOSSES, NEEDS_MAP
 from diffstore.repfusion.targets import TargetsConfig
 
 
-def markdown(args, targets: dict, runs: list[dict], analysis: dict) -> str:
+def by_t(ts: list[int], values: list[float], fmt: str) -> str:
+    return ", ".join(f"{t}: {v:{fmt}}" for t, v in zip(ts, values))
+
+
+def markdown(args, targets: dict, runs: list[tuple[dict, dict]], analysis: dict) -> str:
+    first = runs[0][0]
     lines = [f"# RepFusion on {args.dataset} (teacher: {args.model}, layer {targets['module']})", "",
-             f"Targets: {targets['path']}, {targets['shape']['pooled'][0]} train images x {len(targets['views'])} views x "
-             f"K = {targets['K']} time steps ({args.t_grid}), input {args.input}. Student: {args.student} x{args.width}; "
-             f"distillation {args.epochs} epochs, fine-tuning {args.finetune_epochs} epochs, seed {args.seed}.", "",
+             f"Targets: {targets['path']}, {targets['shape']['pooled'][0]} train images x {len(targets['views'])} "
+             f"views x K = {targets['K']} time steps ({args.t_grid}), input {args.input}. "
+             f"Student: {args.student} x{args.width}; distillation {args.epochs} epochs, fine-tuning "
+             f"{args.finetune_epochs} epochs, seed {args.seed}.", "",
              "| loss | test acc, distilled + fine-tuned | test acc, no distillation | gain | E[t] under pi | mode t |",
              "|---|---|---|---|---|---|"]
     for trained, tuned in runs:
         lines.append(f"| {trained['config']['loss']} | {tuned['distilled_acc']:.4f} | {tuned['scratch_acc']:.4f} | "
                      f"{tuned['gain']:+.4f} | {trained['expected_t']:.1f} | {trained['mode_t']} |")
-    lines += ["", "Learned distribution over t (mean pi(t | x) over the train images):", ""]
+    lines += ["", "Learned distribution over t (mean pi(t | x) over the train images), top 5:", ""]
     for trained, _ in runs:
         top = sorted(zip(trained["distribution"], trained["t_grid"]), reverse=True)[:5]
-        lines.append(f"- {trained['run']}: " + ", ".join(f"t={t}: {p:.3f}" for p, t in top) + f" (uniform: {1 / targets['K']:.3f})")
-    first = runs[0][0]
+        lines.append(f"- {trained['run']}: " + ", ".join(f"t={t}: {p:.3f}" for p, t in top)
+                     + f" (uniform: {1 / targets['K']:.3f})")
     lines += ["", "How well each t's teacher feature tells the class, by the frozen decoder g (train images, identity view):",
-              "", "- reward -CE(g(z_t), y): " + ", ".join(f"{t}: {r:.3f}" for t, r in zip(first["t_grid"], first["reward_by_t"])),
-              "- accuracy of g: " + ", ".join(f"{t}: {a:.2f}" for t, a in zip(first["t_grid"], first["decoder_acc_by_t"])),
-              "", "Effective rank of z(t) by t: " + ", ".join(f"{t}: {e:.1f}" for t, e in zip(analysis["t_grid"], analysis["effective_rank"])),
+              "", "- reward -CE(g(z_t), y): " + by_t(first["t_grid"], first["reward_by_t"], ".3f"),
+              "- accuracy of g: " + by_t(first["t_grid"], first["decoder_acc_by_t"], ".2f"),
+              "", "Effective rank of z(t) by t: " + by_t(analysis["t_grid"], analysis["effective_rank"], ".1f"),
               "", "Plots: " + ", ".join(analysis["pngs"]), ""]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ def emit(result: dict, title: str, rows: list[tuple[str, object]], json_out: boo
     table.add_column(style="bold")
     table.add_column()
     for name, value in rows:  # Text: "E[t]" and paths are data, not rich markup
-        table.add_row(Text(name), Text(value if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else str(value)))
+        table.add_row(Text(name), Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     Console().print(table)
     return result
 
@@ -46,20 +46,23 @@ def targets_command(cfg: TargetsConfig | None = None, json_out: bool = False, sh
     model = load_model(cfg.model).to(pick_device(cfg.device))
     r = build_targets(store, model, split, cfg, show_progress)
     return emit(r, f"RepFusion targets: {r['path']}", [
-        ("layer", r["layer"] if r["layer"] == r["module"] else f"{r['layer']} ({r['module']})"), ("t grid", f"K={r['K']}: {r['t_grid']}"),
-        ("views", len(r["views"])), ("shape", str(r["shape"])), ("shards written", f"{r['shards_written']}/{r['shards_total']}"),
-        ("bytes per image", str(r["bytes_per_image"]))], json_out)
+        ("layer", r["layer"] if r["layer"] == r["module"] else f"{r['layer']} ({r['module']})"),
+        ("t grid", f"K={r['K']}: {r['t_grid']}"), ("views", len(r["views"])), ("shape", r["shape"]),
+        ("shards written", f"{r['shards_written']}/{r['shards_total']}"),
+        ("bytes per image", r["bytes_per_image"])], json_out)
 
 
 def train_command(cfg: DistillConfig | None = None, json_out: bool = False, show_progress: bool = True) -> dict:
     r = distill(cfg or DistillConfig(), show_progress)
     last = r["history"][-1]
     return emit(r, f"RepFusion distillation: {r['run']}" + (" (already trained)" if r.get("cached") else ""), [
-        ("targets", r["targets"]), ("student", f"{r['config']['student']} x{r['config']['width']} ({r['student_channels']} ch)"),
+        ("targets", r["targets"]),
+        ("student", f"{r['config']['student']} x{r['config']['width']} ({r['student_channels']} ch)"),
         ("loss", r["config"]["loss"]), ("epochs", r["config"]["epochs"]), ("final distill loss", last["distill_loss"]),
         ("final mean reward", last["reward"]), ("pi(t), mean over x", fmt_ts(r["t_grid"], r["distribution"])),
         ("E[t], mode t", f"{r['expected_t']:.1f}, {r['mode_t']}"),
-        ("reward by t", fmt_ts(r["t_grid"], r["reward_by_t"])), ("decoder acc by t", fmt_ts(r["t_grid"], r["decoder_acc_by_t"], 2)),
+        ("reward by t", fmt_ts(r["t_grid"], r["reward_by_t"])),
+        ("decoder acc by t", fmt_ts(r["t_grid"], r["decoder_acc_by_t"], 2)),
         ("seconds", r["seconds"])], json_out)
 
 
@@ -75,4 +78,5 @@ def analyze_command(cfg: AnalyzeConfig | None = None, json_out: bool = False) ->
     r = analyze(cfg or AnalyzeConfig())
     return emit(r, f"RepFusion analysis: {r['targets']}", [
         ("effective rank by t", fmt_ts(r["t_grid"], r["effective_rank"], 1)),
-        ("t-SNE at t", str(r["tsne_t"])), ("runs plotted", ", ".join(r["runs"]) or "-"), ("PNGs", "\n".join(r["pngs"]))], json_out)
+        ("t-SNE at t", r["tsne_t"]), ("runs plotted", ", ".join(r["runs"]) or "-"), ("PNGs", "\n".join(r["pngs"]))],
+        json_out)

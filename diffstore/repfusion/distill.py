@@ -119,6 +119,10 @@ def load_weights(store: Store, path: str, modules: dict[str, nn.Module]) -> None
         mod.load_state_dict(states[m])
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
 def run_results(store: Store, stage: str) -> list[dict]:
     return sorted((r for r in store.results(KIND) if r.get("stage") == stage), key=lambda r: r["created"])
 
@@ -210,7 +214,7 @@ def distill(cfg: DistillConfig, show_progress: bool = True) -> dict:
     with progress("step", disable=not show_progress) as bar:
         task = bar.add_task(f"distill {cfg.student}/{cfg.loss}", total=steps)
         for epoch in range(cfg.epochs):
-            sums = np.zeros(4)
+            sums = np.zeros(4)  # images, distill loss, reward, policy entropy (sums over the epoch)
             for rows in batches(n, cfg.batch_size, gen):
                 v = torch.randint(n_views, (len(rows),), generator=gen)
                 x = images[v, rows].float().to(device)
@@ -229,10 +233,12 @@ def distill(cfg: DistillConfig, show_progress: bool = True) -> dict:
                 opt.step()
                 sched.step()
                 step += 1
-                sums += [len(rows), loss.item() * len(rows), r.sum().item(), Categorical(logits=logits.detach()).entropy().sum().item()]
+                entropy = Categorical(logits=logits.detach()).entropy().sum().item()
+                sums += [len(rows), loss.item() * len(rows), r.sum().item(), entropy]
                 bar.advance(task)
-            history.append({"epoch": epoch + 1, "distill_loss": float(sums[1] / sums[0]), "reward": float(sums[2] / sums[0]),
-                            "policy_entropy": float(sums[3] / sums[0])})
+            mean = sums[1:] / sums[0]
+            history.append({"epoch": epoch + 1, "distill_loss": float(mean[0]), "reward": float(mean[1]),
+                            "policy_entropy": float(mean[2])})
 
     dist = mean_distribution(policy, images[0].float().to(device)).cpu().tolist()
     ts = attrs["t_grid"]
@@ -244,8 +250,8 @@ def distill(cfg: DistillConfig, show_progress: bool = True) -> dict:
               "student_channels": student.feature_channels, "teacher_channels": c, "in_channels": in_channels,
               "num_classes": num_classes, "t_grid": ts, "distribution": dist,
               "expected_t": float(np.dot(dist, ts)), "mode_t": ts[int(np.argmax(dist))],
-              "reward_by_t": reward_by_t, "decoder_acc_by_t": decoder_acc, "history": history, "seconds": time.perf_counter() - started,
-              "device": str(device), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+              "reward_by_t": reward_by_t, "decoder_acc_by_t": decoder_acc, "history": history,
+              "seconds": time.perf_counter() - started, "device": str(device), "created": now()}
     store.put_result(KIND, run, result)
     return result
 
@@ -275,7 +281,9 @@ def supervised(student: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
                 loss.backward()
                 opt.step()
                 sched.step()
-                total, correct, loss_sum = total + len(rows), correct + int((logits.argmax(1) == yb).sum()), loss_sum + loss.item() * len(rows)
+                total += len(rows)
+                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += loss.item() * len(rows)
                 bar.advance(task)
             history.append({"epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total})
     return history
@@ -292,12 +300,11 @@ def accuracy(student: nn.Module, images: torch.Tensor, labels: torch.Tensor, dev
 def finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     store = Store.open(cfg.store, "a")
     runs = run_results(store, "distill")
-    if cfg.run is not None:
-        runs = [r for r in runs if r["run"] == cfg.run]
-    if not runs:
-        raise DiffstoreError(f"no distill run {cfg.run + ' ' if cfg.run else ''}in {store.url}: "
-                             "run `diffstore repfusion train` first" + (f" (runs: {', '.join(r['run'] for r in run_results(store, 'distill'))})" if cfg.run else ""))
-    trained = runs[-1]
+    matching = [r for r in runs if cfg.run in (None, r["run"])]
+    if not matching:
+        known = f" (runs: {', '.join(r['run'] for r in runs)})" if runs else ""
+        raise DiffstoreError(f"no distill run {cfg.run or ''} in {store.url}{known}: run `diffstore repfusion train` first")
+    trained = matching[-1]
     attrs = store.open_array(f"{trained['targets']}/pooled").attrs
     device = pick_device(cfg.device)
     started = time.perf_counter()
@@ -319,8 +326,8 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
               "loss": tc["loss"], "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "store"},
               "distilled_acc": results["distilled"]["test_acc"], "scratch_acc": results["scratch"]["test_acc"],
               "gain": results["distilled"]["test_acc"] - results["scratch"]["test_acc"],
-              "n_train": len(labels), "n_test": len(test_labels), "history": {k: v["history"] for k, v in results.items()},
-              "seconds": time.perf_counter() - started, "device": str(device),
-              "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+              "n_train": len(labels), "n_test": len(test_labels),
+              "history": {name: r["history"] for name, r in results.items()},
+              "seconds": time.perf_counter() - started, "device": str(device), "created": now()}
     store.put_result(KIND, f"{trained['run']}.finetune", result)
     return result
