@@ -22,7 +22,7 @@ from .errors import DiffstoreError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cached feature stores of diffusion-model activations.")
-stdout = Console()
+stdout = Console(width=None if sys.stdout.isatty() else 200)  # piped output: no 80-column wrap
 DEFAULT_STORE = "data/default.zarr"
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
