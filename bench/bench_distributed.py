@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from diffstore.datasets import load_split
-from diffstore.distributed import cluster_client, extract_distributed, extract_job, take_ids
+from diffstore.distributed import cluster_client, extract_distributed, extract_job
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
@@ -71,7 +71,7 @@ class Bench:
         self.root, self.args, self.n = root, args, 0
         self.model, self.model_spec, self.note = bench_model(root)
         full = load_split("digits", "train")
-        self.split = take_ids(full, full.ids[:args.rows])  # the workers load the full split and take the same ids
+        self.split = full.take(full.ids[:args.rows])  # the workers load the full split and take the same ids
 
     def plan(self, shard_rows: int):
         self.n += 1
