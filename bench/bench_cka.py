@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from diffstore.cka import CKAConfig, accumulate, cka_matrix, rows_of
 from diffstore.store import Store
+from timing import best_of
 
 ROW_SHAPES = {64: (16, 2, 2), 1024: (64, 4, 4), 4096: (256, 4, 4)}  # [C, p, p] like pooled U-Net blocks
 
@@ -77,31 +78,22 @@ def read_all(arrays, chunk: int) -> None:
             np.asarray(x[a:a + chunk])
 
 
-def best_of(k: int, fn) -> float:
-    """The fastest of k timed calls: the product's cost without other processes' interference."""
-    times = []
-    for _ in range(k):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def exact_limit(arrays, cfg: CKAConfig, k: int) -> float:
     """Seconds of X^T X, Y^T Y, X^T Y (syrk, syrk, gemm) over N rows: best of k in-memory float64 chunks, scaled."""
-    z = [rows_of(x, 0, cfg.chunk_rows) for x in arrays]
+    rows = min(cfg.chunk_rows, arrays[0].shape[0])
+    z = [rows_of(x, 0, rows) for x in arrays]
     g = [np.zeros((z[i].shape[1], z[j].shape[1]), order="F") for i, j in ((0, 0), (1, 1), (0, 1))]
 
     def step():
         accumulate(g[0], z[0], z[0]), accumulate(g[1], z[1], z[1]), accumulate(g[2], z[0], z[1])
 
-    return best_of(k, step) * arrays[0].shape[0] / cfg.chunk_rows
+    return best_of(step, k) * arrays[0].shape[0] / rows
 
 
 def minibatch_limit(arrays, cfg: CKAConfig, k: int) -> float:
     """Seconds of the two n x n Grams per batch over N // n batches: best of k in-memory batches, scaled."""
     z = [rows_of(x, 0, cfg.batch_size) for x in arrays]
-    return best_of(k, lambda: (z[0] @ z[0].T, z[1] @ z[1].T)) * (arrays[0].shape[0] // cfg.batch_size)
+    return best_of(lambda: (z[0] @ z[0].T, z[1] @ z[1].T), k) * (arrays[0].shape[0] // cfg.batch_size)
 
 
 def main():

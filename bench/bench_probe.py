@@ -37,15 +37,7 @@ from diffstore.probe import Job, ProbeRecipe, train_many
 from diffstore.probe_stage import key_source
 from diffstore.progress import stderr
 from diffstore.store import Store
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from timing import best_of
 
 
 def bench_read(root: Path, n: int, row_shape: tuple, shard_rows: int, repeats: int) -> list[dict]:

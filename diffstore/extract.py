@@ -38,8 +38,9 @@ class StopForward(Exception):
     """Raised from the deepest requested block's hook: the rest of the network is never run."""
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
+def pick_device(device: str | None = "auto") -> torch.device:
+    """'auto' (or None): CUDA when present, else the CPU; anything else as torch names it."""
+    if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

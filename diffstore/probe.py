@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DiffstoreError
+from .extract import pick_device
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
 from .heads import HeadSpec, build_head, n_params
 from .progress import progress
@@ -64,10 +65,6 @@ class Job:
     spec: HeadSpec
     what: str = "the input"
     fix: str = "Extract it with `--pools full` (or a larger p)."
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @torch.no_grad()
