@@ -195,7 +195,7 @@ def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors li
 @app.command()
 def verify(store: str = StoreOpt, as_json: bool = JsonOpt):
     """Check every array for completeness and corruption (crc32c per chunk); exits 1 naming what is wrong."""
-    from .verify import verify_store
+    from .store.verify import verify_store
     from .store import Store
 
     problems, checked = verify_store(Store.open(store, mode="r"))

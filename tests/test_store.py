@@ -12,7 +12,7 @@ from diffstore.errors import DiffstoreError
 from diffstore.key import FeatureKey, Recipe, canonical_json, fingerprint, model_fingerprint, select, sha256_files
 from diffstore.preprocess import Preprocess
 from diffstore.store import Store
-from diffstore.verify import verify_store
+from diffstore.store.verify import verify_store
 
 KEY = FeatureKey("digits", "train", "m", "noised", 90, 5, "2")
 RECIPE = Recipe("mfp", "dfp", 0, 1, "float32", "float16")
