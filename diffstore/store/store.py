@@ -26,6 +26,7 @@ group without its arrays (a killed run) is completed. Sharing on S3: see README 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import platform
@@ -94,18 +95,25 @@ class Store:
         self.url = url
         self.zs = zs
         self._root = root  # None until the first write creates it (mode "a" on a new path)
+        self.created_here = root is None
 
     @classmethod
     def open(cls, url: str, mode: str = "a", storage_options: dict | None = None) -> "Store":
         """mode "r": the store must exist. mode "a": created on the first write, so a command refused before
         writing leaves no store behind. Never opens a non-diffstore path."""
         zs = zarr_store(url, read_only=(mode == "r"), storage_options=storage_options)
+        local = None if "://" in url else Path(url)
+        existed = local is None or local.exists()
         root = cls._open_root(url, zs, mode)
+        if root is None and not existed:
+            with contextlib.suppress(OSError):  # zarr made the folder on opening; the first write makes it again
+                local.rmdir()  # (unless another writer already wrote into it)
         if root is None and mode == "r":
             raise DiffstoreError(f"no diffstore store at {url}: run `diffstore extract --store {url}` first")
-        if root is None and "://" not in url:
-            local = Path(url)
-            if local.is_dir() and any(local.iterdir()):
+        if root is None and local is not None and local.is_dir() and any(not p.name.startswith("zarr.json")
+                                                                          for p in local.iterdir()):
+            root = cls._open_root(url, zs, mode)  # another writer may have just created it
+            if root is None:
                 raise DiffstoreError(f"{url} is a non-empty directory without a store in it; refusing to write there. "
                                      "Pass a new or empty path (e.g. data/f.zarr)")
         return cls(url, zs, root)
@@ -148,14 +156,15 @@ class Store:
     def _node(self, path: str):
         if self._root is None:
             return None
-        try:
-            return self._root[path]
-        except KeyError:
-            if not self._exists(f"{path}/zarr.json"):
-                return None
-            problem = "unreadable"
-        except Exception as e:
-            problem = f"unreadable: {type(e).__name__}: {e}"
+        for attempt in range(2):  # a node another writer creates between our read and our check: read again
+            try:
+                return self._root[path]
+            except KeyError:
+                if not self._exists(f"{path}/zarr.json"):
+                    return None
+                problem = "unreadable"
+            except Exception as e:
+                problem = f"unreadable: {type(e).__name__}: {e}"
         raise DiffstoreError(f"{self.url.rstrip('/')}/{path}/zarr.json is {problem}. Fix it with "
                              f"`diffstore repair --store {self.url} {path}`, or remove the node with "
                              f"`diffstore rm --store {self.url} {path}` and re-run the command that wrote it")
@@ -282,6 +291,23 @@ class Store:
     def remove(self, path: str) -> None:
         """Delete the node at `path` and everything under it."""
         sync(self.zs.delete_dir(path))
+
+    @contextlib.contextmanager
+    def undo_if_unstarted(self, created: list[str]):
+        """On a DiffstoreError (e.g. an undecodable image), remove the arrays in `created` of which no shard is
+        done, and the store itself if this process created it and nothing else is in it."""
+        try:
+            yield
+        except DiffstoreError:
+            for path in created:
+                if self._group(path) is not None and not self.open_array(path).done_mask().any():
+                    self.remove(path)
+            if self.created_here and not self.array_paths():
+                self.remove("")
+            raise
+
+    def remove_key(self, key: str) -> None:
+        sync(self.zs.delete(key))
 
     # --- feature arrays ---------------------------------------------------------------------------
     def feature_keys(self) -> list[FeatureKey]:
