@@ -203,8 +203,8 @@ def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
-    xs_rows = {arr.path: arr.x for arr in row_arrays}
-    xs_cols = [xs_rows.get(arr.path, arr.x) if col_store is st else arr.x for arr in col_arrays]
+    xs_rows = {arr.path: arr for arr in row_arrays}  # ShardedArray: checked reads (checksums, NaN rows)
+    xs_cols = [xs_rows.get(arr.path, arr) if col_store is st else arr for arr in col_arrays]
     n = row_arrays[0].n_rows
     started = time.perf_counter()
     if workers or scheduler:  # tiles of the matrix on a dask cluster

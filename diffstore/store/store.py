@@ -44,11 +44,11 @@ from ..errors import DiffstoreError
 from ..key import FeatureKey
 from .arrays import ShardedArray
 from .backend import describe_failure, zarr_store
+from .labels import SAMPLE, row_dims
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
 CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
-ROW_DIMS = {3: ("channel", "height", "width")}  # named dims of a row, by rank (others: d0, d1, ...)
 
 
 def provenance() -> dict:
@@ -254,16 +254,16 @@ class Store:
         chunk_rows = max(1, min(shard_rows, CHUNK_BYTES // max(row_bytes, 1)))
         while shard_rows % chunk_rows:
             chunk_rows -= 1
-        dims = ROW_DIMS.get(len(row_shape), tuple(f"d{i}" for i in range(len(row_shape))))
+        dims = row_dims(len(row_shape))
         coords = stored is not None and split is not None  # format 2: labelled for xarray
         self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
                            shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                           fill_value=np.nan, dimension_names=("sample", *dims),
+                           fill_value=np.nan, dimension_names=(SAMPLE, *dims),
                            attributes={"coordinates": "done label" if coords else "done"})
         self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None, dimension_names=("shard",))
         if coords:
-            self._put_values(g, "sample", split.ids)
+            self._put_values(g, SAMPLE, split.ids)
             self._put_values(g, "label", split.labels, {"class_names": list(split.class_names)})
         return self.open_array(path)
 
@@ -279,7 +279,7 @@ class Store:
         """A small int64 [sample] array, written whole (deterministic bytes: re-writing after a kill is safe)."""
         values = np.asarray(values, dtype=np.int64)
         self._create_array(g, name, shape=values.shape, dtype="int64", chunks=(max(1, min(len(values), 1 << 16)),),
-                           dimension_names=("sample",), attributes=attributes or {})
+                           dimension_names=(SAMPLE,), attributes=attributes or {})
         arr = g[name]
         if not np.array_equal(arr[:], values):
             arr[:] = values
