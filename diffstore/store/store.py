@@ -254,7 +254,7 @@ class Store:
         chunk_rows = max(1, min(shard_rows, CHUNK_BYTES // max(row_bytes, 1)))
         while shard_rows % chunk_rows:
             chunk_rows -= 1
-        dims = row_dims(len(row_shape))
+        dims = row_dims(len(row_shape), features=path.startswith("features/"))
         coords = stored is not None and split is not None  # format 2: labelled for xarray
         self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
                            shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
