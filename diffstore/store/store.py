@@ -201,8 +201,14 @@ class Store:
         g = self._group(path)
         if g is None:
             raise DiffstoreError(f"no array at {path} in {self.url}")
+        try:
+            return ShardedArray(g, self.url)
+        except DiffstoreError:
+            raise
+        except Exception:  # noqa: BLE001 - find out which part is missing or broken, and name it
+            pass
         for name in ("x", "done"):
-            self._node(f"{path}/{name}")  # names a broken zarr.json
+            self._node(f"{path}/{name}")  # raises, naming a broken zarr.json
             if name not in g:
                 raise DiffstoreError(f"{self.url.rstrip('/')}/{path} has no {name} array (a run was stopped while "
                                      f"creating it): re-run the command that wrote it, or `diffstore repair --store "
