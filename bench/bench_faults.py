@@ -1,6 +1,6 @@
 """Faults the store survives (issue 12), measured with the real CLI on the shipped model and the digits test split.
 
-    python bench/bench_faults.py [--kills 20] [--races 5] [--seed 0]
+    python bench/bench_faults.py [--kills 20] [--races 5] [--seed 0] [--only bad|corrupt|race|kill ...]
 
 Prints, against a clean reference run of the same extraction (4 arrays x 23 shards):
 - kill -9 at random instants of `diffstore extract`, then a re-run: how many resumed bit-identical and verified;
@@ -265,6 +265,8 @@ def main():
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--races", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=["bad", "corrupt", "race", "kill"], action="append",
+                    help="Run only these sections (repeatable; default: all).")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_faults_") as tmp:
         work = Path(tmp)
@@ -279,6 +281,8 @@ def main():
                     ("race", lambda: races(work, args.races, reference)),
                     ("kill", lambda: kills(work, args.kills, reference, (0.9 * appeared, seconds), random.Random(args.seed)))]
         for name, run in sections:
+            if args.only and name not in args.only:
+                continue
             try:
                 rows = run()
             except Exception as e:  # noqa: BLE001 - report and go on with the other sections
