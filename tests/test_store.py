@@ -116,9 +116,16 @@ def test_non_store_paths_are_refused(tmp_path):
     assert (tmp_path / "notes" / "a.txt").read_text() == "hi"
 
 
-def test_missing_filesystem_library_is_named(tmp_path):
+def test_missing_filesystem_library_is_named(tmp_path, monkeypatch):
     with pytest.raises(DiffstoreError, match="pip install"):
         Store.open("nosuchproto://bucket/x.zarr")
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` fails, as without the package
+    monkeypatch.delitem(importlib.import_module("fsspec.registry")._registry, "s3", raising=False)
+    with pytest.raises(DiffstoreError, match=r"pip install s3fs"):
+        Store.open("s3://bucket/x.zarr")
 
 
 def test_split_ids_stored_once_and_other_ids_refused(tmp_path):
