@@ -243,7 +243,7 @@ def probe(
 ):
     """Train heads on stored features (the U-Net is never run): table on stdout, results saved in the store."""
     opts = {k: v for k, v in locals().items() if k not in ("as_json", "input_mode")}
-    from .probe_stage import probe_command
+    from .probe.stage import probe_command
 
     probe_command(**opts, input=input_mode, json_out=as_json)
 
