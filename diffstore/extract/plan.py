@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import math
+import posixpath
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from zarr.core.sync import sync
 
 from ..datasets import Split
 from ..errors import DiffstoreError
-from ..key import INPUT_MODES, FeatureKey, Recipe
+from ..key import INPUT_MODES, LEGACY_FORWARD, FeatureKey, Recipe
 from ..models.base import DiffusionModel
 from ..preprocess import Preprocess
 from ..store import Store
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = ("float16", "float32")
+ATTENTION = ("eager", "sdpa")
 SHARD_BYTES = 256 << 20  # default shard size bound: all (block, pool) buffers of one task stay in RAM
-# Every forward runs on exactly MICRO_BATCH rows from a fixed partition of row indices (the last one padded):
+# Every forward runs on exactly micro_batch rows from a fixed partition of row indices (the last one padded):
 # CPU/GPU kernels pick algorithms and split work by tensor size, so values would otherwise depend on
-# --batch-size at the ulp level. Fixed shapes make features bit-identical whatever the batch size.
-MICRO_BATCH = 16
+# --batch-size at the ulp level. Fixed shapes make features bit-identical whatever the batch size. The
+# micro-batch is a recipe field; MICRO_BATCH is the CPU default (and what every store before it used).
+MICRO_BATCH = LEGACY_FORWARD["micro_batch"]
+# On CUDA: the largest power of two whose activations fit this share of the card's memory, within these bounds.
+CUDA_MEMORY_SHARE = 0.25
+CUDA_MICRO_BATCH = (128, 512)
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
@@ -29,6 +37,28 @@ def pick_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+@torch.no_grad()
+def default_micro_batch(model: DiffusionModel, compute_dtype: str) -> int:
+    """16 on the CPU. On CUDA, sized from the peak memory of one full forward on 16 rows against a share of the
+    card's total (not free) memory, so the same card always gets the same micro-batch (it is in the key)."""
+    param = next(model.module.parameters())
+    if param.device.type != "cuda":
+        return MICRO_BATCH
+    n = MICRO_BATCH
+    x = torch.zeros((n, model.image_channels, model.image_size, model.image_size), device=param.device)
+    torch.cuda.synchronize(param.device)
+    base = torch.cuda.memory_allocated(param.device)
+    torch.cuda.reset_peak_memory_stats(param.device)
+    amp = COMPUTE_DTYPES[compute_dtype]
+    with torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext():
+        model.run(model.encode(x) if model.encode is not None else x, torch.full((n,), 1, device=param.device),
+                  torch.zeros(n, dtype=torch.long, device=param.device))
+    per_row = max(torch.cuda.max_memory_allocated(param.device) - base, 1) / n
+    budget = CUDA_MEMORY_SHARE * torch.cuda.get_device_properties(param.device).total_memory
+    lo, hi = CUDA_MICRO_BATCH
+    return int(min(max(2 ** int(math.log2(max(budget / per_row, 1))), lo), hi))
 
 
 @dataclass
@@ -79,10 +109,39 @@ def parse_pools(spec: str) -> list[str]:
     return sorted(set(pools), key=lambda p: (p == "full", int(p) if p != "full" else 0))
 
 
+def forward_options(store: Store, paths: list[str], model: DiffusionModel, compute_dtype: str, micro_batch: int | None,
+                    attention: str | None, compile: bool | None) -> dict:
+    """The recipe's forward fields: as given, else as the arrays at `paths` hold them, else the defaults."""
+    if micro_batch is not None and micro_batch < 1:
+        raise DiffstoreError(f"--micro-batch must be >= 1, got {micro_batch}")
+    if attention is not None and attention not in ATTENTION:
+        raise DiffstoreError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    if attention == "sdpa" and model.set_attention is None:
+        raise DiffstoreError(f"model {model.name} has one attention implementation only; drop --attention")
+    recipes = [{**LEGACY_FORWARD, **g.attrs["recipe"]} for g in map(store._group, paths) if g is not None and "recipe" in g.attrs]
+    out = {}
+    for name, value in {"micro_batch": micro_batch, "attention": attention, "compile": compile}.items():
+        held = sorted({r[name] for r in recipes}, key=str)
+        if value is None and len(held) > 1:
+            raise DiffstoreError(f"the requested arrays were computed with {name} {held}; pass --{name.replace('_', '-')} "
+                                 "or extract them in separate calls")
+        out[name] = value if value is not None else (held[0] if held else None)
+    if out["micro_batch"] is None:
+        out["micro_batch"] = default_micro_batch(model, compute_dtype)
+    if out["attention"] is None:
+        out["attention"] = "eager" if model.set_attention is None else "sdpa"
+    out["compile"] = bool(out["compile"])
+    return out
+
+
 def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, blocks: str, pools: str,
                     input_mode: str = "noised", noise_seed: int = 0, noise_draws: int = 1, compute_dtype: str = "float32",
-                    storage_dtype: str = "float16", shard_rows: int | None = None) -> Plan:
-    """Validate every input and every key against the store, then create the pre-sized arrays."""
+                    storage_dtype: str = "float16", shard_rows: int | None = None, micro_batch: int | None = None,
+                    attention: str | None = None, compile: bool | None = None) -> Plan:
+    """Validate every input and every key against the store, then create the pre-sized arrays.
+
+    micro_batch, attention, compile (recipe fields: they change the last bits): None means what the requested
+    arrays already hold (a resume never changes bits), else the default for the model and its device."""
     if input_mode not in INPUT_MODES:
         raise DiffstoreError(f"--input must be one of {', '.join(INPUT_MODES)}, got {input_mode!r}")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -102,7 +161,10 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
             raise DiffstoreError(f"pool {too_big[0]} is larger than block {b} ({info.name}: {info.height}x{info.width}); "
                                  f"use pools <= {min(info.height, info.width)} or 'full'")
     pre = Preprocess(size=model.image_size, channels=model.image_channels)
-    recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype)
+    paths = [FeatureKey(split.name, split.split, model.name, input_mode, tt, b, p).path for tt in ts for b in bs for p in ps]
+    forward = forward_options(store, paths, model, compute_dtype, micro_batch, attention, compile)
+    recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
+    mb = recipe.micro_batch
     plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
     # Refuse before writing anything: sample ids, then every key's fingerprint.
     store.check_split(split)
@@ -116,11 +178,14 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
     if existing:
         plan.shard_rows = existing[0]
-    elif plan.shard_rows % MICRO_BATCH:
-        raise DiffstoreError(f"--shard-rows must be a multiple of {MICRO_BATCH} (the fixed micro-batch), got {plan.shard_rows}")
+        if plan.shard_rows % mb:  # shards must start on the micro-batch partition, or values would shift
+            raise DiffstoreError(f"--micro-batch {mb} does not divide the stored shard size ({plan.shard_rows} rows); "
+                                 f"pass a --micro-batch that divides {plan.shard_rows}, or use another --store")
+    elif plan.shard_rows % mb:
+        raise DiffstoreError(f"--shard-rows must be a multiple of the micro-batch ({mb}), got {plan.shard_rows}")
     elif not plan.shard_rows:
         row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
-        plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * MICRO_BATCH, 1)))) * MICRO_BATCH
+        plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
     store.put_split(split)
     for tt in ts:
         for b in bs:
@@ -131,9 +196,26 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
     return plan
 
 
+def done_masks(arrays: dict) -> dict:
+    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one listing of the store under their
+    common prefix, not one read per (array, shard): a done flag's chunk is stored only once it is set (the
+    fill value 0 is never written), so a re-run of a finished extraction costs one round trip, not thousands."""
+    if not arrays:
+        return {}
+    some = next(iter(arrays.values()))
+    prefix = posixpath.commonpath([a.path for a in arrays.values()])
+
+    async def listing():
+        return {k async for k in some.group.store.list_prefix(prefix)}
+
+    present = sync(listing())
+    chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
+    return {k: np.array([f"{a.path}/done/{chunk_key((i,))}" in present for i in range(a.n_shards)]) for k, a in arrays.items()}
+
+
 def pending(plan: Plan) -> list[tuple[int, int]]:
     """Tasks (t, shard) with at least one requested array whose shard is not done."""
     n_shards = math.ceil(len(plan.split) / plan.shard_rows)
-    masks = {k: a.done_mask() for k, a in plan.arrays.items()}
+    masks = done_masks(plan.arrays)
     return [(t, i) for t in plan.ts for i in range(n_shards)
             if any(not masks[(t, b, p)][i] for b in plan.blocks for p in plan.pools)]
