@@ -173,7 +173,8 @@ def worker_plan(job: ExtractJob) -> Plan:
     data = data.take(store.split(data.name, data.split).ids, f"give worker {socket.gethostname()} the same data as the driver (the same --data-root on a shared filesystem)")
     r = job.recipe
     plan = plan_extraction(store, model, data, job.t, job.blocks, job.pools, job.input_mode, r.noise_seed,
-                           r.noise_draws, r.compute_dtype, r.storage_dtype, job.shard_rows)
+                           r.noise_draws, r.compute_dtype, r.storage_dtype, job.shard_rows, r.micro_batch, r.attention,
+                           r.compile)
     if plan.recipe != job.recipe:
         raise DiffstoreError(f"the {data.name}/{data.split} data on worker {socket.gethostname()} differs from the "
                              "driver's (dataset fingerprint); give every worker the same data and preprocessing")
