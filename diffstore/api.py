@@ -266,7 +266,7 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
             else:
                 summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress)
             rows.append({"store": s.url, "dataset": dataset, "split": sp, "model": m.name, "rows": len(data),
-                         "arrays": sorted(a.path for a in plan.arrays.values()),
+                         "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],
                          "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})
     return rows

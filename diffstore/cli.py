@@ -260,28 +260,47 @@ def cka(
     t: Optional[str] = typer.Option(None, "--t", help="Time step(s) (comma-separated)."),
     block: Optional[str] = typer.Option(None, help="Block(s)."),
     pool: Optional[str] = typer.Option(None, help="Pool(s)."),
-    model: Optional[str] = typer.Option(None), dataset: Optional[str] = typer.Option(None),
-    split: Optional[str] = typer.Option(None), input_mode: Optional[str] = typer.Option(None, "--input"),
+    model: Optional[str] = typer.Option(None, help="Model of the arrays (needed when the store holds several)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset of the arrays (needed when the store holds several)."),
+    split: Optional[str] = typer.Option(None, help="Split to compare on (default: test when the store holds several)."),
+    input_mode: Optional[str] = typer.Option(None, "--input", help="Input mode, noised | clean (needed when the store holds both)."),
     a: Optional[str] = typer.Option(None, help="Row keyset: t=90/b=5/p=2,t=150/b=6/p=2 (model=... too)."),
     b: Optional[str] = typer.Option(None, help="Column keyset (default: the rows)."),
     store_b: Optional[str] = typer.Option(None, help="Store of the column keyset (across stores)."),
-    method: str = typer.Option("exact", help="exact (streamed, O(D^2) memory) | minibatch (unbiased, O(batch^2)) | auto."),
+    method: str = typer.Option("unbiased", help="unbiased (debiased, all rows, O(D^2) memory) | exact (full-batch, biased upwards when N is not >> D) | minibatch (unbiased, O(batch^2)) | auto (exact if it fits, else minibatch)."),
     kernel: str = typer.Option("linear", help="linear | rbf (minibatch only)."),
     batch_size: int = typer.Option(256, help="Minibatch size (recorded with the result)."),
     seed: int = typer.Option(0, help="Sample-order seed of the minibatch estimator (recorded)."),
     sigma_frac: float = typer.Option(1.0, help="RBF bandwidth as a fraction of the median distance."),
-    plot: Optional[str] = typer.Option(None, help="Write the heatmap PNG here."),
-    out: Optional[str] = typer.Option(None, help="Write the matrix JSON here."),
+    limit: Optional[int] = LimitOpt,
+    plot: Optional[str] = typer.Option(None, help="Write the heatmap PNG into this folder."),
+    out: Optional[str] = typer.Option(None, help="Write the matrix JSON into this folder."),
     as_json: bool = JsonOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = QuietOpt,
     workers: Optional[int] = typer.Option(None, help="Compute on a local dask cluster with this many workers."),
     scheduler: Optional[str] = typer.Option(None, help="Compute on a dask.distributed scheduler."),
 ):
     """Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores."""
     opts = {k: v for k, v in locals().items() if k not in ("as_json", "quiet")}
-    from .cka_stage import cka_command
+    from .cka.stage import cka_command
 
-    cka_command(**opts, json_out=as_json, show_progress=not quiet)
+    cka_command(**opts, json_out=as_json, show_progress=not quiet, command=as_typed("--method"))
+
+
+def as_typed(*drop: str) -> str:
+    """The command line as the user typed it, without the options in `drop` (and their values)."""
+    import shlex
+
+    args, out = sys.argv[1:], []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in drop:
+            skip = True
+        elif not arg.split("=")[0] in drop:
+            out.append(shlex.quote(arg))
+    return " ".join(["diffstore", *out])
 
 
 def config_command(group: typer.Typer, name: str, config_cls, run: str, help: str) -> None:
