@@ -322,7 +322,7 @@ def cka_tile(rows: list[tuple[str, FeatureKey]], cols: list[tuple[str, FeatureKe
 
 def resolve_method(rows: list, cols: list, cfg):
     """'auto' resolved over the whole matrix, as cka_matrix would in-process, so every tile runs one estimator."""
-    from .cka import exact_gib
+    from .cka.math import exact_gib
 
     if cfg.method != "auto":
         return cfg
