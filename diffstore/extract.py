@@ -208,8 +208,9 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
     if existing:
         plan.shard_rows = existing[0]
-    elif plan.shard_rows % MICRO_BATCH:
-        raise DiffstoreError(f"--shard-rows must be a multiple of {MICRO_BATCH} (the fixed micro-batch), got {plan.shard_rows}")
+    elif plan.shard_rows < 0 or plan.shard_rows % MICRO_BATCH:
+        raise DiffstoreError(f"--shard-rows must be a positive multiple of {MICRO_BATCH} (the fixed micro-batch), "
+                             f"got {plan.shard_rows}")
     elif not plan.shard_rows:
         row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
         plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * MICRO_BATCH, 1)))) * MICRO_BATCH
