@@ -47,6 +47,28 @@ def text_encoder_config(root: Path) -> dict:
     return {k: v for k, v in config.items() if k not in TEXT_CONFIG_DROP}
 
 
+def latent_encoder(vae):
+    """encode(images) -> latents x_0 = mode of the VAE posterior x vae.config.scaling_factor (deterministic).
+
+    The VAE follows the denoiser's device lazily (DiffusionModel.to moves only the denoiser) and always runs in
+    float32: the SD VAE overflows in fp16, which is why diffusers' force_upcast exists.
+    """
+    scale = float(vae.config.scaling_factor)
+
+    def encode(images):
+        if vae.device != images.device:
+            vae.to(images.device)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            return vae.encode(images.float()).latent_dist.mode() * scale
+
+    return encode
+
+
+def vae_downscale(vae) -> int:
+    """Image pixels per latent pixel: 2 per VAE level after the first (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def load_parts(root: Path, random_init: int | None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -90,25 +112,16 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
 
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_scale = vae_downscale(vae)
     sample = unet.config.sample_size
     resolution = resolution or vae_scale * int(sample[0] if isinstance(sample, (list, tuple)) else sample)
     if resolution % vae_scale:
         raise DiffstoreError(f"resolution {resolution} is not a multiple of the VAE's downscale factor {vae_scale}")
     emb, prompt_ids = encode_prompt(tokenizer, text_encoder, prompt)
     del text_encoder  # only its output for this prompt is needed from here on
-    scale = float(vae.config.scaling_factor)
 
     def run(x, t, labels):
         return unet(x, t, encoder_hidden_states=emb.to(x.device, x.dtype).expand(len(x), -1, -1))
-
-    def encode(images):
-        # The VAE follows the UNet's device lazily (DiffusionModel.to moves only the UNet) and always runs in
-        # float32: the SD VAE overflows in fp16, which is why diffusers' force_upcast exists.
-        if vae.device != images.device:
-            vae.to(images.device)
-        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            return vae.encode(images.float()).latent_dist.mode() * scale
 
     alphas, schedule = read_alphas_cumprod(root)
     if random_init is None:
@@ -130,7 +143,7 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
                 "resolution": resolution, "schedule": schedule},
         weights_sha256=weights_sha,
         run=run,
-        encode=encode,
+        encode=latent_encoder(vae),
         source={"spec": spec, "folder": str(root)},
     )
     model.blocks = trace_unet(model, (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale))
