@@ -24,9 +24,8 @@ import torch
 
 from ..blocks import BlockTable, trace_blocks
 from ..errors import DiffstoreError
-from ..key import sha256_files
 from .base import DiffusionModel, class_labels
-from .diffusers_unet import model_config, read_alphas_cumprod, resolve_folder, weight_files
+from .diffusers_unet import folder_identity, model_config, read_alphas_cumprod, resolve_folder
 from .sd import latent_encoder, vae_downscale
 from .tokens import token_maps
 
@@ -84,41 +83,31 @@ def load_dit(spec: str, name: str | None = None, random_init: int | None = None,
         m.eval().requires_grad_(False)
     num_classes = int(net.config.num_embeds_ada_norm)
     labels_cfg = label_policy(class_label, num_classes)
-    latent_size, patch = int(net.config.sample_size), int(net.config.patch_size)
-    resolution = latent_size * vae_downscale(vae)
-    units = token_maps(net, [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))],
-                       grid=(latent_size // patch, latent_size // patch))
-
     label = "dataset" if labels_cfg["policy"] == "dataset" else labels_cfg["class_label"]
 
     def run(x, t, labels):
         return net(x, t, class_labels=class_labels(label, labels, len(x), num_classes, x.device))
 
-    if random_init is None:
-        weights_sha = sha256_files([f for part in ("transformer", "vae") for f in weight_files(root / part)])
-    else:
-        weights_sha = f"random-init:{random_init}"
-    base = name or (root.name if Path(spec).expanduser().is_dir() else spec.replace("/", "--"))
-    if not name and labels_cfg["policy"] != "null":  # conditioned features get a name of their own
-        base += ".labels-dataset" if labels_cfg["policy"] == "dataset" else f".class{labels_cfg['class_label']}"
+    suffix = {"null": "", "dataset": ".labels-dataset"}.get(labels_cfg["policy"], f".class{label}")
+    model_name, weights_sha = folder_identity(spec, root, [root / "transformer", root / "vae"], name, random_init, suffix)
     alphas, schedule = read_alphas_cumprod(root)
-    model = DiffusionModel(
-        name=base if random_init is None else f"{base}.random-init-s{random_init}",
-        module=net,
-        blocks=BlockTable([]),
-        alphas_cumprod=alphas,
-        image_size=resolution,
-        image_channels=3,
-        config={"class": "DiT", "transformer": model_config(net), "vae": model_config(vae), "labels": labels_cfg,
-                "resolution": resolution, "schedule": schedule},
-        weights_sha256=weights_sha,
-        run=run,
-        encode=latent_encoder(vae),
-        source={"spec": spec, "folder": str(root)},
-    )
+    resolution = int(net.config.sample_size) * vae_downscale(vae)
+    return DiffusionModel(name=model_name, module=net, blocks=dit_block_table(net), alphas_cumprod=alphas,
+                          image_size=resolution, image_channels=3,
+                          config={"class": "DiT", "transformer": model_config(net), "vae": model_config(vae),
+                                  "labels": labels_cfg, "resolution": resolution, "schedule": schedule},
+                          weights_sha256=weights_sha, run=run, encode=latent_encoder(vae),
+                          source={"spec": spec, "folder": str(root)})
+
+
+def dit_block_table(net) -> BlockTable:
+    """Token maps on every transformer block, traced by one forward on a zero latent (null class: the table does
+    not depend on the labels)."""
+    size, patch = int(net.config.sample_size), int(net.config.patch_size)
+    units = token_maps(net, [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))],
+                       grid=(size // patch, size // patch))
     param = next(net.parameters())
-    x = torch.zeros((1, net.config.in_channels, latent_size, latent_size), dtype=param.dtype, device=param.device)
+    x = torch.zeros((1, net.config.in_channels, size, size), dtype=param.dtype, device=param.device)
     t = torch.zeros(1, dtype=torch.long, device=param.device)
-    null = torch.full((1,), num_classes, device=param.device)  # the table does not depend on the labels
-    model.blocks = trace_blocks(net, units, lambda: net(x, t, class_labels=null))
-    return model
+    null = torch.full((1,), int(net.config.num_embeds_ada_norm), device=param.device)
+    return trace_blocks(net, units, lambda: net(x, t, class_labels=null))

@@ -17,9 +17,8 @@ import torch
 
 from ..blocks import BlockTable
 from ..errors import DiffstoreError
-from ..key import sha256_files
 from .base import DiffusionModel
-from .diffusers_unet import model_config, read_alphas_cumprod, resolve_folder, trace_unet, weight_files
+from .diffusers_unet import folder_identity, model_config, read_alphas_cumprod, resolve_folder, trace_unet
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # transformers' bookkeeping keys: they change with the library version, not with the network.
@@ -124,15 +123,11 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
         return unet(x, t, encoder_hidden_states=emb.to(x.device, x.dtype).expand(len(x), -1, -1))
 
     alphas, schedule = read_alphas_cumprod(root)
-    if random_init is None:
-        weights_sha = sha256_files([f for part in ("unet", "vae", "text_encoder") for f in weight_files(root / part)])
-    else:
-        weights_sha = f"random-init:{random_init}"
-    base = name or (root.name if Path(spec).expanduser().is_dir() else spec.replace("/", "--"))
-    if not name:  # settings that change the features get a readable name of their own, so stores never mix them
-        base += f".{resolution}px" + (f".prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}" if prompt else "")
+    suffix = f".{resolution}px" + (f".prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}" if prompt else "")
+    model_name, weights_sha = folder_identity(spec, root, [root / p for p in ("unet", "vae", "text_encoder")], name,
+                                              random_init, suffix)
     model = DiffusionModel(
-        name=base if random_init is None else f"{base}.random-init-s{random_init}",
+        name=model_name,
         module=unet,
         blocks=BlockTable([]),
         alphas_cumprod=alphas,
