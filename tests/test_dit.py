@@ -181,15 +181,46 @@ def test_random_init_gives_a_different_model_key(dit, dit_folder):
     assert r0.blocks.to_list() == dit.blocks.to_list()
 
 
-def test_bin_weights_and_incomplete_folders_are_refused(dit_folder, tmp_path):
-    from diffusers import DiTTransformer2DModel
+class Payload:
+    """Unpickling this would touch a file: what a malicious .bin checkpoint does."""
 
-    shutil.copytree(dit_folder, tmp_path / "bin")
-    net = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer")
-    (tmp_path / "bin" / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
-    net.save_pretrained(tmp_path / "bin" / "transformer", safe_serialization=False)
-    with pytest.raises(DiffstoreError, match="only from safetensors"):
-        load_dit(str(tmp_path / "bin"))
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def bin_copy(dit_folder, folder, state=None):
+    """The pipeline with the transformer's weights as a torch.save .bin file (as the hub's DiT repos ship them)."""
+    shutil.copytree(dit_folder, folder)
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    from safetensors.torch import load_file
+
+    weights = state if state is not None else load_file(dit_folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    torch.save(weights, folder / "transformer" / "diffusion_pytorch_model.bin")
+    return folder
+
+
+def test_bin_weights_load_as_plain_tensors_and_key_their_bytes(dit, dit_folder, tmp_path):
+    folder = bin_copy(dit_folder, tmp_path / "bin")
+    from_bin = load_dit(str(folder))
+    files = [folder / "transformer" / "diffusion_pytorch_model.bin", folder / "vae" / "diffusion_pytorch_model.safetensors"]
+    assert from_bin.weights_sha256 == sha256_files(files) != dit.weights_sha256
+    z = dit.encode(images(2))
+    a, b = (forward_blocks(m, z, 30, [0, 1], None, 0, 1, "noised", [4], ["full"])[(4, "full")] for m in (dit, from_bin))
+    assert torch.equal(a, b)
+
+
+def test_pickled_code_in_a_bin_checkpoint_never_runs(dit_folder, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = bin_copy(dit_folder, tmp_path / "evil", state={"pos_embed.proj.weight": Payload(marker)})
+    with pytest.raises(DiffstoreError, match="could not load DiT"):
+        load_dit(str(folder))
+    assert not marker.exists()
+
+
+def test_incomplete_folder_names_the_missing_parts(tmp_path):
     (tmp_path / "partial" / "transformer").mkdir(parents=True)
     with pytest.raises(DiffstoreError, match="missing vae/, scheduler/"):
         load_dit(str(tmp_path / "partial"))

@@ -30,21 +30,27 @@ from .sd import latent_encoder, vae_downscale
 from .tokens import token_maps
 
 PARTS = ("transformer", "vae", "scheduler")
-# Only what diffstore reads: hub repos may also hold .bin copies, which would be downloaded and enter the hash.
-DIT_HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "transformer/config.json",
-                    "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
-                    "vae/diffusion_pytorch_model.safetensors"]
+# Only what diffstore reads. The hub's facebook/DiT-* main branches hold .bin weights only (safetensors copies sit in
+# an unmerged PR): safetensors are fetched when a repo has them, else the .bin files.
+HUB_CONFIGS = ["model_index.json", "scheduler/*.json", "transformer/config.json", "vae/config.json"]
+HUB_WEIGHTS = {suffix: [f"{p}/diffusion_pytorch_model.{suffix}" for p in ("transformer", "vae")]
+               for suffix in ("safetensors", "bin")}
+
+
+def resolve_dit(spec: str) -> Path:
+    """The local pipeline folder of a folder or hub id, downloading one weight format only."""
+    root = resolve_folder(spec, HUB_CONFIGS + HUB_WEIGHTS["safetensors"])
+    if not Path(spec).expanduser().is_dir() and not (root / HUB_WEIGHTS["safetensors"][0]).is_file():
+        root = resolve_folder(spec, HUB_CONFIGS + HUB_WEIGHTS["bin"])
+    return root
 
 
 def load_parts(root: Path, random_init: int | None):
+    """(transformer, vae): safetensors when present, else .bin through diffusers' torch.load(weights_only=True)."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     if random_init is None:
-        for part in ("transformer", "vae"):  # diffusers would fall back to unpickling .bin files
-            if not (root / part / "diffusion_pytorch_model.safetensors").is_file():
-                raise DiffstoreError(f"{root / part} has no diffusion_pytorch_model.safetensors: DiT weights load only "
-                                     "from safetensors (convert a .bin with diffusers' save_pretrained)")
-        kwargs = dict(torch_dtype=torch.float32, low_cpu_mem_usage=False, use_safetensors=True)
+        kwargs = dict(torch_dtype=torch.float32, low_cpu_mem_usage=False)
         return (DiTTransformer2DModel.from_pretrained(root / "transformer", **kwargs),
                 AutoencoderKL.from_pretrained(root / "vae", **kwargs))
     with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
@@ -68,15 +74,13 @@ def label_policy(class_label: int | str | None, num_classes: int) -> dict:
 def load_dit(spec: str, name: str | None = None, random_init: int | None = None,
              class_label: int | str | None = None) -> DiffusionModel:
     """DiT from a pipeline folder or hub id; random_init=seed: same architecture, seeded random weights."""
-    root = resolve_folder(spec, DIT_HUB_PATTERNS)
+    root = resolve_dit(spec)
     missing = [p for p in PARTS if not (root / p).is_dir()]
     if missing:
         raise DiffstoreError(f"{root} is not a DiT pipeline folder: missing {', '.join(f'{p}/' for p in missing)} "
                              "(expected the diffusers layout transformer/ vae/ scheduler/)")
     try:
         net, vae = load_parts(root, random_init)
-    except DiffstoreError:
-        raise
     except Exception as e:
         raise DiffstoreError(f"could not load DiT from {root}: {type(e).__name__}: {e}") from e
     for m in (net, vae):
