@@ -128,6 +128,27 @@ def test_extract_cli_stores_what_a_direct_forward_gives(dit_folder, idx_root, tm
         np.testing.assert_allclose(pooled.read()[:16, :, 0, 0], tokens[depth].mean(1).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_extract_cli_random_init_with_dataset_labels(dit_folder, idx_root, tmp_path):
+    root = str(idx_root["fashion-mnist"])
+    args = ["extract", "--store", str(tmp_path / "r.zarr"), "--dataset", "fashion-mnist", "--data-root", root,
+            "--split", "test", "--model", f"dit:{dit_folder}", "--random-init", "3", "--class-label", "dataset",
+            "--t", "100", "--blocks", "layer2", "--pools", "full", "--dtype", "float32", "-q"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    (key,) = Store.open(str(tmp_path / "r.zarr")).feature_keys()
+    assert key.model == "tiny-dit0.labels-dataset.random-init-s3"
+    stored = Store.open(str(tmp_path / "r.zarr")).features(key).read()[:16]
+    split = load_split("fashion-mnist", "test", root)
+    x = Preprocess(size=2 * LATENT, channels=3)(split.load(np.arange(16)))
+
+    def layer2(model):
+        return forward_blocks(model, model.encode(x), 100, split.ids[:16], split.labels[:16], 0, 1, "noised", [2],
+                              ["full"])[(2, "full")].numpy()
+
+    np.testing.assert_array_equal(stored, layer2(load_model(f"dit:{dit_folder}", random_init=3, class_label="dataset")))
+    assert not np.allclose(stored, layer2(load_model(f"dit:{dit_folder}", class_label="dataset")), atol=1e-3)
+
+
 def test_early_exit_runs_no_block_after_the_deepest(dit):
     ran = []  # modules that started
     handles = [m.register_forward_pre_hook(lambda *_a, n=n: ran.append(n))
