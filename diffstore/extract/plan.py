@@ -188,7 +188,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
             raise DiffstoreError(f"--micro-batch {mb} does not divide the stored shard size ({plan.shard_rows} rows); "
                                  f"pass a --micro-batch that divides {plan.shard_rows}, or use another --store")
     elif plan.shard_rows % mb:
-        raise DiffstoreError(f"--shard-rows must be a multiple of the micro-batch ({mb}), got {plan.shard_rows}")
+        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {plan.shard_rows}")
     elif not plan.shard_rows:
         row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
         plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
