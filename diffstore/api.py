@@ -246,6 +246,8 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
 
     if limit is not None and limit < 1:  # before the store is opened (created) below
         raise DiffstoreError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise DiffstoreError(f"batch_size must be >= 1, got {batch_size}")
     m = load_model(model, name=model_name, random_init=random_init, adm_config=adm_config, class_label=class_label,
                    prompt=prompt, resolution=resolution).to(pick_device(device))
     s = Store.open(store)
@@ -264,7 +266,8 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
                                     class_label=class_label, prompt=prompt, resolution=resolution),
                     data_spec=dict(name=dataset, split=sp, root=data_root, skip_bad=skip_bad, limit=limit))
             else:
-                summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress)
+                with s.undo_if_unstarted(plan.created):  # a failure before any shard is done leaves nothing behind
+                    summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress)
             rows.append({"store": s.url, "dataset": dataset, "split": sp, "model": m.name, "rows": len(data),
                          "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],
@@ -274,8 +277,8 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
 
 def probe(store: str = DEFAULT_STORE, **options: Any) -> dict:
     """Train heads on stored features, as `diffstore probe` (same options as keywords, same defaults:
-    `help(diffstore.probe_stage.probe_command)`); returns {"results": [...], ...} without printing."""
-    from .probe_stage import probe_command
+    `help(diffstore.probe.stage.probe_command)`); returns {"results": [...], ...} without printing."""
+    from .probe.stage import probe_command
 
     with contextlib.redirect_stdout(io.StringIO()) as out:  # the command prints its JSON; return it instead
         probe_command(store, **{**options, "json_out": True})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import inspect
 import json
 import sys
@@ -25,6 +26,7 @@ from .errors import DiffstoreError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cached feature stores of diffusion-model activations.")
 DEFAULT_STORE = "data/default.zarr"
+FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (data: paths, lists, ints, bytes).")
@@ -168,7 +170,14 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
     from .store import Store
 
     s = Store.open(store, mode="r")
-    rows = [feature_row(store, s.features(k)) for k in s.feature_keys()]
+    rows = []
+    for k in s.feature_keys():
+        try:
+            rows.append(feature_row(store, s.features(k)))
+        except DiffstoreError as e:  # one broken array does not hide the others
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold yellow]warning:[/] {e}", highlight=False, soft_wrap=True)
     emit(rows, f"{store}: {len(rows)} feature arrays", as_json, show_feature_row)
 
 
@@ -176,37 +185,70 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
          store: str = StoreOpt):
     """One array's full key, fingerprint, recipe and provenance (JSON)."""
-    from .key import select
     from .store import Store
+    from .store.repair import match
 
     s = Store.open(store, mode="r")
-    known = s.feature_keys()
     out = []
-    for text in keys:
-        try:
-            matched = select(known, text)
-        except ValueError as e:
-            raise DiffstoreError(str(e)) from None
-        if not matched:
-            raise DiffstoreError(f"no array in {store} matches {text!r}; `diffstore ls --store {store}` lists the keys")
-        for k in matched:
-            a = s.features(k)
-            out.append({"store": store, "path": a.path, **a.attrs, "shape": list(a.shape), "chunks": list(a.x.chunks),
-                        "shards": list(a.x.shards), "dtype": str(a.x.dtype), "shards_done": int(a.done_mask().sum()),
-                        "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
+    for path in match(s, keys):
+        a = s.open_array(path)
+        out.append({"store": store, "path": a.path, **a.attrs, "shape": list(a.shape), "chunks": list(a.x.chunks),
+                    "shards": list(a.x.shards), "dtype": str(a.x.dtype), "shards_done": int(a.done_mask().sum()),
+                    "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
     print(json.dumps(out, indent=1, default=str))
 
 
 @app.command()
 def verify(store: str = StoreOpt, as_json: bool = JsonOpt):
-    """Check every array for completeness and corruption (crc32c per chunk); exits 1 naming what is wrong."""
-    from .store.verify import verify_store
+    """Check every array: metadata, completeness, crc32c per chunk, NaN rows; exits 1 naming what is wrong."""
     from .store import Store
+    from .store.verify import verify_store
 
     problems, checked = verify_store(Store.open(store, mode="r"))
-    emit(problems or [{"arrays checked": checked, "status": "ok"}], f"verify {store}", as_json)
+    rows = [{"array": p["array"], "problem": p["problem"]} for p in problems]
+    emit((problems if as_json else rows) or [{"arrays checked": checked, "status": "ok"}], f"verify {store}", as_json)
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def repair(keys: Optional[list[str]] = typer.Argument(None, help="Arrays to repair (paths or selectors); default: all."),
+           store: str = StoreOpt,
+           batch_size: int = typer.Option(64, help="Rows per step (does not change values)."),
+           device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (does not change values)."),
+           as_json: bool = JsonOpt, quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Recompute exactly the shards verify reports bad (bit-identical to a clean run); rebuild broken metadata."""
+    from .store import Store
+    from .store.repair import repair as repair_store
+
+    if batch_size < 1:
+        raise DiffstoreError(f"--batch-size must be >= 1, got {batch_size}")
+    rows = repair_store(Store.open(store, mode="a"), keys, batch_size=batch_size, device=device, show_progress=not quiet)
+    emit(rows or [{"status": "nothing to repair: verify finds no problem"}], f"repair {store}", as_json)
+
+
+@app.command()
+def rm(keys: list[str] = typer.Argument(..., help="Arrays to remove: store paths or selectors like t=90/b=5/p=2."),
+       store: str = StoreOpt, yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+       as_json: bool = JsonOpt):
+    """Remove feature (or target) arrays and the stored results computed from them."""
+    from .store import Store
+    from .store.repair import plan_removal, remove
+
+    s = Store.open(store, mode="a")
+    arrays, results = plan_removal(s, keys)
+    listing = "\n  ".join(arrays + results)
+    if not yes:
+        from rich.console import Console
+
+        if not sys.stdin.isatty():
+            raise DiffstoreError(f"rm would remove {len(arrays)} array(s) and {len(results)} result(s):\n  {listing}\n"
+                                 "Nothing was removed: pass --yes to confirm (stdin is not a terminal)")
+        Console(stderr=True).print(f"remove {len(arrays)} array(s) and {len(results)} result(s)?\n  {listing}", highlight=False, soft_wrap=True)
+        if not typer.confirm("remove them", default=False, err=True):
+            raise typer.Exit(1)
+    remove(s, arrays + results)
+    emit([{"removed": p} for p in arrays + results], f"rm {store}", as_json)
 
 
 @app.command()
@@ -356,7 +398,16 @@ def main():
     except DiffstoreError as e:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:  # disk full, read-only file system, no permission: the environment, not a bug
+        if e.errno not in FS_ERRNOS:
+            raise
+        from rich.console import Console
+
+        from .store.backend import os_message
+
+        Console(stderr=True).print(f"[bold red]error:[/] {os_message('the store', e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

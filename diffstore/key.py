@@ -139,7 +139,11 @@ def parse_selector(text: str) -> dict:
             raise ValueError(f"cannot read {part!r} in {text!r}: use name=value parts such as t=90/b=5/p=2 "
                              f"(names: {', '.join(SELECTOR_FIELDS)})")
         field_ = SELECTOR_FIELDS[name]
-        out[field_] = int(value) if field_ in ("t", "block") else value
+        if field_ in ("t", "block"):
+            if not value.lstrip("-").isdigit():
+                raise ValueError(f"cannot read {part!r} in {text!r}: {name} takes an integer (e.g. {name}=90)")
+            value = int(value)
+        out[field_] = value
     return out
 
 

@@ -203,9 +203,9 @@ def compute(store: str, by: str | None = None, t=None, block=None, pool=None, mo
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
-    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)
-    xs_rows = {arr.path: view(arr.x) for arr in row_arrays}
-    xs_cols = [xs_rows[arr.path] if col_store is st and arr.path in xs_rows else view(arr.x) for arr in col_arrays]
+    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)  # ShardedArray: checked reads (checksums, NaN rows)
+    xs_rows = {arr.path: view(arr) for arr in row_arrays}
+    xs_cols = [xs_rows[arr.path] if col_store is st and arr.path in xs_rows else view(arr) for arr in col_arrays]
     n = min(row_arrays[0].n_rows, limit or row_arrays[0].n_rows)
     started = time.perf_counter()
     if workers or scheduler:  # tiles of the matrix on a dask cluster
