@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DiffstoreError
-from .key import FeatureKey
+from .key import DEFAULT_STORE, FeatureKey
 from .store import ShardedArray, Store
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     import torch
     import xarray
 
-DEFAULT_STORE = "data/default.zarr"
 FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
 
 

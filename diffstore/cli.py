@@ -21,10 +21,10 @@ from typing import Optional
 import typer
 
 from .errors import DiffstoreError
+from .key import DEFAULT_STORE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cached feature stores of diffusion-model activations.")
-DEFAULT_STORE = "data/default.zarr"
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (data: paths, lists, ints, bytes).")

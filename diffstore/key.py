@@ -23,6 +23,7 @@ from pathlib import Path
 EXTRACTOR_VERSION = "1"
 
 INPUT_MODES = ("noised", "clean")
+DEFAULT_STORE = "data/default.zarr"  # where every command reads and writes unless --store says otherwise
 
 
 def canonical_json(value) -> str:
