@@ -10,7 +10,6 @@ torch-free modules (repfusion/config.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
