@@ -105,7 +105,7 @@ class Features:
 
     def to_torch(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """A CPU tensor (the stored dtype unless `dtype` is given)."""
-        torch = require("torch", "all")
+        torch = require("torch")
         x = torch.from_numpy(self.numpy())
         return x if dtype is None else x.to(dtype)
 
