@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DiffstoreError
-from .key import FeatureKey
+from .errors import DiffstoreError, require
+from .key import DEFAULT_STORE, FeatureKey
 from .store import ShardedArray, Store
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     import torch
     import xarray
 
-DEFAULT_STORE = "data/default.zarr"
 FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
 
 
@@ -106,22 +105,21 @@ class Features:
 
     def to_torch(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """A CPU tensor (the stored dtype unless `dtype` is given)."""
-        import torch
-
+        torch = require("torch")
         x = torch.from_numpy(self.numpy())
         return x if dtype is None else x.to(dtype)
 
     def to_dask(self) -> "dask.array.Array":
         """A dask array with one chunk per shard: for features larger than memory."""
         self._check_complete()
+        require("dask.array", "all")
         return self.array.to_dask()
 
     def to_xarray(self, lazy: bool = False) -> "xarray.DataArray":
         """A labelled DataArray: dims (sample, channel, y, x); coordinates sample (the ids), label and
         label_name per sample, channel, y, x; the key, block name and fingerprint in attrs. lazy=True keeps
         the data as dask."""
-        import xarray as xr
-
+        xr = require("xarray", "xarray")
         data = self.to_dask() if lazy else self.numpy()
         split = self.store.split(self.key.dataset, self.key.split)
         n, c, h, w = self.shape
@@ -222,6 +220,7 @@ def _cluster(workers: int | None, scheduler: str | None):
     if not (workers or scheduler):
         yield None
         return
+    require("distributed", "dask")
     from .distributed import cluster_client
 
     with cluster_client(workers, scheduler) as client:

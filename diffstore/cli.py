@@ -10,7 +10,6 @@ torch-free modules (repfusion/config.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import inspect
@@ -22,10 +21,10 @@ from typing import Optional
 import typer
 
 from .errors import DiffstoreError
+from .key import DEFAULT_STORE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
-DEFAULT_STORE = "data/default.zarr"
 FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
@@ -268,12 +267,13 @@ def probe(
     dim: int = typer.Option(128, help="Attention head width."),
     depth: int = typer.Option(1, help="Attention head Transformer blocks."),
     n_heads: int = typer.Option(4, help="Attention heads."),
-    epochs: int = typer.Option(28), lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(0.0),
-    batch_size: int = typer.Option(128), step_every: int = typer.Option(8, help="StepLR step (epochs)."),
+    epochs: int = typer.Option(28, help="Training epochs."), lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
+    batch_size: int = typer.Option(128, help="Rows per step."), step_every: int = typer.Option(8, help="StepLR step (epochs)."),
     gamma: float = typer.Option(0.1, help="StepLR gamma."),
     val_frac: float = typer.Option(0.1, help="Validation share carved from train (never from test)."),
     early_stop: bool = typer.Option(False, help="Keep the epoch with the best validation accuracy."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of initialisation, data order and the validation split."),
     baseline: Optional[str] = typer.Option(None, help="pixels: the same head on raw preprocessed pixels."),
     data_root: Optional[str] = typer.Option(None, help="Dataset directory for --baseline pixels."),
     select: int = typer.Option(0, help="Rank every key by a closed-form ridge proxy; train the top K."),

@@ -25,6 +25,7 @@ EXTRACTOR_VERSION = "1"
 INPUT_MODES = ("noised", "clean")
 # The forward settings every store written before they became recipe fields was computed with.
 LEGACY_FORWARD = {"micro_batch": 16, "attention": "eager", "compile": False}
+DEFAULT_STORE = "data/default.zarr"  # where every command reads and writes unless --store says otherwise
 
 
 def canonical_json(value) -> str:

@@ -222,7 +222,7 @@ def test_at_loss_needs_stored_maps_and_a_prefix_split_loads_back(tmp_path, small
     cfg = TargetsConfig(store=str(tmp_path / "s.zarr"), dataset=small_digits, model=model_dir, t_grid="0,500",
                         views="none", limit=40, device="cpu")
     r = targets_command(cfg, json_out=True, show_progress=False)
-    assert r["path"].startswith("targets/digits-small/train-first40/") and r["shape"]["pooled"] == [40, 1, 2, 16]
+    assert r["path"].startswith("targets/digits-small/train/") and r["shape"]["pooled"] == [40, 1, 2, 16]
     with pytest.raises(DiffstoreError, match="--maps"):
         distill(DistillConfig(store=cfg.store, loss="at", epochs=1, width=0.125, decoder_steps=5), show_progress=False)
     hint = distill(DistillConfig(store=cfg.store, epochs=1, width=0.125, decoder_steps=5), show_progress=False)

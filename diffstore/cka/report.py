@@ -10,6 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import require
 from ..key import FeatureKey
 from ..store import ShardedArray
 
@@ -46,6 +47,7 @@ def axis_title(payload: dict, side: str) -> str:
 def draw(payload: dict, path: Path) -> Path:
     """PNG heatmap like the paper's Figure 6: block names (or t, pool) on both axes, a fixed 0-1 colour range
     (so two matrices compare by colour), the estimator in the title."""
+    require("matplotlib", "plots")
     from ..plots import heatmap
 
     m = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)

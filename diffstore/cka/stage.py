@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from ..errors import DiffstoreError
-from ..key import FeatureKey, parse_selector
+from ..key import DEFAULT_STORE, FeatureKey, parse_selector
 from ..progress import progress
 from ..store import ShardedArray, Store
 from .math import CKAConfig, bias_floor, cka_matrix, width
@@ -181,7 +181,7 @@ def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
             f"they say, run: {command} --method unbiased")
 
 
-def compute(store: str, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
+def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
             dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
             a: str | None = None, b: str | None = None, store_b: str | None = None,
             method: str = "unbiased", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
@@ -244,7 +244,7 @@ def compute(store: str, by: str | None = None, t=None, block=None, pool=None, mo
     return payload
 
 
-def cka_command(store: str, json_out: bool = False, plot: str | None = None, out: str | None = None,
+def cka_command(store: str = DEFAULT_STORE, json_out: bool = False, plot: str | None = None, out: str | None = None,
                 command: str = "diffstore cka", **options) -> dict:
     """`diffstore cka`: compute() (same options), then write JSON (--out) and PNG (--plot) and print the matrix
     (or the payload as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""
