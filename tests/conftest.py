@@ -256,6 +256,17 @@ def sd_folder(tmp_path_factory):
 ADM_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "adm"  # next to the checkout
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def s3_env():
     """A real S3-compatible server (moto's server mode) on 127.0.0.1 with a bucket 'team'.

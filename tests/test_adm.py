@@ -21,20 +21,14 @@ from diffstore.noise import add_noise, noise
 from diffstore.preprocess import Preprocess
 from diffstore.store import Store
 
-pytestmark = pytest.mark.skipif(not SPECS.is_dir(), reason="guided-diffusion specs (shared/specs/adm) not present")
+pytestmark = [pytest.mark.skipif(not SPECS.is_dir(), reason="guided-diffusion specs (shared/specs/adm) not present"),
+              pytest.mark.usefixtures("one_thread")]  # the tolerances were measured on one thread
 
 MANIFESTS = {"256-uncond": "256x256_diffusion_uncond", "256-cond": "256x256_diffusion",
              "128-cond": "128x128_diffusion", "64-cond": "64x64_diffusion"}
 TINY = ("tiny-uncond", "tiny-cond")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (the tolerance was measured so), restored for the tests that follow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def manifest(config_name):

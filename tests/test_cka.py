@@ -204,7 +204,7 @@ def test_cka_command_block_matrix_end_to_end(tmp_path, capsys):
     assert [r["name"] for r in stored] == [payload["name"]] and stored[0]["matrix"] == payload["matrix"]
 
 
-def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path, capsys):
+def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path):
     url = tmp_path / "s.zarr"
     make_store(url)
     payload = cka_command(str(url), by="t", block="2", method="minibatch", batch_size=64, seed=3,
@@ -213,7 +213,7 @@ def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path, ca
     assert [r["label"] for r in payload["rows"]] == ["t=10", "t=90"]
 
 
-def test_cka_command_keysets_across_stores(tmp_path, capsys):
+def test_cka_command_keysets_across_stores(tmp_path):
     make_store(tmp_path / "a.zarr", seed=0)
     make_store(tmp_path / "b.zarr", seed=0)
     payload = cka_command(str(tmp_path / "a.zarr"), a="t=90/b=1/p=2,t=90/b=3/p=2", b="t=90/b=1/p=2",
@@ -222,7 +222,7 @@ def test_cka_command_keysets_across_stores(tmp_path, capsys):
     assert payload["matrix"][0][0] == pytest.approx(1.0)  # same seed -> identical arrays in both stores
 
 
-def test_cka_command_refuses_mismatched_sample_sets(tmp_path, capsys):
+def test_cka_command_refuses_mismatched_sample_sets(tmp_path):
     make_store(tmp_path / "a.zarr")
     make_store(tmp_path / "b.zarr", ids=np.arange(300, dtype=np.int64)[::-1].copy())  # same size, other order
     with pytest.raises(DiffstoreError, match="other sample ids"):

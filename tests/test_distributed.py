@@ -48,7 +48,7 @@ def extract_on(cluster, plan, url, model_dir, **kw) -> dict:
                                scheduler=cluster.scheduler_address, show_progress=False, **kw)
 
 
-def test_cluster_extraction_into_s3_is_byte_identical_to_in_process(cluster, s3_env, model, digits48, tiny_unet_dir,
+def test_cluster_extraction_into_s3_is_byte_identical_to_in_process(cluster, model, digits48, tiny_unet_dir,
                                                                     reference):
     from diffstore.distributed import worker_model
 
@@ -107,7 +107,7 @@ class DieAfterFirstWrite(WorkerPlugin):
         ShardedArray.write_shard = self.original
 
 
-def test_worker_killed_mid_task_gives_identical_arrays(cluster, s3_env, model, digits48, tiny_unet_dir, reference, tmp_path):
+def test_worker_killed_mid_task_gives_identical_arrays(cluster, model, digits48, tiny_unet_dir, reference, tmp_path):
     from distributed import Client
 
     marker = tmp_path / "a-worker-died"

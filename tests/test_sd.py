@@ -122,7 +122,7 @@ def test_sdxl_is_refused(tmp_path):
         load_model(f"sd:{xl}")
 
 
-def test_not_a_pipeline_folder_names_what_is_missing(sd_folder, tmp_path):
+def test_not_a_pipeline_folder_names_what_is_missing(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(DiffstoreError, match="vae/, text_encoder/, tokenizer/, scheduler/"):
         load_sd(str(tmp_path))
