@@ -70,12 +70,6 @@ def test_noise_is_independent_of_batch_composition():
     assert not torch.equal(a[0], noise(0, [3], 90, 1, (1, 4, 4))[0])
 
 
-def test_batch_size_7_and_64_give_identical_arrays(tmp_path, model, digits100):
-    a, _, _ = extract(tmp_path, model, digits100, "a.zarr", batch_size=7)
-    b, _, _ = extract(tmp_path, model, digits100, "b.zarr", batch_size=64)
-    assert_same(a, b)
-
-
 def test_same_key_gives_identical_features_across_runs(tmp_path, model, digits100):
     a, _, _ = extract(tmp_path, model, digits100, "a.zarr")
     b, _, _ = extract(tmp_path, model, digits100, "b.zarr")
