@@ -205,4 +205,5 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
         weights_sha256=weights_sha,
         run=run,
         source={"path": path, "adm_config": config_name},
+        set_attention=net.set_attention,
     )

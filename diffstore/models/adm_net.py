@@ -152,12 +152,14 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tensor:
+def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool, sdpa: bool = False) -> torch.Tensor:
     """Multi-head self-attention over the spatial positions of qkv [B, 3*heads*ch, T] -> [B, heads*ch, T].
 
     The two checkpoint families lay qkv out differently: QKVAttention (new order) is [q | k | v] with heads
     inside each, QKVAttentionLegacy is per head [q k v]. Reading a checkpoint with the wrong order still runs,
     silently wrong, so the flag must match the checkpoint (64x64 uses the new order, the others legacy).
+    sdpa: the same attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on a
+    GPU: the [T, T] weights never reach memory); equal up to rounding, so it is a recipe field (key.Recipe).
     """
     b, width, n = qkv.shape
     ch = width // (3 * heads)
@@ -165,6 +167,9 @@ def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tenso
         q, k, v = (z.reshape(b * heads, ch, n) for z in qkv.chunk(3, dim=1))
     else:
         q, k, v = qkv.reshape(b * heads, 3 * ch, n).split(ch, dim=1)
+    if sdpa:  # [B*heads, T, ch]: positions as the sequence, channels as the head dimension
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(b, heads * ch, n)
     scale = 1 / math.sqrt(math.sqrt(ch))  # on q and k both rather than 1/sqrt(ch) after: fp16 logits stay in range
     w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     w = torch.softmax(w.float(), dim=-1).to(w.dtype)
@@ -177,6 +182,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, ch: int, heads: int, new_order: bool):
         super().__init__()
         self.heads, self.new_order = heads, new_order
+        self.sdpa = False  # set by ADMUNet.set_attention
         self.norm = GroupNorm32(ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv1d(ch, ch, 1)
@@ -184,7 +190,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         b, c, height, width = x.shape
         x = x.reshape(b, c, height * width)
-        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.heads, self.new_order))
+        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.heads, self.new_order, self.sdpa))
         return (x + h).reshape(b, c, height, width)
 
 
@@ -258,6 +264,12 @@ class ADMUNet(nn.Module):
                 if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                     m.half()
         return self
+
+    def set_attention(self, mode: str) -> None:
+        """"eager": the reference's einsum attention; "sdpa": F.scaled_dot_product_attention."""
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.sdpa = mode == "sdpa"
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))

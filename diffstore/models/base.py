@@ -32,6 +32,9 @@ class DiffusionModel:
     # encode(images) -> x_0 in the space noise is added in (SD latents); None means images are x_0.
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
     source: dict = field(default_factory=dict)  # where it came from (provenance only, not identity)
+    # set_attention("eager" | "sdpa"): switch the network's attention kernels (a recipe field: it changes the
+    # last bits); None when the network has one implementation only (diffusers already uses SDPA).
+    set_attention: Callable[[str], None] | None = None
 
     def __post_init__(self):
         if self.run is None:
