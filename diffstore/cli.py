@@ -11,7 +11,6 @@ torch-free modules (repfusion/config.py).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import inspect
 import json
 import sys
@@ -25,7 +24,6 @@ from .key import DEFAULT_STORE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
-FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (data: paths, lists, ints, bytes).")
@@ -400,14 +398,15 @@ def main():
 
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except OSError as e:  # disk full, read-only file system, no permission: the environment, not a bug
-        if e.errno not in FS_ERRNOS:
-            raise
+    except Exception as e:  # the storage failing (disk full, read-only, network, credentials) is not a bug
         from rich.console import Console
 
-        from .store.backend import os_message
+        from .store.backend import storage_failure
 
-        Console(stderr=True).print(f"[bold red]error:[/] {os_message('the store', e)}", highlight=False, soft_wrap=True)
+        message = storage_failure("the store", e)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
