@@ -91,7 +91,11 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (does not change the key)."),
     dtype: str = typer.Option("float16", help="Storage dtype: float16 | float32."),
     compute_dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (autocast)."),
-    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard (multiple of 16; default: sized to ~256 MB per task)."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard (a multiple of the micro-batch; default: sized to ~256 MB per task)."),
+    micro_batch: Optional[int] = typer.Option(None, help="Rows per forward: part of the recipe (changes the last bits). Default: what the arrays hold, else 16 on CPU, sized to memory on CUDA."),
+    attention: Optional[str] = typer.Option(None, help="ADM attention: sdpa (default for new arrays) | eager (the reference's einsum). Part of the recipe."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the blocks' layers (part of the recipe; default: what the arrays hold, else off)."),
+    loader_workers: Optional[int] = typer.Option(None, help="Processes decoding images ahead of the device (default: cores - 1, at most 8; does not change values)."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable images, recording their ids."),
     workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster with this many worker processes."),
     scheduler: Optional[str] = typer.Option(None, help="Run on a dask.distributed scheduler (tcp://HOST:8786)."),
@@ -108,7 +112,8 @@ def extract(
     with cluster_or_none(workers, scheduler) as client:  # one cluster (and one model load per worker) for all splits
         for sp in [x.strip() for x in split.split(",") if x.strip()]:
             data = load_split(dataset, sp, data_root, skip_bad=skip_bad)
-            plan = plan_extraction(s, m, data, t, blocks, pools, input_mode, noise_seed, noise_draws, compute_dtype, dtype, shard_rows)
+            plan = plan_extraction(s, m, data, t, blocks, pools, input_mode, noise_seed, noise_draws, compute_dtype, dtype, shard_rows,
+                                   micro_batch, attention, compile_)
             if client is not None:
                 from .distributed import extract_distributed
 
@@ -118,8 +123,8 @@ def extract(
                                     class_label=class_label, prompt=prompt, resolution=resolution),
                     data_spec=dict(name=dataset, split=sp, root=data_root, skip_bad=skip_bad))
             else:
-                summary = extract_features(plan, batch_size=batch_size, show_progress=not quiet)
-            rows.append({"dataset": dataset, "split": sp, "model": m.name, "arrays": summary["arrays"],
+                summary = extract_features(plan, batch_size=batch_size, show_progress=not quiet, workers=loader_workers)
+            rows.append({"dataset": dataset, "split": sp, "model": m.name, "micro-batch": plan.recipe.micro_batch, "arrays": summary["arrays"],
                          "shards run": summary["tasks_run"], "shards total": summary["tasks_total"],
                          "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})
     emit(rows, f"extract -> {store}", False)
@@ -171,7 +176,7 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
          store: str = StoreOpt):
     """One array's full key, fingerprint, recipe and provenance (JSON)."""
-    from .key import select
+    from .key import LEGACY_FORWARD, select
     from .store import Store
 
     s = Store.open(store, mode="r")
@@ -186,7 +191,8 @@ def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors li
             raise DiffstoreError(f"no array in {store} matches {text!r}; `diffstore ls --store {store}` lists the keys")
         for k in matched:
             a = s.features(k)
-            out.append({"path": a.path, **a.attrs, "shape": a.shape, "chunks": a.x.chunks, "shards": a.x.shards,
+            recipe = {**LEGACY_FORWARD, **a.attrs.get("recipe", {})}  # forward fields absent from older stores
+            out.append({"path": a.path, **a.attrs, "recipe": recipe, "shape": a.shape, "chunks": a.x.chunks, "shards": a.x.shards,
                         "dtype": str(a.x.dtype), "done_shards": f"{a.done_mask().sum()}/{a.n_shards}",
                         "bytes_stored": a.nbytes_stored()})
     print(json.dumps(out, indent=1, default=str))

@@ -177,10 +177,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
     if existing and len(set(existing)) > 1:
         raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
     if existing:
-        plan.shard_rows = existing[0]
-        if plan.shard_rows % mb:  # shards must start on the micro-batch partition, or values would shift
-            raise DiffstoreError(f"--micro-batch {mb} does not divide the stored shard size ({plan.shard_rows} rows); "
-                                 f"pass a --micro-batch that divides {plan.shard_rows}, or use another --store")
+        plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
     elif plan.shard_rows % mb:
         raise DiffstoreError(f"--shard-rows must be a multiple of the micro-batch ({mb}), got {plan.shard_rows}")
     elif not plan.shard_rows:
