@@ -29,12 +29,12 @@ from rich.table import Table
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, forward_blocks, plan_extraction
-from diffstore.feed import Feed, Rows
-from diffstore.heads import HeadSpec
+from diffstore.probe.feed import Feed, Rows
+from diffstore.probe.heads import HeadSpec
 from diffstore.models import load_model
 from diffstore.preprocess import Preprocess
-from diffstore.probe import Job, ProbeRecipe, train_many
-from diffstore.probe_stage import key_source
+from diffstore.probe.train import Job, ProbeRecipe, train_many
+from diffstore.probe.stage import key_source
 from diffstore.progress import stderr
 from diffstore.store import Store
 from timing import best_of

@@ -80,6 +80,15 @@ class Split:
             raise DiffstoreError(f"the {self.name}/{self.split} data loaded here lacks samples the store holds; {hint or 'pass the --data-root the store was extracted from'}")
         return replace(self, ids=self.ids[rows], labels=self.labels[rows], load=lambda r: self.load(rows[np.asarray(r)]))
 
+    def head(self, limit: int) -> "Split":
+        """The first `limit` samples (--limit): the split keeps its name, the limit goes into the source and
+        so into the dataset fingerprint, and the ids differ, so a store never mixes it with the full split."""
+        if limit < 1:
+            raise DiffstoreError(f"--limit must be >= 1, got {limit}")
+        if limit >= len(self):
+            return self
+        return replace(self.take(self.ids[:limit]), source={**self.source, "limit": int(limit)})
+
     def fingerprint(self, preprocess: Preprocess) -> str:
         """Source + split + the exact sample order + preprocessing. The local root is left out: colleagues
         with the same files in other folders share one store."""
@@ -285,9 +294,11 @@ LOADERS = {
 }
 
 
-def load_split(name: str, split: str, root: str | None = None, skip_bad: bool = False) -> Split:
+def load_split(name: str, split: str, root: str | None = None, skip_bad: bool = False, limit: int | None = None) -> Split:
+    """A split, or (limit=N) its first N samples (Split.head)."""
     if name not in LOADERS:
         raise DiffstoreError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(LOADERS))}")
     if split not in ("train", "test"):
         raise DiffstoreError(f"unknown split {split!r}: use train or test")
-    return LOADERS[name](split, root, skip_bad)
+    data = LOADERS[name](split, root, skip_bad)
+    return data.head(limit) if limit is not None else data

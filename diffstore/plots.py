@@ -15,18 +15,23 @@ MAX_ANNOTATED = 16  # grids up to this many rows/columns print each cell's value
 
 
 def heatmap(matrix, row_labels: list, col_labels: list, title: str, path, cbar_label: str = "",
-            fmt: str = "{:.1f}") -> Path:
-    """Missing cells are NaN and left blank; the colour range is the finite values' range."""
+            fmt: str = "{:.1f}", vmin: float | None = None, vmax: float | None = None, xlabel: str = "",
+            ylabel: str = "") -> Path:
+    """Missing cells are NaN and left blank; the colour range is vmin..vmax, by default the finite values'
+    range. Long column labels are slanted so they stay readable."""
     m = np.asarray(matrix, dtype=float)
-    fig = Figure(figsize=(2.0 + 0.55 * max(len(col_labels), 6), 1.2 + 0.45 * max(len(row_labels), 3)))
+    slant = max((len(str(c)) for c in col_labels), default=0) > 4
+    fig = Figure(figsize=(2.0 + 0.55 * max(len(col_labels), 6), 1.2 + 0.45 * max(len(row_labels), 3) + 0.6 * slant))
     ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=40 if slant else 0,
+                  ha="right" if slant else "center", rotation_mode="anchor")
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar_label)
     if max(m.shape) <= MAX_ANNOTATED and np.isfinite(m).any():
-        mid = np.nanmean([np.nanmin(m), np.nanmax(m)])
+        mid = np.nanmean([np.nanmin(m) if vmin is None else vmin, np.nanmax(m) if vmax is None else vmax])
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
                 ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="black" if v > mid else "white")

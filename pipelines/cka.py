@@ -19,7 +19,7 @@ import sys
 from itertools import groupby
 from pathlib import Path
 
-from diffstore.cka_stage import cka_command
+from diffstore.cka.stage import cka_command
 from diffstore.errors import DiffstoreError
 from diffstore.store import Store
 

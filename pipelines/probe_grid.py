@@ -29,7 +29,7 @@ from rich.table import Table
 from diffstore.datasets import Split, load_split
 from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
-from diffstore.probe_stage import probe_command
+from diffstore.probe.stage import probe_command
 from diffstore.progress import stderr
 from diffstore.store import Store
 

@@ -8,7 +8,7 @@ import zarr
 from scipy.stats import ortho_group
 
 from diffstore.cka import CKAConfig, cka, cka_matrix
-from diffstore.cka_stage import cka_command, parse_keyset
+from diffstore.cka.stage import cka_command, parse_keyset
 from diffstore.datasets import Split
 from diffstore.errors import DiffstoreError
 from diffstore.key import FeatureKey, Recipe
@@ -178,7 +178,7 @@ def test_cka_command_block_matrix_end_to_end(tmp_path, capsys):
     assert m.shape == (3, 3) and np.allclose(np.diag(m), 1, atol=1e-9) and np.allclose(m, m.T)
     assert m[0, 1] > m[0, 2]  # noise grows with b: block 1 is closer to 2 than to 3
     assert [r["label"] for r in payload["rows"]] == ["b1 down1", "b2 down2", "b3 down3"]
-    assert payload["n"] == 300 and payload["method"] == "exact"
+    assert payload["n"] == 300 and payload["method"] == "unbiased"
     assert (tmp_path / "out" / f"{payload['name']}.json").exists()
     assert (tmp_path / "plot" / f"{payload['name']}.png").stat().st_size > 1000
     stored = Store.open(str(url), mode="r").results("cka")

@@ -172,9 +172,9 @@ def probe_store(model, tmp_path_factory):
 
 def test_probe_sweep_on_cluster_matches_in_process(cluster, probe_store):
     from diffstore.distributed import probe_distributed
-    from diffstore.heads import HeadSpec
-    from diffstore.probe import ProbeRecipe
-    from diffstore.probe_stage import key_source, run_probes, select_keys
+    from diffstore.probe.heads import HeadSpec
+    from diffstore.probe.train import ProbeRecipe
+    from diffstore.probe.stage import key_source, run_probes, select_keys
 
     sources = [key_source(probe_store, k) for k in select_keys(probe_store)]
     specs, recipe = [HeadSpec("linear"), HeadSpec("mlp", hidden=(32,))], ProbeRecipe(epochs=3, batch_size=16, seed=3)

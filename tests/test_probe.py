@@ -11,12 +11,12 @@ import torch
 from diffstore.datasets import Split, load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
-from diffstore.feed import Feed, Rows
-from diffstore.heads import HEADS, HeadSpec
+from diffstore.probe.feed import Feed, Rows
+from diffstore.probe.heads import HEADS, HeadSpec
 from diffstore.key import FeatureKey
 from diffstore.models import load_model
-from diffstore.probe import ProbeRecipe, train_probe
-from diffstore.probe_stage import probe_command
+from diffstore.probe.train import ProbeRecipe, train_probe
+from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 
 FAST = dict(epochs=3, lr=1e-2, show_progress=False)

@@ -75,6 +75,7 @@ class Plan:
     input_mode: str
     shard_rows: int
     arrays: dict = field(default_factory=dict)  # (t, block, pool) -> ShardedArray
+    created: list = field(default_factory=list)  # paths this plan created (removed again if it fails unstarted)
 
     def key(self, t: int, b: int, p: str) -> FeatureKey:
         return FeatureKey(self.split.name, self.split.split, self.model.name, self.input_mode, t, b, p)
@@ -150,6 +151,8 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         raise DiffstoreError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
     if noise_draws < 1:
         raise DiffstoreError(f"--noise-draws must be >= 1, got {noise_draws}")
+    if shard_rows is not None and shard_rows <= 0:
+        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch, got {shard_rows}")
     if model.encode is None and model.image_channels not in (1, 3):
         raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
                              "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")
@@ -172,10 +175,13 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         for b in bs:
             for p in ps:
                 store.check(plan.key(tt, b, p).path, recipe.fingerprint(plan.key(tt, b, p)), plan.attrs(tt, b, p))
-    existing = [store.open_array(plan.key(tt, b, p).path).shard_rows for tt in ts for b in bs for p in ps
-                if store._group(plan.key(tt, b, p).path) is not None]
-    if existing and len(set(existing)) > 1:
+    stored = {path: store.stored_shard_rows(path) for path in (plan.key(tt, b, p).path for tt in ts for b in bs for p in ps)}
+    existing = sorted({n for n in stored.values() if n is not None})
+    if len(existing) > 1:
         raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
+    if existing and shard_rows is not None and shard_rows != existing[0]:
+        raise DiffstoreError(f"--shard-rows {shard_rows}: the stored arrays of these keys have {existing[0]} rows per "
+                             f"shard. Drop --shard-rows (or pass {existing[0]}) to resume them; nothing was written")
     if existing:
         plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
     elif plan.shard_rows % mb:
@@ -183,13 +189,15 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
     elif not plan.shard_rows:
         row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
         plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
-    store.put_split(split)
+    plan.created = [path for path, n in stored.items() if n is None and store._group(path) is None]
+    record = store.put_split(split)
     for tt in ts:
         for b in bs:
             for p in ps:
                 key = plan.key(tt, b, p)
                 plan.arrays[(tt, b, p)] = store.create(key.path, recipe.fingerprint(key), plan.attrs(tt, b, p),
-                                                       plan.row_shape(b, p), len(split), plan.shard_rows, storage_dtype)
+                                                       plan.row_shape(b, p), len(split), plan.shard_rows, storage_dtype,
+                                                       split=record)
     return plan
 
 

@@ -17,9 +17,10 @@ from rich.text import Text
 from ..extract import pick_device
 from ..models import load_model
 from ..store import Store
-from .analyze import AnalyzeConfig, analyze
-from .distill import DistillConfig, FinetuneConfig, distill, finetune
-from .targets import TargetsConfig, build_targets, load_data
+from .analyze import analyze
+from .config import AnalyzeConfig, DistillConfig, FinetuneConfig, TargetsConfig
+from .distill import distill, finetune
+from .targets import build_targets, load_data
 
 
 def emit(result: dict, title: str, rows: list[tuple[str, object]], json_out: bool) -> dict:
@@ -74,8 +75,8 @@ def finetune_command(cfg: FinetuneConfig | None = None, json_out: bool = False, 
         ("gain", r["gain"]), ("seconds", r["seconds"])], json_out)
 
 
-def analyze_command(cfg: AnalyzeConfig | None = None, json_out: bool = False) -> dict:
-    r = analyze(cfg or AnalyzeConfig())
+def analyze_command(cfg: AnalyzeConfig | None = None, json_out: bool = False, show_progress: bool = True) -> dict:
+    r = analyze(cfg or AnalyzeConfig(), show_progress)
     return emit(r, f"RepFusion analysis: {r['targets']}", [
         ("effective rank by t", fmt_ts(r["t_grid"], r["effective_rank"], 1)),
         ("t-SNE at t", r["tsne_t"]), ("runs plotted", ", ".join(r["runs"]) or "-"), ("PNGs", "\n".join(r["pngs"]))],

@@ -35,42 +35,9 @@ from .losses import NEEDS_MAP, Distiller
 from .policy import TimePolicy, entropy_weight, fit_decoder, mean_distribution, reinforce_loss, reward
 from .students import build_student
 from .targets import View, load_data, open_targets, target_paths, view_images
+from .config import DistillConfig, FinetuneConfig
 
 KIND = "repfusion"  # results/repfusion/{name}
-
-
-@dataclass
-class DistillConfig:
-    store: str = "data/default.zarr"
-    targets: str | None = None  # a targets path; None = the store's only targets
-    student: str = "resnet18"
-    width: float = 0.25  # channel multiplier; 1.0 = the published student (CPU default: a quarter)
-    loss: str = "hint"
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 0.05
-    policy_lr: float = 1e-3
-    entropy: float = 0.1  # lambda at the start; decays linearly to 0
-    baseline: bool = True
-    decoder_steps: int = 500
-    seed: int = 0
-    device: str = "auto"
-    run: str | None = None  # name of the run; None = derived from the settings
-
-    def run_name(self, targets_fingerprint: str) -> str:
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("store", "targets", "device", "run")}
-        return self.run or f"{self.student}-{self.loss}-{fingerprint([settings, targets_fingerprint])[:8]}"
-
-
-@dataclass
-class FinetuneConfig:
-    store: str = "data/default.zarr"
-    run: str | None = None  # a distill run; None = the latest one
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 0.05
-    seed: int = 0
-    device: str = "auto"
 
 
 # --- data: the student's images, aligned row for row with the stored targets ---------------------------------

@@ -37,8 +37,7 @@ from ..models.base import DiffusionModel
 from ..preprocess import Preprocess
 from ..progress import progress
 from ..store import ShardedArray, Store
-
-DEFAULT_LAYER = "mid-conv"
+from .config import DEFAULT_LAYER, TargetsConfig
 
 
 def parse_t_grid(spec: str, num_timesteps: int) -> list[int]:
@@ -186,29 +185,6 @@ def open_targets(store: Store, path: str | None = None) -> ShardedArray:
         raise DiffstoreError(f"targets {path} are incomplete ({len(arr.missing())} shards missing): re-run "
                              "`diffstore repfusion targets` with the same options to finish them")
     return arr
-
-
-@dataclass
-class TargetsConfig:
-    store: str = "data/default.zarr"
-    dataset: str = "digits"
-    split: str = "train"
-    data_root: str | None = None
-    limit: int | None = None  # only the first `limit` samples of the split (CPU-sized runs on large datasets)
-    model: str = "default"
-    layer: str = DEFAULT_LAYER
-    t_grid: str = "0:1000:50"  # K = 20; the paper-like 0:50:1,50:1000:50 (K = 69) is 3.5x the work
-    views: str = "flip"
-    input: str = "clean"  # RepFusion's code feeds x_0 and passes t through the time embedding only
-    noise_seed: int = 0
-    noise_draws: int = 1
-    maps: bool = False  # also store the spatial maps (needed by --loss at)
-    view_seed: int = 0
-    batch_size: int = 128
-    shard_rows: int | None = None
-    compute_dtype: str = "float32"
-    dtype: str = "float16"
-    device: str = "auto"
 
 
 def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: TargetsConfig, show_progress: bool = True) -> dict:

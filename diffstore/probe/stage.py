@@ -1,10 +1,10 @@
-"""The `diffstore probe` stage: pick feature arrays in a store, train heads on them side by side (probe.py),
+"""The `diffstore probe` stage: pick feature arrays in a store, train heads on them side by side (train.py),
 show the results as a table (or JSON) and store them next to the features.
 
 Which keys: every train array matching the filters (--dataset/--model/--input/--t/--blocks/--pools), each paired
 with its test twin; --model M also keeps M's random-init twins (M.random-init-sN) as the baseline they are.
 --baseline pixels adds the same head on the preprocessed images; --fuse trains one head on several keys'
-features concatenated; --select K ranks the keys by the ridge proxy (probe.proxy_scores) and trains the top K.
+features concatenated; --select K ranks the keys by the ridge proxy (probe.select.rank_keys) and trains the top K.
 
 Results cache: a result is stored as results/probe/{name}, name = head + a fingerprint of (the arrays'
 fingerprints, the head, the recipe with its seed). Running the same recipe again shows the stored result,
@@ -16,22 +16,22 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from .datasets import load_split
-from .errors import DiffstoreError
+from ..datasets import load_split
+from ..errors import DiffstoreError
+from ..key import FeatureKey, fingerprint
+from ..key import select as match_selector
+from ..preprocess import Preprocess
+from ..progress import stderr
+from ..store import ShardedArray, Store
 from .feed import DEFAULT_BUDGET, Rows, fuse_rows
 from .heads import HeadSpec
-from .key import FeatureKey, fingerprint
-from .key import select as match_selector
-from .preprocess import Preprocess
-from .probe import Job, ProbeRecipe, proxy_scores, train_many
-from .progress import stderr
-from .store import ShardedArray, Store
+from .report import grid_tables, ranking_table, results_table, write_plots
+from .select import rank_keys
+from .train import Job, ProbeRecipe, train_many
 
 DEFAULT_STORE = "data/default.zarr"
 ROW_FIELDS = ("dataset", "model", "input", "t", "block", "pool")
@@ -198,114 +198,6 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
                           "recipe": recipe.to_dict(), "seed": recipe.seed, **m}
             writer.put_result("probe", name, results[i])
     return results
-
-
-def linear_top1(stored: list[dict], source: Source) -> float | None:
-    """Test top-1 of a stored linear probe on exactly this array (any recipe; the latest stored), if any."""
-    found = [r["top1"] for r in stored if r["kind"] == "store" and r["head"]["kind"] == "linear"
-             and r["fingerprints"] == source.fingerprints]
-    return found[-1] if found else None
-
-
-def rank_keys(store: Store, sources: list[Source], recipe: ProbeRecipe, device=None, budget=DEFAULT_BUDGET,
-              show_progress=True) -> tuple[list[dict], dict]:
-    """Proxy ranking per dataset (best first) and, where >= 3 keys have stored linear probes, Spearman's rho."""
-    from scipy.stats import spearmanr
-
-    ranking, rho, stored = [], {}, store.results("probe")
-    for dataset in dict.fromkeys(s.row["dataset"] for s in sources):
-        group = [s for s in sources if s.row["dataset"] == dataset]
-        split = store.split(dataset, "train")
-        scores = proxy_scores([s.train for s in group], split.labels, len(split.class_names), recipe, device, budget,
-                              show_progress)
-        rows = sorted(({**s.row, "proxy_val_top1": sc, "linear_top1": linear_top1(stored, s), "source": s}
-                       for s, sc in zip(group, scores)), key=lambda r: -r["proxy_val_top1"])
-        pairs = [(r["proxy_val_top1"], r["linear_top1"]) for r in rows if r["linear_top1"] is not None]
-        if len(pairs) >= 3:
-            rho[dataset] = {"spearman": float(spearmanr(*zip(*pairs)).statistic), "n_keys": len(pairs)}
-        ranking += [{**r, "rank": i + 1} for i, r in enumerate(rows)]
-    return ranking, rho
-
-
-# --- output: tables, grids, plots --------------------------------------------------------------------------
-
-
-def pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def results_table(results: list[dict], title: str = "probe results") -> Table:
-    top5 = any(r.get("top5") is not None for r in results)
-    table = Table(title=title)
-    for col in ("dataset", "model", "t", "block", "pool", "head", "params", "top-1", *(["top-5"] if top5 else []),
-                "val top-1", "train time"):
-        table.add_column(col, justify="right" if col in ("params", "top-1", "top-5", "val top-1", "train time") else "left")
-    for r in results:
-        when = "cached" if r.get("cached") else f"{r['train_time_s']:.1f}s"
-        table.add_row(r["dataset"], r["model"], str(r["t"]), str(r["block"]), str(r["pool"]), r["head_label"],
-                      f"{r['params']:,}", pct(r["top1"]), *([pct(r.get("top5"))] if top5 else []), pct(r["val_top1"]), when)
-    return table
-
-
-def ranking_table(ranking: list[dict], rho: dict) -> Table:
-    notes = "; ".join(f"{d}: Spearman rho {v['spearman']:.2f} vs linear probes over {v['n_keys']} keys"
-                      for d, v in rho.items())
-    table = Table(title="proxy ranking (ridge, validation top-1)",
-                  caption=notes or "no stored linear probes to compare with")
-    for col in ("rank", "dataset", "model", "t", "block", "pool", "proxy val top-1", "linear top-1"):
-        table.add_column(col)
-    for r in ranking:
-        table.add_row(str(r["rank"]), r["dataset"], r["model"], str(r["t"]), str(r["block"]), str(r["pool"]),
-                      pct(r["proxy_val_top1"]), pct(r["linear_top1"]))
-    return table
-
-
-def grids(results: list[dict]) -> dict[tuple, dict]:
-    """(dataset, model, input, pool, head) -> {(t, block): top-1} over single-key store results."""
-    out: dict = {}
-    for r in results:
-        if r["kind"] == "store":
-            cells = out.setdefault((r["dataset"], r["model"], r["input"], r["pool"], r["head_label"]), {})
-            cells[(r["t"], r["block"])] = r["top1"]
-    return out
-
-
-def grid_matrix(cells: dict) -> tuple[list, list, np.ndarray]:
-    ts, bs = sorted({t for t, _ in cells}), sorted({b for _, b in cells})
-    m = np.full((len(ts), len(bs)), np.nan)
-    for (t, b), v in cells.items():
-        m[ts.index(t), bs.index(b)] = 100 * v
-    return ts, bs, m
-
-
-def grid_tables(results: list[dict]) -> list[Table]:
-    tables = []
-    for (dataset, model, input_, pool, head), cells in grids(results).items():
-        ts, bs, m = grid_matrix(cells)
-        table = Table(title=f"{dataset} {model} ({input_}) p={pool} {head}: top-1 (%), t x block")
-        table.add_column("t")
-        for b in bs:
-            table.add_column(f"b{b}", justify="right")
-        for t, row in zip(ts, m):
-            table.add_row(str(t), *("-" if np.isnan(v) else f"{v:.1f}" for v in row))
-        tables.append(table)
-    return tables
-
-
-def write_plots(results: list[dict], out_dir: str) -> list[str]:
-    """Per (dataset, model, input, pool, head): a t x block heatmap and top-1 vs t curves per block (Fig. 2)."""
-    from .plots import curves, heatmap
-
-    paths = []
-    for (dataset, model, input_, pool, head), cells in grids(results).items():
-        ts, bs, m = grid_matrix(cells)
-        stem = Path(out_dir) / "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head))
-        title = f"{dataset} {model} ({input_}) p={pool}, {head} head"
-        paths.append(heatmap(m, ts, [f"b{b}" for b in bs], f"{title}: top-1 (%), t x block", f"{stem}_heatmap.png",
-                             "top-1 (%)"))
-        paths.append(curves(ts, {f"block {b}": m[:, j] for j, b in enumerate(bs)}, "t", "top-1 (%)", title,
-                            f"{stem}_vs_t.png"))
-    return [str(p) for p in paths]
 
 
 # --- the command ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Train classification heads on cached features: the paper's probes, never running the U-Net.
 
-Follow `diffstore probe`: probe_stage.probe_command -> key_source (a key's train/test arrays, checked complete)
+Follow `diffstore probe`: stage.probe_command -> key_source (a key's train/test arrays, checked complete)
 -> run_probes (stored results reused, the rest grouped per dataset) -> train_many here (one pass per epoch over
 the shared sample order feeds every head: DDAE's per-key linear heads) -> feed.Feed (rows from RAM or streamed
 chunk-wise from the store) -> heads.py.
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DiffstoreError
-from .extract import pick_device
+from ..errors import DiffstoreError
+from ..extract import pick_device
+from ..progress import progress
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
 from .heads import HeadSpec, build_head, n_params
-from .progress import progress
 
 
 @dataclass(frozen=True)
@@ -147,47 +147,3 @@ def train_probe(x_train, y_train, x_test, y_test, spec: HeadSpec = HeadSpec(), r
     """One head on plain arrays (numpy, or store ShardedArrays): the smallest entry point."""
     n_classes = n_classes or int(max(y_train.max(), y_test.max())) + 1
     return train_many([Job(Rows.of(x_train), Rows.of(x_test), spec)], y_train, y_test, n_classes, recipe, **kw)[0]
-
-
-
-# --- --select: a closed-form proxy that ranks keys without training -----------------------------------------
-
-PROXY_DIM = 1024  # the proxy fits on maps pooled down to at most this many values per row (at least 1x1)
-PROXY_FIT = 4000  # training rows it fits on (a seeded subsample of the train part)
-
-
-def ridge_top1(xf: torch.Tensor, yf: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor, n_classes: int,
-               lambdas=(1e-3, 1e-2, 1e-1, 1.0)) -> float:
-    """Validation top-1 of ridge regression onto centred one-hot labels, best over a few penalties (relative
-    to the mean eigenvalue, so one grid fits every feature scale). One eigendecomposition serves all of them."""
-    mean, std = xf.mean(0), xf.std(0).clamp_min(1e-6)
-    xf, xv = (xf - mean) / std, (xv - mean) / std
-    evals, vecs = torch.linalg.eigh(xf.T @ xf)
-    proj = vecs.T @ (xf.T @ (F.one_hot(yf, n_classes).double() - 1 / n_classes))
-    scores = [(xv @ (vecs @ (proj / (evals + lam * evals.mean().clamp_min(1e-12))[:, None]))).argmax(1) == yv
-              for lam in lambdas]
-    return max(float(s.double().mean()) for s in scores)
-
-
-def proxy_scores(sources: list[Rows], y_train: np.ndarray, n_classes: int, recipe: ProbeRecipe,
-                 device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[float]:
-    """The ridge proxy's validation top-1 for each source (train rows only: the val split is carved from train)."""
-    train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
-    if not len(val_pos):
-        raise DiffstoreError("--select ranks keys on the validation split: pass --val-frac > 0")
-    fit_pos = np.random.default_rng([recipe.seed, 11]).permutation(train_pos)[:PROXY_FIT]
-    positions = np.sort(np.concatenate([fit_pos, val_pos]))
-    is_val = torch.from_numpy(np.isin(positions, val_pos))
-    dev, out = pick_device(device), []
-    with progress("key", disable=not show_progress) as bar:
-        task = bar.add_task("proxy", total=len(sources))
-        for r in sources:
-            side = max([p for p in range(1, min(r.row_shape[1:]) + 1) if r.row_shape[0] * p * p <= PROXY_DIM] or [1])
-            xs, ys = [], []
-            for (x,), y in Feed([r], y_train, positions, 1024, dev, budget).batches():
-                xs.append(F.adaptive_avg_pool2d(x, side).flatten(1).double().cpu())
-                ys.append(y.cpu())
-            x, y = torch.cat(xs), torch.cat(ys)
-            out.append(ridge_top1(x[~is_val], y[~is_val], x[is_val], y[is_val], n_classes))
-            bar.advance(task)
-    return out

@@ -1,0 +1,9 @@
+"""The probe stage: classification heads trained on stored features (the U-Net is never run).
+
+    heads.py   the paper's four heads (linear, mlp, cnn, attention)
+    feed.py    rows from RAM or streamed from the store, batched for side-by-side heads
+    train.py   iterative training of heads
+    select.py  the --select ridge proxy ranking keys without training
+    report.py  tables, grids and plots
+    stage.py   the `diffstore probe` command: which keys, the results cache
+"""

@@ -1,0 +1,7 @@
+"""The feature store: Zarr v3 groups of sharded arrays, splits and results (layout in store.py)."""
+
+from .arrays import ShardedArray
+from .backend import zarr_store
+from .store import FORMAT, SplitRecord, Store, fingerprint_diff, provenance
+
+__all__ = ["FORMAT", "ShardedArray", "SplitRecord", "Store", "fingerprint_diff", "provenance", "zarr_store"]

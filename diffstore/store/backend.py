@@ -1,0 +1,68 @@
+"""Where a store lives: a local path or an fsspec URL, and what to tell the user when it cannot be reached."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import zarr
+
+from ..errors import DiffstoreError
+
+FS_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
+    """A zarr Store for a local path or an fsspec URL; a missing filesystem library is named."""
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url.removeprefix("file://")).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DiffstoreError(f"{url} is a file, not a diffstore store: pass a directory path (e.g. data/f.zarr)")
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    protocol = url.split("://")[0]
+    try:
+        return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
+    except (ImportError, ValueError) as e:
+        pkg = FS_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
+        raise DiffstoreError(f"cannot open {url}: {e}. Install {pkg} (pip install {pkg}) to use {protocol}:// stores") from None
+
+
+def chain(e: BaseException) -> list[BaseException]:
+    out = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def describe_failure(url: str, e: BaseException, file: str = "") -> str:
+    """A message naming why `url` (or its `file`) could not be read or written, and what to do."""
+    names = {type(x).__name__ for x in chain(e)}
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return (f"no credentials to reach {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "and AWS_ENDPOINT_URL for a non-AWS server")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
+                "ServerDisconnectedError", "ReadTimeoutError"}:
+        return f"cannot reach the server of {url} ({e}); check the endpoint (AWS_ENDPOINT_URL) and the network, then re-run"
+    if names & {"ClientError", "PermissionError"} and ("AccessDenied" in str(e) or "Forbidden" in str(e)
+                                                       or isinstance(e, PermissionError)):
+        return f"access to {url} was denied ({e}); use credentials that may read (and write) it"
+    if "NoSuchBucket" in str(e):
+        return f"the bucket of {url} does not exist; create it, or pass another --store"
+    os_error = next((x for x in chain(e) if isinstance(x, OSError) and x.errno), None)
+    if os_error is not None:
+        return os_message(url, os_error)
+    where = f"{url.rstrip('/')}/{file}" if file else url
+    return f"{where} is not a readable diffstore store ({type(e).__name__}: {e}); pass another --store path"
+
+
+def os_message(url: str, e: OSError) -> str:
+    """Disk full, read-only file system, no permission: name the file and the fix."""
+    what = e.filename or url
+    fixes = {errno.ENOSPC: "the disk is full: free space (or pass a --store on another disk) and re-run; "
+                           "finished shards are kept",
+             errno.EDQUOT: "the disk quota is exceeded: free space and re-run; finished shards are kept",
+             errno.EROFS: "the file system is read-only: pass a writable --store path (reading commands still work)",
+             errno.EACCES: "permission denied: pass a --store path you may write, or fix its permissions",
+             errno.EPERM: "operation not permitted: pass a --store path you may write"}
+    return f"cannot write {what}: {fixes.get(e.errno, e.strerror)}"

@@ -1,0 +1,347 @@
+"""The feature store: a Zarr v3 group on a local path or any fsspec URL (s3://bucket/team.zarr).
+
+Layout (readable without diffstore: `xr.open_datatree(url, engine="zarr")`, `zarr.open_array(url, path=".../x")`):
+
+    zarr.json                                  attrs {"diffstore": {"format": 2}}
+    datasets/{dataset}/{split}/ids, labels     int64 [sample]; attrs: class_names, ids_sha256, source
+    features/{dataset}/{split}/{model}/{input}/t{t}/b{block}/p{pool}/
+        zarr.json                              attrs: key, recipe, fingerprint, layout, block, preprocess, provenance
+        x                                      [sample, channel, height, width] (p x p, or H x W for p=full),
+                                               float16 by default, chunked along rows, sharded, zstd + crc32c
+        done                                   uint8 [shard], one chunk per shard: 1 = shard durable
+        sample, label                          int64 [sample]: the split's ids and labels (xarray coordinates)
+    targets/...                                RepFusion teacher targets, same ShardedArray layout
+    results/{kind}/{name}                      attrs: JSON results (probe accuracies, CKA matrices, policies)
+
+Format 1 (still read): no `layout` attribute, no sample/label arrays, dims d0..d2, ids/labels without dims.
+
+Writes are shard-aligned: a writer owns whole shards, writes a shard's rows in one call (one object per shard,
+replaced atomically) and only then sets its `done` element, which lives in its own chunk so concurrent writers
+never touch the same object (zarr#3514, #3682). Resume skips done shards and never rewrites them.
+
+Every creation step is idempotent and safe to race: the root group is made on the first write (a refused
+command leaves nothing), a node someone else created is "already there" when its fingerprint matches, and a
+group without its arrays (a killed run) is completed. Sharing on S3: see README "Sharing a store".
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import platform
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from ..errors import DiffstoreError
+from ..key import FeatureKey
+from .arrays import ShardedArray
+from .backend import describe_failure, zarr_store
+
+FORMAT = 2
+READS = (1, 2)  # store formats this version reads
+CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
+ROW_DIMS = {3: ("channel", "height", "width")}  # named dims of a row, by rank (others: d0, d1, ...)
+
+
+def provenance() -> dict:
+    versions = {}
+    for pkg in ("diffstore", "torch", "diffusers", "zarr", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "packages": versions}
+
+
+@dataclass
+class SplitRecord:
+    dataset: str
+    split: str
+    ids: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    ids_sha256: str
+
+
+def fingerprint_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two attrs dicts (which setting changed)."""
+    out = []
+    for k in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: stored {a!r}, requested {b!r}")
+    return out
+
+
+def ids_sha256(ids: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+class Store:
+    def __init__(self, url: str, zs, root: zarr.Group | None):
+        self.url = url
+        self.zs = zs
+        self._root = root  # None until the first write creates it (mode "a" on a new path)
+
+    @classmethod
+    def open(cls, url: str, mode: str = "a", storage_options: dict | None = None) -> "Store":
+        """mode "r": the store must exist. mode "a": created on the first write, so a command refused before
+        writing leaves no store behind. Never opens a non-diffstore path."""
+        zs = zarr_store(url, read_only=(mode == "r"), storage_options=storage_options)
+        root = cls._open_root(url, zs, mode)
+        if root is None and mode == "r":
+            raise DiffstoreError(f"no diffstore store at {url}: run `diffstore extract --store {url}` first")
+        if root is None and "://" not in url:
+            local = Path(url)
+            if local.is_dir() and any(local.iterdir()):
+                raise DiffstoreError(f"{url} is a non-empty directory without a store in it; refusing to write there. "
+                                     "Pass a new or empty path (e.g. data/f.zarr)")
+        return cls(url, zs, root)
+
+    @staticmethod
+    def _open_root(url: str, zs, mode: str) -> zarr.Group | None:
+        try:
+            root = zarr.open_group(zs, mode="r" if mode == "r" else "r+")
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # no credentials, unreachable endpoint, a zarr *array*, a broken zarr.json
+            raise DiffstoreError(describe_failure(url, e, "zarr.json")) from None
+        info = root.attrs.get("diffstore")
+        if not isinstance(info, dict):
+            raise DiffstoreError(f"{url} is a Zarr group but not a diffstore store (no 'diffstore' attribute); "
+                                 "refusing to touch it. Pass another --store path")
+        if info.get("format", 0) not in READS:
+            raise DiffstoreError(f"{url} has store format {info.get('format')}; this diffstore reads formats "
+                                 f"{READS}: upgrade diffstore to read it")
+        return root
+
+    @property
+    def root(self) -> zarr.Group:
+        """The root group, created on first use (by a write); a concurrent creator wins harmlessly."""
+        if self._root is None:
+            try:
+                self._root = zarr.open_group(self.zs, mode="w-", attributes={"diffstore": {"format": FORMAT}})
+            except (ContainsGroupError, ContainsArrayError, FileExistsError):
+                self._root = self._open_root(self.url, self.zs, "a")
+        return self._root
+
+    @property
+    def format(self) -> int:
+        return FORMAT if self._root is None else int(self._root.attrs["diffstore"].get("format", 1))
+
+    # --- nodes: a missing node is None, a broken zarr.json is named -----------------------------
+    def _exists(self, key: str) -> bool:
+        return bool(sync(self.zs.exists(key)))
+
+    def _node(self, path: str):
+        if self._root is None:
+            return None
+        try:
+            return self._root[path]
+        except KeyError:
+            if not self._exists(f"{path}/zarr.json"):
+                return None
+            problem = "unreadable"
+        except Exception as e:
+            problem = f"unreadable: {type(e).__name__}: {e}"
+        raise DiffstoreError(f"{self.url.rstrip('/')}/{path}/zarr.json is {problem}. Fix it with "
+                             f"`diffstore repair --store {self.url} {path}`, or remove the node with "
+                             f"`diffstore rm --store {self.url} {path}` and re-run the command that wrote it")
+
+    def _group(self, path: str) -> zarr.Group | None:
+        node = self._node(path)
+        return node if isinstance(node, zarr.Group) else None
+
+    def _children(self, prefix: str) -> list[str]:
+        async def listing():
+            return [k async for k in self.zs.list_dir(prefix)]
+
+        return sorted(k.rstrip("/") for k in sync(listing())) if self._root is not None else []
+
+    def child_groups(self, prefix: str) -> list[str]:
+        """Names of the nodes under `prefix` (not its zarr.json, nor a killed write's *.partial file)."""
+        return [c for c in self._children(prefix) if c != "zarr.json" and not c.endswith(".partial")]
+
+    def array_paths(self, under: str = "") -> list[str]:
+        """Paths of every sharded array (group with x and done, or a feature group a killed run left without
+        them), found by listing keys, so one broken zarr.json does not hide the others."""
+        out, todo = [], [under.strip("/")] if under else ["features", "targets"]
+        while todo:
+            path = todo.pop()
+            children = set(self.child_groups(path))
+            if {"x", "done"} & children or (path.startswith("features/") and path.count("/") == 7):
+                out.append(path)
+                continue
+            todo += [f"{path}/{c}" for c in children]
+        return sorted(out)
+
+    # --- sharded arrays -------------------------------------------------------------------------
+    def open_array(self, path: str) -> ShardedArray:
+        g = self._group(path)
+        if g is None:
+            raise DiffstoreError(f"no array at {path} in {self.url}")
+        for name in ("x", "done"):
+            self._node(f"{path}/{name}")  # names a broken zarr.json
+            if name not in g:
+                raise DiffstoreError(f"{self.url.rstrip('/')}/{path} has no {name} array (a run was stopped while "
+                                     f"creating it): re-run the command that wrote it, or `diffstore repair --store "
+                                     f"{self.url} {path}`")
+        return ShardedArray(g, self.url)
+
+    def check(self, path: str, fingerprint: str, attrs: dict) -> None:
+        """Refuse (before anything is written) when `path` holds another fingerprint, naming what differs."""
+        g = self._group(path)
+        if g is not None and g.attrs.get("fingerprint") != fingerprint:
+            diff = fingerprint_diff(dict(g.attrs).get("recipe", {}), attrs.get("recipe", {})) or ["(fingerprint only)"]
+            raise DiffstoreError(
+                f"{path} in {self.url} already holds features with another fingerprint; refusing to mix them.\n  "
+                + "\n  ".join(diff)
+                + "\nNothing was written. Use another --store, or --model-name to store other weights under another name.")
+
+    def stored_shard_rows(self, path: str) -> int | None:
+        """Shard size of the array at `path` as recorded (layout attr or its x), None when there is no array."""
+        g = self._group(path)
+        if g is None:
+            return None
+        if "layout" in g.attrs:
+            return int(g.attrs["layout"]["shard_rows"])
+        return self.open_array(path).shard_rows if "x" in g else None
+
+    def create(self, path: str, fingerprint: str, attrs: dict, row_shape: tuple, n_rows: int, shard_rows: int,
+               dtype: str = "float16", split: SplitRecord | None = None) -> ShardedArray:
+        """Pre-sized array at `path`, created step by step so that any step can be re-run or raced: the same
+        fingerprint reopens (and completes) what is there; a different one is refused, naming the settings that
+        differ, before anything is written. `split` adds its ids and labels as xarray coordinates."""
+        if not (isinstance(shard_rows, int) and shard_rows > 0 and n_rows > 0):
+            raise DiffstoreError(f"{path}: shard rows and rows must be positive, got {shard_rows} and {n_rows}")
+        layout = {"n_rows": int(n_rows), "row_shape": [int(s) for s in row_shape], "shard_rows": int(shard_rows),
+                  "dtype": str(np.dtype(dtype))}
+        self.check(path, fingerprint, attrs)
+        g = self._group(path)
+        if g is None:
+            try:
+                g = self.root.create_group(path, attributes={**attrs, "fingerprint": fingerprint, "layout": layout,
+                                                             "provenance": provenance()})
+            except (ContainsGroupError, ContainsArrayError):  # another writer was first
+                self.check(path, fingerprint, attrs)
+                g = self._group(path)
+        stored = g.attrs.get("layout")
+        if stored is not None and stored != layout:
+            raise DiffstoreError(f"{path} in {self.url} is laid out as {stored}, not {layout}; nothing was written. "
+                                 f"Keep --shard-rows {stored['shard_rows']} for this key, or use another --store")
+        row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
+        chunk_rows = max(1, min(shard_rows, CHUNK_BYTES // max(row_bytes, 1)))
+        while shard_rows % chunk_rows:
+            chunk_rows -= 1
+        dims = ROW_DIMS.get(len(row_shape), tuple(f"d{i}" for i in range(len(row_shape))))
+        coords = stored is not None and split is not None  # format 2: labelled for xarray
+        self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
+                           shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                           fill_value=np.nan, dimension_names=("sample", *dims),
+                           attributes={"coordinates": "done label" if coords else "done"})
+        self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
+                           compressors=None, dimension_names=("shard",))
+        if coords:
+            self._put_values(g, "sample", split.ids)
+            self._put_values(g, "label", split.labels, {"class_names": list(split.class_names)})
+        return self.open_array(path)
+
+    def _create_array(self, g: zarr.Group, name: str, **kw) -> None:
+        if name in g:
+            return
+        try:
+            g.create_array(name, **kw)
+        except (ContainsArrayError, ContainsGroupError):
+            pass  # another writer created it; its metadata is the same function of the same attrs
+
+    def _put_values(self, g: zarr.Group, name: str, values, attributes: dict | None = None) -> None:
+        """A small int64 [sample] array, written whole (deterministic bytes: re-writing after a kill is safe)."""
+        values = np.asarray(values, dtype=np.int64)
+        self._create_array(g, name, shape=values.shape, dtype="int64", chunks=(max(1, min(len(values), 1 << 16)),),
+                           dimension_names=("sample",), attributes=attributes or {})
+        arr = g[name]
+        if not np.array_equal(arr[:], values):
+            arr[:] = values
+
+    def arrays(self) -> list[ShardedArray]:
+        """Every sharded array (features and targets), in path order."""
+        return [self.open_array(p) for p in self.array_paths()]
+
+    def remove(self, path: str) -> None:
+        """Delete the node at `path` and everything under it."""
+        sync(self.zs.delete_dir(path))
+
+    # --- feature arrays ---------------------------------------------------------------------------
+    def feature_keys(self) -> list[FeatureKey]:
+        keys = [FeatureKey.from_path(p) for p in self.array_paths("features") if p.count("/") == 7]
+        return sorted(keys, key=lambda k: (k.dataset, k.split, k.model, k.input, k.t, k.block, k.pool))
+
+    def features(self, key: FeatureKey) -> ShardedArray:
+        if self._group(key.path) is None:
+            known = [k.path for k in self.feature_keys()]
+            close = difflib.get_close_matches(key.path, known, n=3, cutoff=0.5)
+            hint = ("closest: " + ", ".join(close)) if close else f"the store holds {len(known)} arrays (`diffstore ls`)"
+            raise DiffstoreError(f"{key.path} is not in {self.url}; {hint}")
+        return self.open_array(key.path)
+
+    # --- dataset splits (ids and labels stored once per split) -----------------------------------
+    def check_split(self, split) -> None:
+        g = self._group(f"datasets/{split.name}/{split.split}")
+        if g is not None and g.attrs["ids_sha256"] != split.ids_sha256():
+            raise DiffstoreError(f"{self.url} holds {split.name}/{split.split} with other sample ids "
+                                 f"({g.attrs['n']} samples, you have {len(split)}); refusing to mix them. Use another --store")
+
+    def put_split(self, split) -> SplitRecord:
+        """Store ids and labels once per split; a split a killed run left without them is completed."""
+        path = f"datasets/{split.name}/{split.split}"
+        self.check_split(split)
+        g = self._group(path)
+        if g is None:
+            attrs = {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
+                     "source": split.source, "skipped": split.skipped}
+            try:
+                g = self.root.create_group(path, attributes=attrs)
+            except (ContainsGroupError, ContainsArrayError):
+                self.check_split(split)
+                g = self._group(path)
+        self._put_values(g, "ids", split.ids)
+        self._put_values(g, "labels", split.labels)
+        return self.split(split.name, split.split)
+
+    def split(self, dataset: str, split: str) -> SplitRecord:
+        path = f"datasets/{dataset}/{split}"
+        g = self._group(path)
+        if g is None or "ids" not in g or "labels" not in g:
+            raise DiffstoreError(f"{self.url} has no {dataset}/{split} split: run `diffstore extract --dataset {dataset} --split {split}`")
+        ids = self._node(f"{path}/ids")[:]
+        if ids_sha256(ids) != g.attrs["ids_sha256"]:
+            raise DiffstoreError(f"{self.url.rstrip('/')}/{path}/ids do not match their recorded sha256: re-run "
+                                 f"`diffstore extract --dataset {dataset} --split {split}` to rewrite them")
+        return SplitRecord(dataset, split, ids, self._node(f"{path}/labels")[:], list(g.attrs["class_names"]),
+                           g.attrs["ids_sha256"])
+
+    # --- results written next to the features ----------------------------------------------------
+    def put_result(self, kind: str, name: str, payload: dict) -> None:
+        path = f"results/{kind}/{name}"
+        if self._group(path) is not None:
+            del self.root[path]
+        self.root.create_group(path, attributes={"payload": payload, "provenance": provenance()})
+
+    def result_paths(self, kind: str | None = None) -> list[str]:
+        kinds = [kind] if kind else self.child_groups("results")
+        return [f"results/{k}/{name}" for k in kinds for name in self.child_groups(f"results/{k}")]
+
+    def results(self, kind: str) -> list[dict]:
+        return [dict(self._group(p).attrs)["payload"] for p in self.result_paths(kind)]
