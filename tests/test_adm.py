@@ -5,6 +5,7 @@ shared/specs/adm. The big configs are only ever built on the meta device."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,12 +44,14 @@ def forward_with_blocks(model, x, t, labels):
     return out, outs
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", TINY)
-def test_tiny_model_matches_reference_output_and_every_block(name):
+def test_tiny_model_matches_reference_output_and_every_block(name, attention):
     torch.set_num_threads(1)
     io = load_file(SPECS / "tiny" / f"{name}_io.safetensors")
     spec = json.loads((SPECS / "tiny" / f"{name}.json").read_text())
     model = tiny(name)
+    model.set_attention(attention)  # the reference's einsum, or F.scaled_dot_product_attention
     out, blocks = forward_with_blocks(model, io["x"], io["t"], io.get("y"))
 
     def rel_err(ours, ref):
@@ -180,3 +183,25 @@ def test_wrapped_checkpoint_is_refused_with_advice(tmp_path):
     torch.save({"model": load_file(SPECS / "tiny" / "tiny-uncond.safetensors"), "step": 3}, tmp_path / "wrapped.pt")
     with pytest.raises(DiffstoreError, match="plain state_dict"):
         load_adm(str(tmp_path / "wrapped.pt"), str(SPECS / "tiny" / "tiny-uncond.json"))
+
+
+def test_extraction_uses_sdpa_by_default_and_eager_is_another_recipe(tmp_path):
+    from diffstore.datasets import load_split
+    from diffstore.extract import extract_features, forward_blocks, plan_extraction
+    from diffstore.store import Store
+
+    model = tiny("tiny-uncond")
+    split = load_split("digits", "test")
+    split = split.take(split.ids[:20])
+    store = Store.open(str(tmp_path / "s.zarr"))
+    plan = plan_extraction(store, model, split, "50", "mid", "1")
+    assert plan.recipe.attention == "sdpa"
+    model.set_attention("eager")  # the pipeline must put the recipe's attention on the network itself
+    extract_features(plan, show_progress=False, workers=0)
+    x0 = plan.preprocess(split.load(range(len(split))))
+    model.set_attention("sdpa")
+    direct = forward_blocks(model, x0, 50, split.ids, None, 0, 1, "noised", [model.blocks.mid], ["1"])
+    stored = plan.arrays[(50, model.blocks.mid, "1")].read()
+    assert np.array_equal(stored, direct[(model.blocks.mid, "1")].numpy().astype(np.float16))
+    with pytest.raises(DiffstoreError, match="attention: stored 'sdpa', requested 'eager'"):
+        plan_extraction(store, model, split, "50", "mid", "1", attention="eager")

@@ -151,8 +151,6 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         raise DiffstoreError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
     if noise_draws < 1:
         raise DiffstoreError(f"--noise-draws must be >= 1, got {noise_draws}")
-    if shard_rows is not None and shard_rows <= 0:
-        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch, got {shard_rows}")
     if model.encode is None and model.image_channels not in (1, 3):
         raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
                              "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")
@@ -168,6 +166,8 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
     forward = forward_options(store, paths, model, compute_dtype, micro_batch, attention, compile)
     recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
     mb = recipe.micro_batch
+    if shard_rows is not None and (shard_rows <= 0 or shard_rows % mb):  # shards start on the micro-batch partition
+        raise DiffstoreError(f"--shard-rows must be a positive multiple of {mb} (the micro-batch), got {shard_rows}")
     plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
     # Refuse before writing anything: sample ids, then every key's fingerprint.
     store.check_split(split)
@@ -184,8 +184,6 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
                              f"shard. Drop --shard-rows (or pass {existing[0]}) to resume them; nothing was written")
     if existing:
         plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
-    elif plan.shard_rows % mb:
-        raise DiffstoreError(f"--shard-rows must be a multiple of the micro-batch ({mb}), got {plan.shard_rows}")
     elif not plan.shard_rows:
         row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
         plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
