@@ -205,3 +205,15 @@ def test_extraction_uses_sdpa_by_default_and_eager_is_another_recipe(tmp_path):
     assert np.array_equal(stored, direct[(model.blocks.mid, "1")].numpy().astype(np.float16))
     with pytest.raises(DiffstoreError, match="attention: stored 'sdpa', requested 'eager'"):
         plan_extraction(store, model, split, "50", "mid", "1", attention="eager")
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_sdpa_attention_equals_the_reference_einsum_in_both_qkv_layouts(new_order):
+    from diffstore.models.adm_net import qkv_attention
+
+    qkv = torch.randn(3, 3 * 4 * 8, 37, generator=torch.Generator().manual_seed(0))  # B=3, 4 heads of 8, T=37
+    reference = qkv_attention(qkv, 4, new_order)
+    fused = qkv_attention(qkv, 4, new_order, sdpa=True)
+    assert fused.shape == reference.shape == (3, 32, 37)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(qkv_attention(qkv, 4, not new_order, sdpa=True), reference, atol=1e-3)  # layout matters
