@@ -7,6 +7,9 @@ pipeline, which has no loader workers) for a before/after ratio.
 
     python bench/bench_pipeline.py [--baseline /work/main] [--repeats 2] [--n32 8192] [--njpg 4096] [--n256 512]
 
+Then a no-op re-run of a finished 120-array extraction: model load, planning (the store's per-array metadata) and
+the done check (one concurrent listing of done flags here; one read per array and shard before).
+
 Each case runs in its own process (so the baseline imports its own diffstore) on a fresh store; the time is
 extract_features alone (model load, data listing and planning excluded), the best of --repeats.
 """
@@ -119,6 +122,33 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def run_noop(args) -> None:
+    """In a child process: a finished extraction of the shipped model (120 arrays), planned and run again; prints
+    JSON with the seconds of model load, planning (per-array metadata) and the done check + run."""
+    from diffstore.datasets import load_split
+    from diffstore.extract import extract_features, plan_extraction
+    from diffstore.models import load_model
+    from diffstore.store import Store
+
+    t0 = time.perf_counter()
+    model, split = load_model("default"), load_split("digits", "test")
+    t1 = time.perf_counter()
+    plan = plan_extraction(Store.open(args.root), model, split, "10,50,150,300", "all", "1,2")
+    t2 = time.perf_counter()
+    summary = extract_features(plan, show_progress=False)
+    t3 = time.perf_counter()
+    print(json.dumps({"load": t1 - t0, "plan": t2 - t1, "run": t3 - t2, "tasks": summary["tasks_run"], "arrays": len(plan.arrays)}))
+
+
+def noop(tmp: Path, tree: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, "--noop", "--root", str(tmp / f"noop-{tree.name}.zarr")], env=env,
+                         capture_output=True, text=True, cwd=tmp)
+    if out.returncode:
+        raise SystemExit(f"no-op re-run ({tree}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def child(tmp: Path, tree: Path, case: tuple, workers: int, repeats: int, batch_size: int) -> dict:
     dataset, root, n, factory = case
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
@@ -140,6 +170,7 @@ def main() -> None:
     p.add_argument("--njpg", type=int, default=4096)
     p.add_argument("--n256", type=int, default=512)
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
     for name in ("tmp", "dataset", "root", "factory"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -147,6 +178,8 @@ def main() -> None:
     if args.case:
         args.workers = int(args.workers)
         return run_case(args)
+    if args.noop:
+        return run_noop(args)
     workers = [int(w) for w in args.workers.split(",")]
     print(f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}; t=10, blocks 1,2 (identity), "
           f"pools 1,2, batch {args.batch_size}, best of {args.repeats}", file=sys.stderr)
@@ -164,6 +197,14 @@ def main() -> None:
             if args.baseline:
                 line += f"{max(r['img_s'] for r in runs[:-1]) / runs[-1]['img_s']:>12.1f}x"
             print(line, flush=True)
+        trees = [ROOT] + ([Path(args.baseline)] if args.baseline else [])
+        print(f"\nno-op re-run of a finished extraction (shipped model, digits test, 4 t x 15 blocks x 2 pools = 120 arrays, s):")
+        print(f"{'code':<22}{'model load':>12}{'plan':>8}{'done check':>12}")
+        for tree in trees:
+            noop(tmp, tree)  # the first run extracts
+            r = noop(tmp, tree)
+            assert r["tasks"] == 0
+            print(f"{'this checkout' if tree == ROOT else str(tree):<22}{r['load']:>12.2f}{r['plan']:>8.2f}{r['run']:>12.2f}")
         print(f"load average after: {os.getloadavg()[0]:.1f} (wall rates shrink on a busy machine; CPU us/img is what "
               "one image costs summed over every process)", file=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import posixpath
 from contextlib import nullcontext
@@ -200,20 +201,24 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
 
 
 def done_masks(arrays: dict) -> dict:
-    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one listing of the store under their
-    common prefix, not one read per (array, shard): a done flag's chunk is stored only once it is set (the
-    fill value 0 is never written), so a re-run of a finished extraction costs one round trip, not thousands."""
+    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one concurrent listing of their done
+    flags' directories, not one read per (array, shard): a done flag's chunk is stored only once it is set
+    (its fill value 0 is never written), so a re-run of a finished extraction costs one round of listings."""
     if not arrays:
         return {}
     some = next(iter(arrays.values()))
-    prefix = posixpath.commonpath([a.path for a in arrays.values()])
-
-    async def listing():
-        return {k async for k in some.group.store.list_prefix(prefix)}
-
-    present = sync(listing())
     chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
-    return {k: np.array([f"{a.path}/done/{chunk_key((i,))}" in present for i in range(a.n_shards)]) for k, a in arrays.items()}
+    folder = posixpath.dirname(chunk_key((0,)))  # "c"
+
+    async def listing(a):
+        return {k async for k in a.group.store.list_dir(f"{a.path}/done/{folder}")}
+
+    async def every():
+        return await asyncio.gather(*(listing(a) for a in arrays.values()))
+
+    present = dict(zip(arrays, sync(every())))
+    return {k: np.array([posixpath.basename(chunk_key((i,))) in present[k] for i in range(a.n_shards)])
+            for k, a in arrays.items()}
 
 
 def pending(plan: Plan) -> list[tuple[int, int]]:
