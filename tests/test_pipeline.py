@@ -179,3 +179,17 @@ def test_attention_option_exists_only_where_the_model_can_switch(tmp_path, model
     with pytest.raises(DiffstoreError, match="--micro-batch must be >= 1"):
         plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, digits, **ARGS, micro_batch=0)
     assert not (tmp_path / "s.zarr" / "features").exists()
+
+
+def test_compiled_layers_keep_hooks_and_values(tiny_unet_dir, digits):
+    """Graph capture around the hooks, with dynamo's eager backend (inductor's C++ build takes minutes on a CPU): the
+    hooked blocks still fire (StopForward included) and the values are the uncompiled ones bit for bit."""
+    from diffstore.extract.forward import compile_blocks
+
+    compiled = load_model(str(tiny_unet_dir))
+    compile_blocks(compiled, backend="eager")
+    x0 = Preprocess(compiled.image_size, 1)(digits.load(np.arange(20)))
+    blocks = compiled.blocks.resolve("2,mid")
+    a = forward_blocks(compiled, x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks, ["1", "full"])
+    b = forward_blocks(load_model(str(tiny_unet_dir)), x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks, ["1", "full"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -57,7 +57,7 @@ def prepare_model(model: DiffusionModel, recipe: Recipe) -> None:
         model.module._diffstore_compiled = True
 
 
-def compile_blocks(model: DiffusionModel) -> None:
+def compile_blocks(model: DiffusionModel, backend: str = "inductor") -> None:
     """torch.compile the largest submodules of every block that hold no hooked block: the hooks (and the
     StopForward they raise) stay in eager Python, the layers between them run as compiled graphs."""
     hooked = {b.module for b in model.blocks}
@@ -68,7 +68,7 @@ def compile_blocks(model: DiffusionModel) -> None:
             if p in hooked or any(h.startswith(p + ".") for h in hooked) or isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                 visit(p, child)
             else:
-                child.compile(dynamic=False)
+                child.compile(dynamic=False, backend=backend)
 
     for b in model.blocks:
         visit(b.module, model.module.get_submodule(b.module))
