@@ -63,7 +63,7 @@ def factory256(random_init=None):
 
 
 def make_data(tmp: Path, n32: int, njpg: int, n256: int) -> dict:
-    """The three datasets, written once: {case: (dataset, root, n, plugin factory)}."""
+    """The three datasets, written once: {id: (label, (dataset, root, n, plugin factory))}."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -74,8 +74,10 @@ def make_data(tmp: Path, n32: int, njpg: int, n256: int) -> dict:
     records.tofile(bin_dir / "test_batch.bin")
     with tarfile.open(CIFAR_JPG) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith("./test/") and m.name.endswith(".jpg")]
-        step = max(1, len(members) // njpg)  # every class present (the tar is grouped by class)
-        tar.extractall(tmp / "cifar-jpg", members=members[::step][:njpg], filter="data")
+        per_class: dict = {}
+        for m in members:  # the first njpg / 10 of every class (the tar is grouped by class)
+            per_class.setdefault(m.name.split("/")[2], []).append(m)
+        tar.extractall(tmp / "cifar-jpg", members=[m for ms in per_class.values() for m in ms[:njpg // 10]], filter="data")
     for i in range(n256):  # smooth random images (noise alone would decode unlike photographs), q=90
         low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         img = Image.fromarray(low).resize((256, 256), Image.BICUBIC)
@@ -84,9 +86,9 @@ def make_data(tmp: Path, n32: int, njpg: int, n256: int) -> dict:
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(d / f"{i:05d}.jpg", quality=90)
     (tmp / "plugin.py").write_text(PLUGIN)
-    return {"cifar10 binary 32px": ("cifar10", str(tmp / "cifar-bin"), n32, "factory32"),
-            "cifar10 JPEG 32px": ("cifar10", str(tmp / "cifar-jpg"), njpg, "factory32"),
-            "JPEG folder 256px": ("imagefolder", str(tmp / "jpg256"), n256, "factory256")}
+    return {"binary": ("cifar10 binary 32px", ("cifar10", str(tmp / "cifar-bin"), n32, "factory32")),
+            "jpeg": ("cifar10 JPEG 32px", ("cifar10", str(tmp / "cifar-jpg"), njpg, "factory32")),
+            "256": ("JPEG folder 256px", ("imagefolder", str(tmp / "jpg256"), n256, "factory256"))}
 
 
 def run_case(args) -> None:
@@ -169,6 +171,7 @@ def main() -> None:
     p.add_argument("--n32", type=int, default=8192)
     p.add_argument("--njpg", type=int, default=4096)
     p.add_argument("--n256", type=int, default=512)
+    p.add_argument("--cases", default="binary,jpeg,256,noop", help="which of binary, jpeg, 256, noop to run")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
     for name in ("tmp", "dataset", "root", "factory"):
@@ -189,7 +192,8 @@ def main() -> None:
         cols = [f"{w} worker{'s' if w != 1 else ''}" for w in workers] + (["before"] if args.baseline else [])
         print(f"{'img/s (CPU us/img)':<22}{'n':>6}" + "".join(f"{c:>18}" for c in cols)
               + (f"{'best/before':>13}" if args.baseline else ""))
-        for name, case in cases.items():
+        chosen = args.cases.split(",")
+        for name, case in (cases[c] for c in cases if c in chosen):
             runs = [child(tmp, ROOT, case, w, args.repeats, args.batch_size) for w in workers]
             if args.baseline:
                 runs.append(child(tmp, Path(args.baseline), case, 0, args.repeats, args.batch_size))
@@ -197,7 +201,7 @@ def main() -> None:
             if args.baseline:
                 line += f"{max(r['img_s'] for r in runs[:-1]) / runs[-1]['img_s']:>12.1f}x"
             print(line, flush=True)
-        trees = [ROOT] + ([Path(args.baseline)] if args.baseline else [])
+        trees = ([ROOT] + ([Path(args.baseline)] if args.baseline else [])) if "noop" in chosen else []
         print(f"\nno-op re-run of a finished extraction (shipped model, digits test, 4 t x 15 blocks x 2 pools = 120 arrays, s):")
         print(f"{'code':<22}{'model load':>12}{'plan':>8}{'done check':>12}")
         for tree in trees:

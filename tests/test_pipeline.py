@@ -193,3 +193,11 @@ def test_compiled_layers_keep_hooks_and_values(tiny_unet_dir, digits):
     a = forward_blocks(compiled, x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks, ["1", "full"])
     b = forward_blocks(load_model(str(tiny_unet_dir)), x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks, ["1", "full"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_image_in_a_loader_worker_is_a_clear_error(tmp_path, model, imagefolder_root):
+    split = load_split("imagefolder", "train", str(imagefolder_root))  # holds dog/broken.jpg (truncated)
+    plan = plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, split, "10", "mid", "1", micro_batch=1)
+    with pytest.raises(DiffstoreError, match="cannot decode image .*broken.jpg") as e:
+        extract_features(plan, batch_size=1, show_progress=False, workers=1)  # 4 batches: one worker loads them
+    assert "Traceback" not in str(e.value) and "--skip-bad" in str(e.value)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DiffstoreError
 from ..noise import add_noise, noise, noised
 from ..progress import progress
 from .forward import encode_images, forward_blocks, prepare_model
@@ -78,6 +79,12 @@ class Batches(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
+        try:
+            return self.load(i)
+        except DiffstoreError as e:  # e.g. a corrupt image: its message, not a worker's traceback, reaches the user
+            return {"error": str(e)}
+
+    def load(self, i: int) -> dict:
         u, start = self.items[i]
         unit, plan, r = self.units[u], self.plan, self.plan.recipe
         rows = unit.rows[start:start + self.batch_size]
@@ -151,7 +158,7 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=PREFETCH if workers else None, multiprocessing_context="fork" if workers else None)
     storage = getattr(torch, r.storage_dtype)
-    buffers = [{k: np.empty((len(u.rows), *a.shape[1:]), dtype=a.x.dtype) for k, a in u.arrays.items()} for u in units]
+    buffers: list = [None] * len(units)  # a unit's buffers exist from its first batch until the writer has them
     left = [len(u.rows) for u in units]
 
     def finish(item, host, event, writer):
@@ -159,6 +166,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
         if event is not None:
             event.synchronize()
         u, start, unit = item["unit"], item["start"], units[item["unit"]]
+        if buffers[u] is None:
+            buffers[u] = {k: np.empty((len(unit.rows), *a.shape[1:]), dtype=a.x.dtype) for k, a in unit.arrays.items()}
         flat, col = host.numpy(), 0
         for k in unit.arrays:
             size = int(np.prod(buffers[u][k].shape[1:]))
@@ -172,6 +181,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
     with ShardWriter() as writer:
         waiting = None  # the previous batch, its copy to the host still in flight (CUDA)
         for item in loader:
+            if "error" in item:
+                raise DiffstoreError(item["error"])
             unit = units[item["unit"]]
             rows = unit.rows[item["start"]:item["start"] + item["n"]]
             if item["images"] is None:
