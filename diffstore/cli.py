@@ -98,7 +98,11 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (does not change the key)."),
     dtype: str = typer.Option("float16", help="Storage dtype: float16 | float32."),
     compute_dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (autocast)."),
-    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard (multiple of 16; default: sized to ~256 MB per task)."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard (a multiple of the micro-batch; default: sized to ~256 MB per task)."),
+    micro_batch: Optional[int] = typer.Option(None, help="Rows per forward: part of the recipe (changes the last bits). Default: what the arrays hold, else 16 on CPU, sized to memory on CUDA."),
+    attention: Optional[str] = typer.Option(None, help="ADM attention: sdpa (default for new arrays) | eager (the reference's einsum). Part of the recipe."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the blocks' layers (part of the recipe; default: what the arrays hold, else off)."),
+    loader_workers: Optional[int] = typer.Option(None, help="Processes decoding images ahead of the device (default: cores - 1, at most 8; does not change values)."),
     skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", help="Skip unreadable images, recording their ids."),
     limit: Optional[int] = LimitOpt,
     workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster with this many worker processes."),
@@ -113,7 +117,8 @@ def extract(
                random_init=random_init, adm_config=adm_config, class_label=class_label, prompt=prompt,
                resolution=resolution, t=t, blocks=blocks, pools=pools, input=input_mode, noise_seed=noise_seed,
                noise_draws=noise_draws, batch_size=batch_size, device=device, dtype=dtype, compute_dtype=compute_dtype,
-               shard_rows=shard_rows, skip_bad=skip_bad, limit=limit, workers=workers, scheduler=scheduler,
+               shard_rows=shard_rows, micro_batch=micro_batch, attention=attention, compile=compile_,
+               loader_workers=loader_workers, skip_bad=skip_bad, limit=limit, workers=workers, scheduler=scheduler,
                show_progress=not quiet)
     emit(rows, f"extract -> {store}", as_json, lambda r: {**{k: v for k, v in r.items() if k != "store"}, "arrays": len(r["arrays"])})
     if not as_json and all(r["shards_run"] == 0 for r in rows):
@@ -182,6 +187,7 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
          store: str = StoreOpt):
     """One array's full key, fingerprint, recipe and provenance (JSON)."""
+    from .key import LEGACY_FORWARD
     from .store import Store
     from .store.repair import match
 
@@ -189,9 +195,10 @@ def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors li
     out = []
     for path in match(s, keys):
         a = s.open_array(path)
-        out.append({"store": store, "path": a.path, **a.attrs, "shape": list(a.shape), "chunks": list(a.x.chunks),
-                    "shards": list(a.x.shards), "dtype": str(a.x.dtype), "shards_done": int(a.done_mask().sum()),
-                    "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
+        recipe = {**LEGACY_FORWARD, **a.attrs.get("recipe", {})}  # forward fields absent from older stores
+        out.append({"store": store, "path": a.path, **a.attrs, "recipe": recipe, "shape": list(a.shape),
+                    "chunks": list(a.x.chunks), "shards": list(a.x.shards), "dtype": str(a.x.dtype),
+                    "shards_done": int(a.done_mask().sum()), "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
     print(json.dumps(out, indent=1, default=str))
 
 
