@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import diffstore as ds
-from diffstore import cli
+from diffstore import api, cli
 from diffstore.errors import DiffstoreError
 
 TRAIN, TEST = 256, 128
@@ -98,9 +98,17 @@ def option_defaults(fn, rename: dict) -> dict:
     return out
 
 
+def test_stage_packages_are_callable_and_importable():
+    import diffstore.cka.math
+    from diffstore.cka import stage
+
+    assert callable(ds.cka) and ds.cka is diffstore.cka and stage.compute
+    assert callable(ds.extract) and callable(ds.probe)
+
+
 def test_cli_and_api_share_defaults():
     cli_extract = option_defaults(cli.extract, {"input_mode": "input"})
-    api_extract = option_defaults(ds.extract, {})
+    api_extract = option_defaults(api.extract, {})
     shared = set(cli_extract) & set(api_extract)
     assert len(shared) >= 25
     assert {k: cli_extract[k] for k in shared} == {k: api_extract[k] for k in shared}
