@@ -150,3 +150,28 @@ def test_version_and_json_outputs_are_data(store_url):
         assert r["store"] == store_url and r["path"].startswith("features/digits/")
         assert isinstance(r["shape"], list) and all(isinstance(v, int) for v in r["shape"])
         assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["shards_done"] == r["shards"]
+
+
+READER_ONLY = """
+import sys
+for name in {blocked!r}:  # as if not installed: import fails, importlib.util.find_spec says None
+    sys.modules[name] = None
+import numpy as np, diffstore as ds
+s = ds.open({url!r})
+f = s.features(t=10, block="mid", pool=2, split="test")
+assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "y", "x")
+try:
+    f.to_torch()
+except ds.DiffstoreError as e:
+    assert "pip install torch" in str(e)
+else:
+    raise AssertionError("to_torch worked without torch")
+"""
+
+
+def test_a_reader_only_environment_opens_stores_and_reads_labelled_features(store_url):
+    blocked = ["torch", "dask", "distributed", "sklearn", "scipy", "matplotlib", "typer", "rich", "diffusers",
+               "transformers", "PIL", "safetensors", "huggingface_hub", "fsspec", "s3fs"]
+    done = subprocess.run([sys.executable, "-c", READER_ONLY.format(blocked=blocked, url=store_url)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
