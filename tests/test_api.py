@@ -117,6 +117,11 @@ def test_cli_and_api_share_defaults():
     stage = option_defaults(compute, {})
     shared = set(cli_cka) & set(stage) - {"input_mode"}
     assert {k: cli_cka[k] for k in shared} == {k: stage[k] for k in shared} and "method" in shared
+    from diffstore.probe.stage import probe_command
+    cli_probe = option_defaults(cli.probe, {"input_mode": "input"})
+    stage = option_defaults(probe_command, {})
+    shared = set(cli_probe) & set(stage)
+    assert {k: cli_probe[k] for k in shared} == {k: stage[k] for k in shared} and "head" in shared
 
 
 def test_reading_a_store_never_imports_torch_or_matplotlib(store_url):
