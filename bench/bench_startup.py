@@ -1,6 +1,7 @@
 """Start-up cost of the CLI: what a user waits for before `diffstore` does anything.
 
-Each command runs as a fresh process (as typed in a shell), best of --repeats, side by side in one run with
+Each command runs as a fresh process (as typed in a shell), best of --repeats (wall and CPU seconds: CPU time
+is what load on a shared machine does not inflate), side by side in one run with
 two references: the bare interpreter (`python -c pass`, the floor) and `python -c "import torch"` (what every
 command paid before imports were lazy). `ls`, `info` and `verify` read a small store made here (one array).
 Also prints which heavy modules each command imported (must be none for --help, ls, info, verify).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -43,15 +45,19 @@ def make_store(url: str) -> None:
     arr.write_shard(0, np.zeros((64, 4, 2, 2), dtype=np.float32))
 
 
-def best_time(cmd: list[str], repeats: int) -> float:
-    times = []
+def best_time(cmd: list[str], repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the fastest of `repeats` runs. CPU time (user + sys of the child) barely moves
+    with other jobs on the machine; wall time is what a user waits."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
-        times.append(time.perf_counter() - t0)
+        walls.append(time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if done.returncode not in (0, 1):
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-    return min(times)
+    return min(walls), min(cpus)
 
 
 def heavy_imports(argv: list[str]) -> list[str]:
@@ -80,7 +86,8 @@ def main():
         }
         rows = []
         for name, (cmd, argv) in commands.items():
-            rows.append({"command": name, "seconds": round(best_time(cmd, args.repeats), 3),
+            wall, cpu = best_time(cmd, args.repeats)
+            rows.append({"command": name, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
                          "heavy_imports": heavy_imports(argv) if argv else None})
     torch_s = rows[1]["seconds"]
     for r in rows:
@@ -89,12 +96,13 @@ def main():
         print(json.dumps(rows, indent=1))
         return
     print(f"best of {args.repeats} fresh processes each (machine load: {open('/proc/loadavg').read().split()[0]})")
-    print(f"{'command':28s} {'seconds':>8s} {'/ import torch':>15s}  heavy modules imported")
+    print(f"{'command':28s} {'wall s':>8s} {'CPU s':>7s} {'wall / import torch':>20s}  heavy modules imported")
     for r in rows:
         heavy = "-" if r["heavy_imports"] is None else (", ".join(r["heavy_imports"]) or "none")
-        print(f"{r['command']:28s} {r['seconds']:8.3f} {r['vs_import_torch']:15.2f}  {heavy}")
-    help_s = rows[2]["seconds"]
-    print(f"\ndiffstore --help: {help_s:.3f} s ({'meets' if help_s < 0.5 else 'MISSES'} the 0.5 s target)")
+        print(f"{r['command']:28s} {r['seconds']:8.3f} {r['cpu_seconds']:7.3f} {r['vs_import_torch']:20.2f}  {heavy}")
+    help_s, help_cpu = rows[2]["seconds"], rows[2]["cpu_seconds"]
+    print(f"\ndiffstore --help: {help_s:.3f} s wall, {help_cpu:.3f} s CPU "
+          f"({'meets' if help_s < 0.5 else 'misses'} the 0.5 s target in wall time on this run)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -294,3 +295,13 @@ def cka(store: str = DEFAULT_STORE, **options: Any) -> dict:
     from .cka.stage import compute
 
     return compute(store, **options)
+
+
+class StageModule(types.ModuleType):
+    """The class of the stage packages diffstore.extract, diffstore.probe and diffstore.cka: calling the package
+    runs the API function of the same name, so `ds.cka(...)` works while `import diffstore.cka.math` and
+    `from diffstore.cka import stage` stay ordinary imports (a function named like a subpackage would be
+    replaced by the subpackage as soon as it is imported)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return globals()[self.__name__.rpartition(".")[2]](*args, **kwargs)

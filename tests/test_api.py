@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import diffstore as ds
-from diffstore import cli
+from diffstore import api, cli
 from diffstore.errors import DiffstoreError
 
 TRAIN, TEST = 256, 128
@@ -98,9 +98,17 @@ def option_defaults(fn, rename: dict) -> dict:
     return out
 
 
+def test_stage_packages_are_callable_and_importable():
+    import diffstore.cka.math
+    from diffstore.cka import stage
+
+    assert callable(ds.cka) and ds.cka is diffstore.cka and stage.compute
+    assert callable(ds.extract) and callable(ds.probe)
+
+
 def test_cli_and_api_share_defaults():
     cli_extract = option_defaults(cli.extract, {"input_mode": "input"})
-    api_extract = option_defaults(ds.extract, {})
+    api_extract = option_defaults(api.extract, {})
     shared = set(cli_extract) & set(api_extract)
     assert len(shared) >= 25
     assert {k: cli_extract[k] for k in shared} == {k: api_extract[k] for k in shared}
@@ -109,6 +117,11 @@ def test_cli_and_api_share_defaults():
     stage = option_defaults(compute, {})
     shared = set(cli_cka) & set(stage) - {"input_mode"}
     assert {k: cli_cka[k] for k in shared} == {k: stage[k] for k in shared} and "method" in shared
+    from diffstore.probe.stage import probe_command
+    cli_probe = option_defaults(cli.probe, {"input_mode": "input"})
+    stage = option_defaults(probe_command, {})
+    shared = set(cli_probe) & set(stage)
+    assert {k: cli_probe[k] for k in shared} == {k: stage[k] for k in shared} and "head" in shared
 
 
 def test_reading_a_store_never_imports_torch_or_matplotlib(store_url):
@@ -142,3 +155,28 @@ def test_version_and_json_outputs_are_data(store_url):
         assert r["store"] == store_url and r["path"].startswith("features/digits/")
         assert isinstance(r["shape"], list) and all(isinstance(v, int) for v in r["shape"])
         assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["shards_done"] == r["shards"]
+
+
+READER_ONLY = """
+import sys
+for name in {blocked!r}:  # as if not installed: import fails, importlib.util.find_spec says None
+    sys.modules[name] = None
+import numpy as np, diffstore as ds
+s = ds.open({url!r})
+f = s.features(t=10, block="mid", pool=2, split="test")
+assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "y", "x")
+try:
+    f.to_torch()
+except ds.DiffstoreError as e:
+    assert "pip install torch" in str(e)
+else:
+    raise AssertionError("to_torch worked without torch")
+"""
+
+
+def test_a_reader_only_environment_opens_stores_and_reads_labelled_features(store_url):
+    blocked = ["torch", "dask", "distributed", "sklearn", "scipy", "matplotlib", "typer", "rich", "diffusers",
+               "transformers", "PIL", "safetensors", "huggingface_hub", "fsspec", "s3fs"]
+    done = subprocess.run([sys.executable, "-c", READER_ONLY.format(blocked=blocked, url=store_url)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -8,7 +8,7 @@ import zarr
 from scipy.stats import ortho_group
 
 from conftest import feature_array
-from diffstore import cka as cka_module
+from diffstore.cka import math as cka_module
 from diffstore.cka import CKAConfig, cka, cka_matrix
 from diffstore.cka.stage import cka_command, parse_keyset
 from diffstore.datasets import Split

@@ -65,7 +65,7 @@ def render(payload: dict) -> None:
         table.add_column(c["tick"], justify="right", no_wrap=True, min_width=4)
     for r, values in zip(payload["rows"], payload["matrix"]):
         table.add_row(r["label"], *("-" if v is None else f"{v:.2f}" for v in values))
-    console = Console()
-    console = Console(width=max(console.width, 20 + 7 * len(payload["cols"])))
+    console = Console()  # a terminal's width, or 80 when piped (too narrow for a title and a wide matrix)
+    console = Console(width=max(console.width if console.is_terminal else 160, 20 + 7 * len(payload["cols"])))
     console.print(f"[bold]{payload['kernel']} CKA ({estimator(payload)})[/]: {payload['title']}", highlight=False)
     console.print(table)

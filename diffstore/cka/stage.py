@@ -227,6 +227,8 @@ def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=Non
     # Title: the fixed key fields users choose between (dataset, split and input are in the name and JSON).
     fixed = {f: getattr(row_keys[0], f) for f in ("split", "model", "t", "block", "pool")
              if f not in varying_fields(row_keys + col_keys)}
+    if "block" in fixed:  # by name too, as on the axes
+        fixed["block"] = label(row_keys[0], row_arrays[0], ["block"]).removeprefix("b")
     urls = sorted({st.url, col_store.url})
     payload = {
         "name": name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls) + (f"_first{limit}" if limit else ""),

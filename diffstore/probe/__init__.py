@@ -7,3 +7,9 @@
     report.py  tables, grids and plots
     stage.py   the `diffstore probe` command: which keys, the results cache
 """
+
+import sys as _sys  # noqa: E402  (last: the package becomes callable, `ds.probe(...)` = api.probe)
+
+from ..api import StageModule as _StageModule  # noqa: E402
+
+_sys.modules[__name__].__class__ = _StageModule
