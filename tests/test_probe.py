@@ -11,15 +11,17 @@ import torch
 from diffstore.datasets import Split, load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
-from diffstore.probe.feed import Feed, Rows
+from diffstore.probe.feed import Feed, Rows, split_val
 from diffstore.probe.heads import HEADS, HeadSpec
 from diffstore.key import FeatureKey
 from diffstore.models import load_model
-from diffstore.probe.train import ProbeRecipe, train_probe
+from diffstore.probe.intervals import result_hits
+from diffstore.probe.recipe import ProbeRecipe
+from diffstore.probe.train import train_probe
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 
-FAST = dict(epochs=3, lr=1e-2, show_progress=False)
+FAST = dict(recipe="paper", epochs=3, lr=1e-2, show_progress=False)  # the converged recipe has its own tests
 SMALL_HEADS = dict(hidden="32", channels="8,8", dim=16, n_heads=2)
 
 
@@ -41,6 +43,7 @@ def tiny_unet(tmp_path_factory):
 def store_url(tiny_unet, tmp_path_factory):
     """Digits (1437 train / 360 test) through the tiny U-Net at t=0: blocks 1 (8x8) and 3 (4x4), pools 1 and full;
     plus its random-init twin at block 1, pool 1."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     url = str(tmp_path_factory.mktemp("probe") / "s.zarr")
     store = Store.open(url, "a")
@@ -50,6 +53,7 @@ def store_url(tiny_unet, tmp_path_factory):
             plan = plan_extraction(store, model, load_split("digits", split), t="0", blocks=blocks, pools=pools,
                                    shard_rows=256)
             extract_features(plan, batch_size=512, show_progress=False)
+    torch.set_num_threads(threads)  # later tests see the thread count they started with
     return url
 
 
@@ -113,13 +117,36 @@ def test_stored_result_is_shown_cached_and_listed(store_url, capsys):
 
 
 def test_random_init_twin_and_pixel_baseline_in_one_table(store_url, capsys):
-    out = probe_command(store_url, model="tiny", blocks="1", pools="1", baseline="pixels", **FAST)
+    out = probe_command(store_url, model="tiny", blocks="1", pools="1", baseline="pixels", show_all=True, **FAST)
     table = capsys.readouterr().out
     models = [r["model"] for r in out["results"]]
     assert models == ["tiny", "tiny.random-init-s1", "pixels"]
     assert "tiny.random-init-s1" in table and "pixels" in table and "top-5" in table
     pixels = out["results"][-1]
     assert pixels["n_test"] == 360 and pixels["top1"] > 0.8  # linear on 8x8 digit pixels
+
+
+def test_summary_names_best_key_and_paired_margins_without_the_full_table(store_url, capsys):
+    out = probe_command(store_url, model="tiny", t="0", blocks="1,3", pools="1", baseline="pixels", **FAST)
+    text = capsys.readouterr().out
+    assert "probe results" not in text and "--all" in text  # the summary, not the 4-row table
+    assert "vs its random-init twin" in text
+    (line,) = out["summary"]
+    by_name = {r["name"]: r for r in out["results"]}
+    best = by_name[line["best"]["name"]]
+    trained = [r for r in out["results"] if r["model"] == "tiny"]
+    assert best["val_top1"] == max(r["val_top1"] for r in trained)  # chosen on validation, never test
+    # the twin holds b1/p1 only: a margin where the best key has a twin, else the summary says it is missing
+    for other in ("twin", "pixels") if best["block"] == 1 else ("pixels",):
+        a, b = result_hits(best), result_hits(by_name[line[other]["result"]])
+        assert line[other]["diff"] == pytest.approx(a.mean() - b.mean())  # paired: same test samples
+        lo, hi = line[other]["ci95"]
+        assert lo <= line[other]["diff"] <= hi and hi - lo < 0.2
+    if best["block"] == 1:
+        assert by_name[line["twin"]["result"]]["model"] == "tiny.random-init-s1"
+    else:
+        assert "twin" not in line and "vs its random-init twin: not in this run" in text
+    assert f"block {best['block']} {best['block_name']}" in text and "paired 95% CI" in text
 
 
 def test_fuse_trains_one_head_on_concatenated_keys(store_url):
@@ -204,7 +231,7 @@ def test_train_probe_on_plain_arrays_streams_like_in_ram():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)
     x = (np.eye(3)[y][:, :, None, None] * 2 + rng.normal(size=(300, 3, 1, 1))).astype(np.float16)
-    recipe = ProbeRecipe(epochs=4, lr=1e-2, batch_size=16)
+    recipe = ProbeRecipe("paper", epochs=4, lr=1e-2, batch_size=16)
     held = train_probe(x[:200], y[:200], x[200:], y[200:], HeadSpec(), recipe, show_progress=False)
     streamed = train_probe(x[:200], y[:200], x[200:], y[200:], HeadSpec(), recipe, show_progress=False, budget=1000)
     assert held["n_test"] == streamed["n_test"] == 100
@@ -215,10 +242,42 @@ def test_early_stop_keeps_the_best_validation_epoch():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 4, 240)
     x = (np.eye(4)[y][:, :, None, None] + rng.normal(size=(240, 4, 1, 1))).astype(np.float16)
-    recipe = ProbeRecipe(epochs=6, lr=3e-2, batch_size=16, val_frac=0.25, early_stop=True)
+    recipe = ProbeRecipe("paper", epochs=6, lr=3e-2, batch_size=16, val_frac=0.25, early_stop=True)
     r = train_probe(x[:160], y[:160], x[160:], y[160:], HeadSpec(), recipe, show_progress=False)
     assert len(r["val_history"]) == 6 and r["n_val"] == 40
     # the reported head is the one of the first best epoch: its val accuracy is that epoch's
     assert r["val_top1"] == max(r["val_history"]) == r["val_history"][r["epochs_used"] - 1]
     with pytest.raises(DiffstoreError, match="--val-frac > 0"):
-        ProbeRecipe(early_stop=True, val_frac=0)
+        ProbeRecipe("paper", early_stop=True, val_frac=0)
+    with pytest.raises(DiffstoreError, match="converged recipe selects on the validation split"):
+        ProbeRecipe(val_frac=0)
+
+
+def sklearn_probe(store: Store, key: FeatureKey, Cs, val_frac=0.1, seed=0) -> tuple[float, float]:
+    """scikit-learn's converged multinomial LogisticRegression (lbfgs) on the stored features, standardised on the
+    fit rows, C chosen on the same validation carve (ties to the smaller C): (chosen C, test top-1)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    y_train, y_test = store.split(key.dataset, "train").labels, store.split(key.dataset, "test").labels
+    x = store.features(key).read().reshape(len(y_train), -1).astype(np.float64)
+    x_test = store.features(FeatureKey(**{**key.to_dict(), "split": "test"})).read().reshape(len(y_test), -1)
+    fit, val = split_val(len(y_train), val_frac, seed)
+    scaler = StandardScaler().fit(x[fit])
+    best = None
+    for C in sorted(Cs):
+        model = LogisticRegression(C=C, tol=1e-10, max_iter=20000).fit(scaler.transform(x[fit]), y_train[fit])
+        score = model.score(scaler.transform(x[val]), y_train[val])
+        if best is None or score > best[0]:
+            best = (score, C, model.score(scaler.transform(x_test.astype(np.float64)), y_test))
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("setting", [dict(blocks="3", pools="full"), dict(blocks="1", pools="1")])
+def test_converged_linear_probe_matches_sklearn_on_stored_features(store_url, setting):
+    r = probe(store_url, model="tiny", t="0", recipe="converged", show_progress=False, retrain=True, **setting)["results"]
+    ours = next(x for x in r if x["model"] == "tiny")
+    assert ours["recipe"]["name"] == "converged" and ours["converged"]
+    C, sk_top1 = sklearn_probe(Store.open(store_url, "r"), FeatureKey(**ours["keys"][0]), ProbeRecipe().Cs)
+    assert abs(ours["top1"] - sk_top1) <= 0.005, (ours["top1"], ours["C"], sk_top1, C)  # within 0.5 points
+    assert ours["C"] == C

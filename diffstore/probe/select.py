@@ -14,7 +14,7 @@ from ..extract import pick_device
 from ..progress import progress
 from ..store import Store
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
-from .train import ProbeRecipe
+from .recipe import ProbeRecipe
 
 PROXY_DIM = 1024  # the proxy fits on maps pooled down to at most this many values per row (at least 1x1)
 PROXY_FIT = 4000  # training rows it fits on (a seeded subsample of the train part)
