@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
 
 from diffstore.datasets import Split, load_split
 from diffstore.errors import DiffstoreError
@@ -15,8 +16,9 @@ from diffstore.probe.feed import Feed, Rows, split_val
 from diffstore.probe.heads import HEADS, HeadSpec
 from diffstore.key import FeatureKey
 from diffstore.models import load_model
-from diffstore.probe.intervals import result_hits
+from diffstore.probe.intervals import bootstrap_interval, difference, pack, result_hits, unpack
 from diffstore.probe.recipe import ProbeRecipe
+from diffstore.probe.report import grid_tables
 from diffstore.probe.train import train_probe
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
@@ -74,10 +76,16 @@ def test_every_head_beats_chance_on_store_features(store_url, head):
     assert r[0]["top5"] >= r[0]["top1"] and r[0]["params"] > 0
 
 
-def test_evaluation_covers_every_test_sample(store_url):
-    # 360 test rows: neither the eval batch (1024) nor the train batch (100) divides it; nothing may be dropped
-    r = probe(store_url, model="tiny", t="0", blocks="3", pools="1", batch_size=100)["results"][0]
-    assert r["n_test"] == 360
+@pytest.mark.parametrize("recipe", ["paper", "converged"])
+def test_evaluation_covers_every_test_sample(store_url, recipe):
+    # 360 test rows: neither the eval batch (1024) nor the train batch (100) divides it; nothing may be dropped.
+    # n_test and the stored hit vector count the rows actually evaluated; top-1 is recomputed from the hits.
+    r = probe(store_url, model="tiny", t="0", blocks="3", pools="1", batch_size=100, recipe=recipe)["results"][0]
+    hits = result_hits(r)
+    assert r["n_test"] == 360 and len(hits) == 360 and hits.sum() > 0
+    assert r["top1"] == pytest.approx(hits.mean())
+    lo, hi = r["ci95"]
+    assert lo < r["top1"] < hi and 0.02 < hi - lo < 0.15  # a 95% interval over 360 samples
     assert r["n_train"] + r["n_val"] == 1437 and r["n_val"] == round(0.1 * 1437)
 
 
@@ -163,16 +171,27 @@ def test_select_ranks_every_key_and_trains_the_top_k(store_url, capsys):
     scores = [r["proxy_val_top1"] for r in ranking]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.5
     assert all(r["linear_top1"] is not None for r in ranking)
-    assert -1 <= out["spearman"]["digits"]["spearman"] <= 1 and out["spearman"]["digits"]["n_keys"] == 5
+    expected = spearmanr([r["proxy_val_top1"] for r in ranking], [r["linear_top1"] for r in ranking]).statistic
+    assert out["spearman"]["digits"]["spearman"] == pytest.approx(expected) and out["spearman"]["digits"]["n_keys"] == 5
     setting = lambda r: (r["t"], r["block"], r["pool"])  # noqa: E731
     assert [setting(r) for r in out["results"]] == [setting(r) for r in ranking[:2]]
 
 
-def test_grid_writes_heatmaps_and_curves(store_url, tmp_path, capsys):
+def test_grid_table_values_equal_stored_results_and_plots_are_written(store_url, tmp_path, capsys):
     out = probe_command(store_url, model="tiny", t="0", grid=True, plot=str(tmp_path), **FAST)
     assert "t x block" in capsys.readouterr().out
     assert len(out["plots"]) == 6  # (tiny p=1, tiny p=full, random-init p=1) x (heatmap, curves)
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in out["plots"])
+    stored = {r["name"]: r for r in Store.open(store_url, "r").results("probe")}
+    tables = {t.title: t for t in grid_tables(out["results"])}
+    checked = 0
+    for r in out["results"]:
+        table = next(t for title, t in tables.items() if title.startswith(f"digits {r['model']} (noised) p={r['pool']} "))
+        column = next(c for c in table.columns if c.header == f"b{r['block']} {r['block_name']}")
+        cell = list(column.cells)[[str(t) for t in table.columns[0].cells].index(str(r["t"]))]
+        assert cell.rstrip("*+") == f"{100 * stored[r['name']]['top1']:.1f}"
+        checked += 1
+    assert checked == 5
 
 
 def test_refuses_spatial_head_on_pooled_vectors(store_url):
@@ -281,3 +300,44 @@ def test_converged_linear_probe_matches_sklearn_on_stored_features(store_url, se
     C, sk_top1 = sklearn_probe(Store.open(store_url, "r"), FeatureKey(**ours["keys"][0]), ProbeRecipe().Cs)
     assert abs(ours["top1"] - sk_top1) <= 0.005, (ours["top1"], ours["C"], sk_top1, C)  # within 0.5 points
     assert ours["C"] == C
+
+
+def test_iterative_head_records_convergence_and_warns_when_the_budget_is_short(store_url, capsys):
+    kw = dict(model="tiny", t="0", blocks="1", pools="1", head="mlp", hidden="32", recipe="converged", retrain=True)
+    short = probe(store_url, steps=20, **kw)["results"][0]
+    assert short["steps"] == 20 and not short["early_stopped"] and short["converged"] is False
+    assert "did not converge" in capsys.readouterr().err
+    assert short["final_train_loss"] > 0 and len(short["val_top1_per_lr_wd"]) == 6  # the lr x wd grid
+    r = probe(store_url, steps=1500, **kw)["results"][0]
+    assert r["early_stopped"] and r["converged"] and r["steps"] < 1500 and r["best_step"] <= r["steps"]
+    assert r["val_top1"] == max(r["val_top1_per_lr_wd"].values())  # the grid point chosen on validation
+    assert r["recipe"]["name"] == "converged" and "steps" in r["recipe"] and "epochs" not in r["recipe"]
+
+
+def test_blocks_accept_the_names_extract_accepts(store_url):
+    r = probe(store_url, model="tiny", t="0", blocks="in", pools="1")["results"]
+    assert {(x["block"], x["block_name"]) for x in r} == {(1, "in")}
+    with pytest.raises(DiffstoreError, match=r"--blocks nope: no such block.*1 in"):
+        probe(store_url, model="tiny", blocks="nope")
+
+
+def test_seeds_report_mean_and_std_over_seeds(store_url):
+    out = probe(store_url, model="tiny", t="0", blocks="3", pools="1", seeds=2, seed=5)
+    assert [r["seed"] for r in out["results"]] == [5, 6]
+    top1 = [r["top1"] for r in out["results"]]
+    seeds = out["summary"][0]["best"]["seeds"]
+    assert seeds["n_seeds"] == 2 and seeds["mean"] == pytest.approx(np.mean(top1))
+    assert seeds["std"] == pytest.approx(np.std(top1, ddof=1))
+
+
+def test_paired_interval_of_a_difference_is_narrower_than_unpaired():
+    rng = np.random.default_rng(0)
+    a = rng.random(2000) < 0.8
+    b = a.copy()
+    b[rng.choice(2000, 40, replace=False)] ^= True  # b differs from a on 2% of the samples
+    d = difference(a, b)
+    assert d["diff"] == pytest.approx(a.mean() - b.mean()) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    (lo_a, hi_a), (lo_b, hi_b) = bootstrap_interval(a), bootstrap_interval(b)
+    assert d["ci95"][1] - d["ci95"][0] < (hi_a - lo_a) / 2  # pairing removes the shared sampling noise
+    assert difference(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    assert np.array_equal(unpack(pack(a), len(a)), a)

@@ -200,7 +200,7 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
         out.append({"params": n_params(heads[k]), "top1": float(te["top1"]), "top5": te["top5"] and float(te["top5"]),
                     "n_test": te["n"], "hits": te["hits"], "val_top1": val[k]["top1"] and float(val[k]["top1"]),
                     "n_train": len(train_pos), "n_val": len(val_pos), "lr": lr, "weight_decay": wd,
-                    **({} if paper else {"val_top1_per_lr_wd": {f"{grid[i % len(grid)]}": round(float(val[i]["top1"]), 5)
+                    **({} if paper else {"val_top1_per_lr_wd": {"lr={:g},wd={:g}".format(*grid[i % len(grid)]): float(val[i]["top1"])
                                                                 for i in range(len(heads)) if owner[i] == owner[k]}}),
                     **fits[k],
                     # side-by-side heads share one wall clock: each job is charged an equal part
