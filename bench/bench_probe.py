@@ -29,12 +29,13 @@ from rich.table import Table
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, forward_blocks, plan_extraction
-from diffstore.feed import Feed, Rows
-from diffstore.heads import HeadSpec
+from diffstore.probe.feed import Feed, Rows
+from diffstore.probe.heads import HeadSpec
 from diffstore.models import load_model
 from diffstore.preprocess import Preprocess
-from diffstore.probe import Job, ProbeRecipe, train_many
-from diffstore.probe_stage import key_source
+from diffstore.probe.recipe import ProbeRecipe
+from diffstore.probe.train import Job, train_many
+from diffstore.probe.stage import key_source
 from diffstore.progress import stderr
 from diffstore.store import Store
 from timing import best_of
@@ -104,7 +105,7 @@ def bench_recipe(root: Path, args) -> tuple[list[dict], str]:
     extract_s = time.perf_counter() - t0
     key = next(k for k in store.feature_keys() if k.split == "train")
     source = key_source(store, key)
-    recipe = ProbeRecipe(epochs=args.epochs)
+    recipe = ProbeRecipe("paper", epochs=args.epochs)
     labels = (splits["train"].labels, splits["test"].labels)
     stderr.print(f"(b) linear recipe, {args.epochs} epochs, {note}, t={args.t} block={block} pool={args.pool}")
     note += f", t={args.t} block={block} pool={args.pool}"

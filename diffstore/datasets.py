@@ -13,7 +13,8 @@
                     Images keep their size (Preprocess resizes + center-crops); grey stays grey, the rest is RGB.
 
 Data root: --data-root DIR, else $DIFFSTORE_DATA/<name>, else a system default when present
-(fashion-mnist: /usr/share/datasets/fashion-mnist). The resolved root is part of `source`, so of the fingerprint.
+(fashion-mnist: /usr/share/datasets/fashion-mnist). The resolved root is recorded in `source` (provenance) but
+left out of the fingerprint, so colleagues with the same files under other paths share keys.
 
 Corrupt data: a truncated or malformed IDX/CIFAR file is always refused, naming the file. In folder layouts a
 corrupt image is refused when it is decoded, naming it; with skip_bad every image is decoded once up front and
@@ -79,6 +80,15 @@ class Split:
         if len(self) == 0 or not np.array_equal(self.ids[rows], ids):
             raise DiffstoreError(f"the {self.name}/{self.split} data loaded here lacks samples the store holds; {hint or 'pass the --data-root the store was extracted from'}")
         return replace(self, ids=self.ids[rows], labels=self.labels[rows], load=lambda r: self.load(rows[np.asarray(r)]))
+
+    def head(self, limit: int) -> "Split":
+        """The first `limit` samples (--limit): the split keeps its name, the limit goes into the source and
+        so into the dataset fingerprint, and the ids differ, so a store never mixes it with the full split."""
+        if limit < 1:
+            raise DiffstoreError(f"--limit must be >= 1, got {limit}")
+        if limit >= len(self):
+            return self
+        return replace(self.take(self.ids[:limit]), source={**self.source, "limit": int(limit)})
 
     def fingerprint(self, preprocess: Preprocess) -> str:
         """Source + split + the exact sample order + preprocessing. The local root is left out: colleagues
@@ -201,10 +211,12 @@ def load_cifar10_bin(split: str, bin_dir: Path) -> Split:
     starts = np.cumsum([0] + [len(b) for b in batches])
 
     def load(rows):
-        rows = np.asarray(rows)
+        rows = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(starts, rows, side="right") - 1
-        chw = [batches[b][r - starts[b], 1:] for b, r in zip(which, rows)]
-        return np.stack(chw).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        out = np.empty((len(rows), CIFAR_RECORD - 1), np.uint8)
+        for b in np.unique(which):  # one fancy-indexed read per batch file
+            out[which == b] = batches[b][rows[which == b] - starts[b], 1:]
+        return out.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
     source = {"kind": "cifar10-bin", "root": str(bin_dir), "files": {p.name: p.stat().st_size for p in files},
               "labels_sha256": hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest()}
@@ -283,9 +295,11 @@ LOADERS = {
 }
 
 
-def load_split(name: str, split: str, root: str | None = None, skip_bad: bool = False) -> Split:
+def load_split(name: str, split: str, root: str | None = None, skip_bad: bool = False, limit: int | None = None) -> Split:
+    """A split, or (limit=N) its first N samples (Split.head)."""
     if name not in LOADERS:
         raise DiffstoreError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(LOADERS))}")
     if split not in ("train", "test"):
         raise DiffstoreError(f"unknown split {split!r}: use train or test")
-    return LOADERS[name](split, root, skip_bad)
+    data = LOADERS[name](split, root, skip_bad)
+    return data.head(limit) if limit is not None else data

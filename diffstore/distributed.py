@@ -26,7 +26,7 @@ device "auto" then picks the worker's GPU. Torch runs 1 CPU thread per worker un
 On your own `dask worker`s, unset the nanny's MALLOC_TRIM_THRESHOLD_ (config distributed.nanny.pre-spawn-environ,
 see cluster_client): it costs torch ~30% CPU.
 
-Probe sweeps distribute (source, head) trainings, each one probe_stage.run_probes call on a worker that stores
+Probe sweeps distribute (source, head) trainings, each one probe.stage.run_probes call on a worker that stores
 its result; CKA distributes tiles of the matrix, each one cka.cka_matrix call. Both gather into the same rows
 and matrices as the single-machine path.
 """
@@ -49,7 +49,7 @@ import numpy as np
 
 from .errors import DiffstoreError
 from .extract import Plan, pending, pick_device, plan_extraction, run_task
-from .feed import DEFAULT_BUDGET
+from .probe.feed import DEFAULT_BUDGET
 from .key import FeatureKey, Recipe
 from .progress import progress
 from .store import Store
@@ -173,7 +173,8 @@ def worker_plan(job: ExtractJob) -> Plan:
     data = data.take(store.split(data.name, data.split).ids, f"give worker {socket.gethostname()} the same data as the driver (the same --data-root on a shared filesystem)")
     r = job.recipe
     plan = plan_extraction(store, model, data, job.t, job.blocks, job.pools, job.input_mode, r.noise_seed,
-                           r.noise_draws, r.compute_dtype, r.storage_dtype, job.shard_rows)
+                           r.noise_draws, r.compute_dtype, r.storage_dtype, job.shard_rows, r.micro_batch, r.attention,
+                           r.compile)
     if plan.recipe != job.recipe:
         raise DiffstoreError(f"the {data.name}/{data.split} data on worker {socket.gethostname()} differs from the "
                              "driver's (dataset fingerprint); give every worker the same data and preprocessing")
@@ -258,7 +259,7 @@ def probe_task(store_url: str, kind: str, keys: list[dict], spec, recipe, device
     """On a worker: train one head on one source (a key, or fused keys) and store its result, as run_probes does."""
     import torch
 
-    from .probe_stage import fuse_source, key_source, run_probes
+    from .probe.stage import fuse_source, key_source, run_probes
 
     torch.set_num_threads(torch_threads)
     store = Store.open(store_url, "r")
@@ -272,9 +273,9 @@ def probe_distributed(store: Store, sources: list, specs: list, recipe, retrain:
                       device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True,
                       workers: int | None = None, scheduler: str | None = None, torch_threads: int = 1,
                       client=None) -> list[dict]:
-    """probe_stage.run_probes on a cluster: one task per (source, head) not already stored; the same result rows,
+    """probe.stage.run_probes on a cluster: one task per (source, head) not already stored; the same result rows,
     in the same order. Pixel baselines (rows held in this process, not in the store) train here."""
-    from .probe_stage import result_name, run_probes
+    from .probe.stage import result_name, run_probes
 
     items = [(source, spec) for source in sources for spec in specs]
     cached = {} if retrain else {r["name"]: r for r in store.results("probe")}
@@ -321,7 +322,7 @@ def cka_tile(rows: list[tuple[str, FeatureKey]], cols: list[tuple[str, FeatureKe
 
 def resolve_method(rows: list, cols: list, cfg):
     """'auto' resolved over the whole matrix, as cka_matrix would in-process, so every tile runs one estimator."""
-    from .cka import exact_gib
+    from .cka.math import exact_gib
 
     if cfg.method != "auto":
         return cfg

@@ -23,6 +23,9 @@ from pathlib import Path
 EXTRACTOR_VERSION = "1"
 
 INPUT_MODES = ("noised", "clean")
+# The forward settings every store written before they became recipe fields was computed with.
+LEGACY_FORWARD = {"micro_batch": 16, "attention": "eager", "compile": False}
+DEFAULT_STORE = "data/default.zarr"  # where every command reads and writes unless --store says otherwise
 
 
 def canonical_json(value) -> str:
@@ -103,9 +106,22 @@ class Recipe:
     compute_dtype: str  # "float32", "bfloat16", "float16"
     storage_dtype: str  # "float16" or "float32"
     extractor_version: str = EXTRACTOR_VERSION
+    # How the forward runs. Kernels pick algorithms by tensor shape and fuse differently when compiled, so
+    # these change the last bits of the features (never --batch-size, workers or the shard size):
+    micro_batch: int = 16  # rows in every forward (a fixed partition of the split's rows, the last one padded)
+    attention: str = "eager"  # "eager": the model's own attention code; "sdpa": F.scaled_dot_product_attention
+    compile: bool = False  # torch.compile on the blocks' modules
 
     def fingerprint(self, key: FeatureKey) -> str:
-        return fingerprint({"key": key.to_dict(), "recipe": asdict(self)})
+        """Fields still at LEGACY_FORWARD values are left out: stores written before they existed (micro-batch
+        16, eager attention, no compile) keep their fingerprints, so they open, read and resume as before."""
+        recipe = {k: v for k, v in asdict(self).items() if k not in LEGACY_FORWARD or LEGACY_FORWARD[k] != v}
+        return fingerprint({"key": key.to_dict(), "recipe": recipe})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        """A stored recipe; the forward fields absent from older stores take their LEGACY_FORWARD values."""
+        return cls(**{**LEGACY_FORWARD, **d})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import tarfile
 from pathlib import Path
@@ -106,35 +107,164 @@ def imagefolder_root(cifar_jpg_root, tmp_path_factory):
     return root
 
 
-# --- models and splits for extraction tests ------------------------------------------------------------
+# --- models, splits and stores for extraction tests --------------------------------------------------
 
 
-def build_tiny_unet(size: int = 16, channels: int = 1):
-    """A small diffusers UNet2DModel with every block type the default model has (random weights)."""
+def build_tiny_unet(size: int = 16, channels: int = 1, widths: tuple = (16, 32, 32), attention: bool = True, seed: int = 0):
+    """A small seeded diffusers UNet2DModel; with `attention` its second level has attention, as the default model."""
     import torch
     from diffusers import UNet2DModel
 
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(16, 32, 32),
-                       layers_per_block=1, norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    down, up = ["DownBlock2D"] * len(widths), ["UpBlock2D"] * len(widths)
+    if attention:
+        down[1], up[-2] = "AttnDownBlock2D", "AttnUpBlock2D"
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=widths,
+                       layers_per_block=1, norm_num_groups=widths[0] // 2, down_block_types=tuple(down),
+                       up_block_types=tuple(up))
+
+
+def save_tiny_unet(folder: Path, **kw) -> Path:
+    """A diffusers model folder (config.json + safetensors + scheduler config), as a user would pass it."""
+    from diffusers import DDPMScheduler
+
+    build_tiny_unet(**kw).save_pretrained(folder, safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_config(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_unet_dir(tmp_path_factory) -> Path:
-    """A diffusers model folder (config.json + safetensors + scheduler config), as a user would pass it."""
-    from diffusers import DDPMScheduler
+    return save_tiny_unet(tmp_path_factory.mktemp("models") / "tiny-unet")
 
-    folder = tmp_path_factory.mktemp("models") / "tiny-unet"
-    build_tiny_unet().save_pretrained(folder, safe_serialization=True)
-    DDPMScheduler(num_train_timesteps=1000).save_config(folder)
-    return folder
+
+@pytest.fixture(scope="session")
+def model(tiny_unet_dir):
+    """The tiny U-Net loaded as a DiffusionModel (15 blocks, mid = 8, 16x16 grey)."""
+    from diffstore.models import load_model
+
+    return load_model(str(tiny_unet_dir))
 
 
 def subset(split, n: int):
     """The first n samples of a split (same ids, labels and loader)."""
     return split.take(split.ids[:n])
+
+
+@pytest.fixture(scope="session")
+def digits100():
+    """100 digits test rows: 6 full micro-batches of 16 and a padded last one of 4."""
+    from diffstore.datasets import load_split
+
+    return subset(load_split("digits", "test"), 100)
+
+
+def digests(store) -> dict:
+    """Array path -> sha256 of its values (every array of a store)."""
+    return {a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a in store.arrays()}
+
+
+def feature_array(store, key, recipe, row_shape=(3, 2, 2), n: int = 40, shard_rows: int = 16, rows=None, block=None):
+    """A feature array created without a model (the store's own bookkeeping only); `rows` [n, *row_shape] are
+    written shard by shard when given; `block` is the BlockInfo dict readers label plots with."""
+    attrs = {"key": key.to_dict(), "recipe": recipe.to_dict()} | ({"block": block} if block else {})
+    array = store.create(key.path, recipe.fingerprint(key), attrs, row_shape, n, shard_rows)
+    for i in range(array.n_shards if rows is not None else 0):
+        array.write_shard(i, rows[array.shard_slice(i)])
+    return array
+
+
+def tree_state(root: Path) -> dict:
+    """Relative path -> (sha256 of its bytes, mtime_ns) for every file under root; directories map to None."""
+    return {str(p.relative_to(root)): None if p.is_dir() else (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def install_plugin(name: str, folder: Path, seed: int = 7) -> str:
+    """Copy an example plugin (tests/plugins) into `folder` and write its weights file from its own seeded
+    random init; returns the spec FILE.py:factory."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from diffstore.models.plugin import load_plugin
+
+    shutil.copy(PLUGINS / f"{name}.py", folder)
+    spec = f"{folder / name}.py:factory"
+    save_file(load_plugin(spec, random_init=seed).module.state_dict(), folder / f"{name}.safetensors")
+    return spec
+
+
+@pytest.fixture(scope="session")
+def unet_spec(tmp_path_factory):
+    return install_plugin("tiny_unet", tmp_path_factory.mktemp("unet-plugin"))
+
+
+@pytest.fixture(scope="session")
+def resnet_spec(tmp_path_factory):
+    return install_plugin("tiny_resnet", tmp_path_factory.mktemp("resnet-plugin"))
+
+
+SD_LATENT = 8  # the tiny SD UNet's sample_size; its VAE has 2 levels, so images are 16x16
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """A real CLIP BPE tokenizer from a minimal vocab.json + merges.txt (letters, digits, one merge chain)."""
+    import json
+    import string
+
+    chars = string.ascii_lowercase + string.digits
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars] + ["th", "the</w>"]
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+
+
+def save_tiny_sd(root: Path, **unet_kw) -> Path:
+    """A tiny Stable Diffusion pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), seeded weights;
+    unet_kw override UNet2DConditionModel arguments (e.g. SDXL's added conditioning)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1234)  # not a seed the random-init tests use
+    UNet2DConditionModel(**{**dict(
+        sample_size=SD_LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8), **unet_kw}).save_pretrained(root / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+        sample_size=2 * SD_LATENT,
+    ).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=1000, max_position_embeddings=16)).save_pretrained(root / "text_encoder")
+    write_clip_tokenizer(root / "tokenizer")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+ADM_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "adm"  # next to the checkout
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from conftest import save_tiny_unet
 from diffstore import datasets
 from diffstore.errors import DiffstoreError
 from diffstore.extract import forward_blocks
@@ -28,13 +30,7 @@ GRID = "0:1000:400"  # t = 0, 400, 800
 TINY = {"resnet18": 0.125, "wrn28-2": 0.25, "mobilenetv2": 0.25}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, thread contention makes these tiny networks 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # on a shared CPU, thread contention makes tiny networks 10x slower
 
 
 def digits_subset(split: str, root, skip_bad) -> datasets.Split:
@@ -45,14 +41,8 @@ def digits_subset(split: str, root, skip_bad) -> datasets.Split:
                           {**full.source, "first": n}, full.load)
 
 
-def save_tiny_unet(folder) -> str:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                norm_num_groups=4).save_pretrained(folder)
-    return str(folder)
+def save_unet(folder) -> str:
+    return str(save_tiny_unet(folder, widths=(8, 16), attention=False))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +56,7 @@ def small_digits():
 def built(tmp_path_factory, small_digits):
     """A store with pooled targets and maps from a tiny U-Net whose files are then deleted."""
     tmp = tmp_path_factory.mktemp("repfusion")
-    model_dir = save_tiny_unet(tmp / "unet")
+    model_dir = save_unet(tmp / "unet")
     cfg = TargetsConfig(store=str(tmp / "s.zarr"), dataset=small_digits, model=model_dir, t_grid=GRID, maps=True,
                         device="cpu")
     result = targets_command(cfg, json_out=True, show_progress=False)
@@ -82,7 +72,7 @@ def test_t_grid_is_the_union_of_ranges():
             parse_t_grid(bad, 1000)
 
 
-def test_targets_hold_every_sample_view_and_t(built, capsys):
+def test_targets_hold_every_sample_view_and_t(built):
     r, model = built["result"], built["model"]
     assert r["path"] == "targets/digits-small/train/unet/mid_block.resnets.1.conv2/clean"
     assert r["shape"]["pooled"] == [N_TRAIN, 2, 3, 16] and r["shape"]["map"] == [N_TRAIN, 2, 3, 16, 8, 8]
@@ -101,7 +91,7 @@ def test_targets_hold_every_sample_view_and_t(built, capsys):
 
 def test_targets_rerun_is_a_no_op_and_another_grid_is_refused(built, tmp_path):
     cfg = built["cfg"]
-    model_dir = save_tiny_unet(tmp_path / "unet")  # the same seeded weights under the same name
+    model_dir = save_unet(tmp_path / "unet")  # the same seeded weights under the same name
     again = targets_command(TargetsConfig(**{**cfg.__dict__, "model": model_dir}), json_out=True, show_progress=False)
     assert again["shards_written"] == 0 and again["fingerprint"] == built["result"]["fingerprint"]
     with pytest.raises(DiffstoreError, match="t_grid"):
@@ -150,13 +140,27 @@ def test_entropy_weight_decays_from_lambda_to_zero():
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_each_loss_runs_and_reaches_the_student(loss):
+def test_each_loss_vanishes_on_a_matched_student_and_falls_as_it_learns(loss):
     torch.manual_seed(0)
+    z_map = torch.randn(6, 16, 4, 4)
+    z = z_map.mean((2, 3))  # the pooled target is the map's average, as stored targets are
+    matched = Distiller(loss, 16, 16)
+    if matched.proj is not None:  # hint: an identity projection
+        nn.init.eye_(matched.proj.weight.view(16, 16)), nn.init.zeros_(matched.proj.bias)
+    assert matched(z_map.clone(), z, z_map).item() < 1e-6
+    # A random student map of another width: the loss is clearly positive and gradient steps on the student
+    # (and the projection) bring it down.
     s_map = torch.randn(6, 12, 4, 4, requires_grad=True)
-    z, z_map = torch.randn(6, 16), torch.randn(6, 16, 8, 8)
-    value = Distiller(loss, 12, 16)(s_map, z, z_map)
-    value.backward()
-    assert value.ndim == 0 and torch.isfinite(value) and value > 0 and s_map.grad.abs().sum() > 0
+    distiller = Distiller(loss, 12, 16)
+    opt = torch.optim.Adam([s_map, *distiller.parameters()], lr=0.05)
+    losses = []
+    for _ in range(30):
+        value = distiller(s_map, z, z_map)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[0] > 1e-3 and losses[-1] < 0.3 * losses[0], losses[::10]
 
 
 def test_relational_losses_vanish_on_matching_structure():
@@ -179,14 +183,18 @@ def test_train_and_finetune_never_load_the_unet(built, monkeypatch, capsys):
 
     monkeypatch.setattr("diffstore.models.load_model", no_unet)
     monkeypatch.setattr("diffstore.repfusion.commands.load_model", no_unet)
-    trained = train_command(DistillConfig(store=built["store"], loss="at", epochs=1, batch_size=32, width=0.125,
+    trained = train_command(DistillConfig(store=built["store"], loss="hint", epochs=4, batch_size=32, width=0.125,
                                           decoder_steps=20), show_progress=False)
     assert sum(trained["distribution"]) == pytest.approx(1, abs=1e-4) and len(trained["distribution"]) == 3
+    losses = [h["distill_loss"] for h in trained["history"]]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses  # the student learns the stored targets
     capsys.readouterr()
-    tuned = finetune_command(FinetuneConfig(store=built["store"], run=trained["run"], epochs=1, batch_size=32),
+    tuned = finetune_command(FinetuneConfig(store=built["store"], run=trained["run"], epochs=6, batch_size=32),
                              json_out=True, show_progress=False)
     printed = json.loads(capsys.readouterr().out)
-    assert printed["distilled_acc"] == tuned["distilled_acc"] and 0 <= tuned["scratch_acc"] <= 1
+    assert printed["distilled_acc"] == tuned["distilled_acc"]
+    # 10 classes, 48 test images: chance is 0.1 (P(>= 10 right by chance) ~ 2%); seeded, so no flake
+    assert tuned["distilled_acc"] > 0.4 and tuned["scratch_acc"] > 0.2, (tuned["distilled_acc"], tuned["scratch_acc"])
     assert tuned["n_train"] == N_TRAIN and tuned["n_test"] == N_TEST
     stages = {r["stage"] for r in Store.open(built["store"], "r").results("repfusion")}
     assert {"distill", "finetune"} <= stages
@@ -204,19 +212,27 @@ def test_distillation_is_reproducible_with_a_seed(built):
 
 
 def test_at_loss_needs_stored_maps_and_a_prefix_split_loads_back(tmp_path, small_digits):
-    model_dir = save_tiny_unet(tmp_path / "unet")
+    model_dir = save_unet(tmp_path / "unet")
     cfg = TargetsConfig(store=str(tmp_path / "s.zarr"), dataset=small_digits, model=model_dir, t_grid="0,500",
                         views="none", limit=40, device="cpu")
     r = targets_command(cfg, json_out=True, show_progress=False)
-    assert r["path"].startswith("targets/digits-small/train-first40/") and r["shape"]["pooled"] == [40, 1, 2, 16]
+    assert r["path"].startswith("targets/digits-small/train/") and r["shape"]["pooled"] == [40, 1, 2, 16]
     with pytest.raises(DiffstoreError, match="--maps"):
         distill(DistillConfig(store=cfg.store, loss="at", epochs=1, width=0.125, decoder_steps=5), show_progress=False)
     hint = distill(DistillConfig(store=cfg.store, epochs=1, width=0.125, decoder_steps=5), show_progress=False)
     assert len(hint["decoder_acc_by_t"]) == 2  # the 40-image prefix was reloaded, row-aligned with its targets
 
 
-def test_analyze_measures_rank_per_t_and_writes_plots(built, tmp_path, capsys):
+def test_analyze_measures_rank_per_t_and_writes_plots(built, tmp_path):
     r = analyze_command(AnalyzeConfig(store=built["store"], out=str(tmp_path), tsne_ts=2, tsne_points=60), json_out=True)
-    assert len(r["effective_rank"]) == 3 and all(1 <= e <= 16 for e in r["effective_rank"])
+    # the same measure recomputed here with numpy from the stored targets (identity view, one t at a time)
+    z = Store.open(built["store"], "r").open_array(built["result"]["path"] + "/pooled").read()[:, 0].astype(np.float64)
+    want = []
+    for k in range(z.shape[1]):
+        s = np.linalg.svd(z[:, k] - z[:, k].mean(0), compute_uv=False)
+        p = s / s.sum()
+        want.append(float(np.exp(-(p * np.log(p)).sum())))
+    np.testing.assert_allclose(r["effective_rank"], want, rtol=1e-9)
+    assert len(set(np.round(want, 3))) == 3  # one value per t, not a constant
     assert all(p.endswith(".png") and (tmp_path / p).exists() for p in r["pngs"])
     assert effective_rank(np.ones(4)) == pytest.approx(4) and effective_rank(np.array([1.0, 0, 0])) == pytest.approx(1)

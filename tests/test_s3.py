@@ -7,14 +7,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+from typer.testing import CliRunner
 
-from conftest import subset
+from conftest import digests, subset
+from diffstore.cli import app
 from diffstore.datasets import load_split
 from diffstore.extract import extract_features, plan_extraction
-from diffstore.models import load_model
 from diffstore.store import Store
 from diffstore.store.verify import verify_findings
 
+URL = "s3://team/shared.zarr"
 DS = [str(Path(sys.executable).parent / "diffstore")]
 READER = """
 import hashlib, json, sys
@@ -24,35 +27,38 @@ print(json.dumps({a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a i
 """
 
 
-def fill(url, model, split):
+def fill(url, model, split) -> dict:
     plan = plan_extraction(Store.open(url), model, split, "10,300", "2,mid", "1,full")
-    extract_features(plan, batch_size=32, show_progress=False)
+    return extract_features(plan, batch_size=32, show_progress=False)
 
 
-def test_s3_store_round_trip_matches_local_bytes(s3_env, tiny_unet_dir, tmp_path):
-    model = load_model(str(tiny_unet_dir))
-    split = subset(load_split("digits", "test"), 40)
-    fill("s3://team/shared.zarr", model, split)
+@pytest.fixture(scope="module")
+def split():
+    return subset(load_split("digits", "test"), 40)
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3_env, model, split) -> str:
+    """One store on S3, written once for this module by this process."""
+    assert fill(URL, model, split)["tasks_run"] == 2  # 2 t x 1 shard
+    return URL
+
+
+def test_s3_store_round_trip_matches_local_bytes(s3_env, s3_store, model, split, tmp_path):
     fill(str(tmp_path / "local.zarr"), model, split)
-    remote = subprocess.run([sys.executable, "-c", READER, "s3://team/shared.zarr"], env=s3_env, capture_output=True, text=True)
-    local = subprocess.run([sys.executable, "-c", READER, str(tmp_path / "local.zarr")], capture_output=True, text=True)
+    remote = subprocess.run([sys.executable, "-c", READER, s3_store], env=s3_env, capture_output=True, text=True)
     assert remote.returncode == 0, remote.stderr
-    remote_hashes, local_hashes = json.loads(remote.stdout), json.loads(local.stdout)
-    assert len(remote_hashes) == 8 and remote_hashes == local_hashes
+    local = digests(Store.open(str(tmp_path / "local.zarr"), mode="r"))
+    assert len(local) == 8 and json.loads(remote.stdout) == local
 
 
-def test_colleague_reuses_what_is_on_s3(s3_env, tiny_unet_dir):
-    model = load_model(str(tiny_unet_dir))
-    split = subset(load_split("digits", "test"), 40)
-    fill("s3://team/reuse.zarr", model, split)
-    plan = plan_extraction(Store.open("s3://team/reuse.zarr"), model, split, "10,300", "2,mid", "1,full")
-    assert extract_features(plan, show_progress=False)["tasks_run"] == 0
-    ls = subprocess.run([sys.executable, "-m", "diffstore.cli", "ls", "--store", "s3://team/reuse.zarr", "--json"],
-                        env=s3_env, capture_output=True, text=True)
-    assert ls.returncode == 0, ls.stderr
+def test_colleague_reuses_what_is_on_s3(s3_store, model, split):
+    assert fill(s3_store, model, split)["tasks_run"] == 0
+    ls = CliRunner().invoke(app, ["ls", "--store", s3_store, "--json"])
+    assert ls.exit_code == 0, ls.output
     rows = json.loads(ls.stdout)
-    assert len(rows) == 8 and all(r["complete"].split("/")[0] == r["complete"].split("/")[1] for r in rows)
-    np.testing.assert_equal(Store.open("s3://team/reuse.zarr", mode="r").split("digits", "test").ids, split.ids)
+    assert len(rows) == 8 and all(r["shards_done"] == r["shards"] for r in rows)
+    np.testing.assert_equal(Store.open(s3_store, mode="r").split("digits", "test").ids, split.ids)
 
 
 def free_port() -> int:

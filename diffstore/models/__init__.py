@@ -4,17 +4,32 @@
     PATH | owner/name           a diffusers UNet2DModel folder or hub id
     adm:PATH.pt                 a guided-diffusion ADM checkpoint (adm.py), with --adm-config
     sd:PATH | sd:owner/name     Stable Diffusion (sd.py): UNet2DConditionModel + VAE + CLIP text encoder
+    dit:PATH | dit:owner/name   DiT (dit.py): DiTTransformer2DModel + VAE, class-conditional
     py:FILE.py:FACTORY          any torch U-Net through a plugin factory (plugin.py)
+
+class_label (class-conditional ADM and DiT): a class index, or "dataset" for the dataset's labels; None is each
+backend's default (ADM: the dataset's labels; DiT: its null class).
 """
 
 from __future__ import annotations
 
+from ..errors import DiffstoreError
 from .base import DiffusionModel
 
 
+def parse_class_label(value: int | str | None) -> int | str | None:
+    """--class-label N | dataset, from the CLI (a string) or from code."""
+    if value is None or isinstance(value, int) or value == "dataset":
+        return value
+    if str(value).strip().isdigit():
+        return int(value)
+    raise DiffstoreError(f"--class-label takes a class index (0, 1, ...) or 'dataset', got {value!r}")
+
+
 def load_model(spec: str = "default", *, name: str | None = None, random_init: int | None = None,
-               adm_config: str | None = None, class_label: int | None = None,
+               adm_config: str | None = None, class_label: int | str | None = None,
                prompt: str = "", resolution: int | None = None) -> DiffusionModel:
+    class_label = parse_class_label(class_label)
     if spec == "default":
         from .diffusers_unet import DEFAULT_DIR, load_unet2d
 
@@ -22,11 +37,16 @@ def load_model(spec: str = "default", *, name: str | None = None, random_init: i
     if spec.startswith("adm:"):
         from .adm import load_adm
 
-        return load_adm(spec[4:] or None, adm_config, name=name, random_init=random_init, class_label=class_label)
+        return load_adm(spec[4:] or None, adm_config, name=name, random_init=random_init,
+                        class_label=None if class_label == "dataset" else class_label)
     if spec.startswith("sd:"):
         from .sd import load_sd
 
         return load_sd(spec[3:], prompt=prompt, resolution=resolution, name=name, random_init=random_init)
+    if spec.startswith("dit:"):
+        from .dit import load_dit
+
+        return load_dit(spec[4:], name=name, random_init=random_init, class_label=class_label)
     if spec.startswith("py:"):
         from .plugin import load_plugin
 

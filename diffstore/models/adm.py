@@ -22,7 +22,7 @@ from ..blocks import BlockTable, trace_blocks
 from ..errors import DiffstoreError
 from ..key import sha256_files
 from .adm_net import NUM_CLASSES, ADMNetConfig, ADMUNet
-from .base import DiffusionModel, cosine_alphas_cumprod, linear_alphas_cumprod
+from .base import DiffusionModel, class_labels, cosine_alphas_cumprod, linear_alphas_cumprod
 
 # guided_diffusion.script_util.model_and_diffusion_defaults()
 DEFAULT_FLAGS = {
@@ -179,7 +179,7 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
             torch.manual_seed(random_init)
             net = build_adm(flags)
         weights_sha = f"random-init:{random_init}"
-        base = f"{name or 'adm-' + Path(str(config_name)).stem}.random-init-s{random_init}"
+        base = f"{name or (Path(path).stem if path else 'adm-' + Path(str(config_name)).stem)}.random-init-s{random_init}"
 
     steps = int(flags["diffusion_steps"])
     t_scale = 1000.0 / steps if flags["rescale_timesteps"] else None
@@ -188,16 +188,7 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
         t_in = t.float() * t_scale if t_scale else t
         if not cond:
             return net(x, t_in)
-        if class_label is not None:
-            y = torch.full((x.shape[0],), class_label, dtype=torch.long, device=x.device)
-        elif labels is None:
-            raise DiffstoreError("this ADM model is class-conditional: pass --class-label N (an ImageNet class), "
-                                 "or use a dataset whose labels are ImageNet class indices")
-        else:
-            y = labels.to(device=x.device, dtype=torch.long)
-            if y.numel() and not (0 <= int(y.min()) and int(y.max()) < NUM_CLASSES):
-                raise DiffstoreError(f"dataset labels {int(y.min())}..{int(y.max())} are not ImageNet class indices "
-                                     f"0..{NUM_CLASSES - 1}: pass --class-label N instead")
+        y = class_labels("dataset" if class_label is None else class_label, labels, len(x), NUM_CLASSES, x.device)
         return net(x, t_in, y)
 
     policy = "none" if not cond else ("constant" if class_label is not None else "dataset")
@@ -214,4 +205,5 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
         weights_sha256=weights_sha,
         run=run,
         source={"path": path, "adm_config": config_name},
+        set_attention=net.set_attention,
     )

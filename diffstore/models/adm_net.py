@@ -152,15 +152,21 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tensor:
+def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool, sdpa: bool = False) -> torch.Tensor:
     """Multi-head self-attention over the spatial positions of qkv [B, 3*heads*ch, T] -> [B, heads*ch, T].
 
     The two checkpoint families lay qkv out differently: QKVAttention (new order) is [q | k | v] with heads
     inside each, QKVAttentionLegacy is per head [q k v]. Reading a checkpoint with the wrong order still runs,
     silently wrong, so the flag must match the checkpoint (64x64 uses the new order, the others legacy).
+    sdpa: the same attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on a
+    GPU: the [T, T] weights never reach memory); equal up to rounding, so it is a recipe field (key.Recipe).
     """
     b, width, n = qkv.shape
     ch = width // (3 * heads)
+    if sdpa:  # [B, heads, T, ch] with the channels contiguous: the layout the fused (flash) kernels take
+        split = (b, 3, heads, ch, n) if new_order else (b, heads, 3, ch, n)
+        q, k, v = qkv.reshape(split).permute((1, 0, 2, 4, 3) if new_order else (2, 0, 1, 4, 3)).contiguous().unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, heads * ch, n)
     if new_order:
         q, k, v = (z.reshape(b * heads, ch, n) for z in qkv.chunk(3, dim=1))
     else:
@@ -177,6 +183,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, ch: int, heads: int, new_order: bool):
         super().__init__()
         self.heads, self.new_order = heads, new_order
+        self.sdpa = False  # set by ADMUNet.set_attention
         self.norm = GroupNorm32(ch)
         self.qkv = nn.Conv1d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv1d(ch, ch, 1)
@@ -184,7 +191,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         b, c, height, width = x.shape
         x = x.reshape(b, c, height * width)
-        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.heads, self.new_order))
+        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.heads, self.new_order, self.sdpa))
         return (x + h).reshape(b, c, height, width)
 
 
@@ -258,6 +265,12 @@ class ADMUNet(nn.Module):
                 if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                     m.half()
         return self
+
+    def set_attention(self, mode: str) -> None:
+        """"eager": the reference's einsum attention; "sdpa": F.scaled_dot_product_attention."""
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.sdpa = mode == "sdpa"
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..blocks import BlockTable
+from ..errors import DiffstoreError
 from ..key import model_fingerprint
 
 
@@ -31,6 +32,9 @@ class DiffusionModel:
     # encode(images) -> x_0 in the space noise is added in (SD latents); None means images are x_0.
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None
     source: dict = field(default_factory=dict)  # where it came from (provenance only, not identity)
+    # set_attention("eager" | "sdpa"): switch the network's attention kernels (a recipe field: it changes the
+    # last bits); None when the network has one implementation only (diffusers already uses SDPA).
+    set_attention: Callable[[str], None] | None = None
 
     def __post_init__(self):
         if self.run is None:
@@ -47,6 +51,23 @@ class DiffusionModel:
     def to(self, device: torch.device) -> "DiffusionModel":
         self.module.to(device)
         return self
+
+
+def class_labels(class_label: int | str, labels: torch.Tensor | None, n: int, num_classes: int,
+                 device: torch.device) -> torch.Tensor:
+    """Labels [n] for a class-conditional network (ADM, DiT): `class_label` for every image, or with "dataset" the
+    dataset's labels, which must be the model's class indices (ImageNet's for the released checkpoints)."""
+    if class_label != "dataset":
+        return torch.full((n,), int(class_label), dtype=torch.long, device=device)
+    if labels is None:
+        raise DiffstoreError("this model is class-conditional and the dataset has no labels: pass --class-label N "
+                             f"(a class index 0..{num_classes - 1})")
+    y = labels.to(device=device, dtype=torch.long)
+    if y.numel() and not (0 <= int(y.min()) and int(y.max()) < num_classes):
+        raise DiffstoreError(f"dataset labels {int(y.min())}..{int(y.max())} are not the model's class indices "
+                             f"0..{num_classes - 1} (ImageNet classes for the released checkpoints): "
+                             "pass --class-label N instead")
+    return y
 
 
 def linear_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:

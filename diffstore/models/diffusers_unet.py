@@ -73,6 +73,17 @@ def weight_files(folder: Path) -> list[Path]:
     raise DiffstoreError(f"no weight files (*.safetensors or *.bin) in {folder}")
 
 
+def folder_identity(spec: str, root: Path, weight_folders: list[Path], name: str | None, random_init: int | None,
+                    suffix: str = "") -> tuple[str, str]:
+    """(name in store paths, weights sha256) of a folder or hub model. The name defaults to the folder's name (a hub
+    id with / as --) plus `suffix` (settings that change the features, so stores never mix them); seeded random
+    weights hash no file and add .random-init-sSEED."""
+    base = name or ((root.name if Path(spec).expanduser().is_dir() else spec.replace("/", "--")) + suffix)
+    if random_init is not None:
+        return f"{base}.random-init-s{random_init}", f"random-init:{random_init}"
+    return base, sha256_files([f for folder in weight_folders for f in weight_files(folder)])
+
+
 def read_alphas_cumprod(folder: Path) -> tuple[torch.Tensor, dict]:
     for cfg in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
         if cfg.is_file():
@@ -103,21 +114,19 @@ def load_unet2d(spec: str, name: str | None = None, random_init: int | None = No
         if random_init is None:
             unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False,
                                                use_safetensors=(folder / "diffusion_pytorch_model.safetensors").is_file())
-            weights_sha = sha256_files(weight_files(folder))
         else:
             torch.manual_seed(random_init)
             unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))
-            weights_sha = f"random-init:{random_init}"
     except DiffstoreError:
         raise
     except Exception as e:
         raise DiffstoreError(f"could not load a UNet2DModel from {folder}: {type(e).__name__}: {e}") from e
     unet.eval().requires_grad_(False)
-    base = name or (root.name if Path(spec).expanduser().is_dir() else spec.replace("/", "--"))
+    model_name, weights_sha = folder_identity(spec, root, [folder], name, random_init)
     size = unet.config.sample_size
     size = size[0] if isinstance(size, (list, tuple)) else size
     model = DiffusionModel(
-        name=base if random_init is None else f"{base}.random-init-s{random_init}",
+        name=model_name,
         module=unet,
         blocks=BlockTable([]),
         alphas_cumprod=alphas,

@@ -17,9 +17,8 @@ import torch
 
 from ..blocks import BlockTable
 from ..errors import DiffstoreError
-from ..key import sha256_files
 from .base import DiffusionModel
-from .diffusers_unet import model_config, read_alphas_cumprod, resolve_folder, trace_unet, weight_files
+from .diffusers_unet import folder_identity, model_config, read_alphas_cumprod, resolve_folder, trace_unet
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # transformers' bookkeeping keys: they change with the library version, not with the network.
@@ -45,6 +44,28 @@ def text_encoder_config(root: Path) -> dict:
     """The text encoder's config as written in its folder, less bookkeeping (stable across library versions)."""
     config = json.loads((root / "text_encoder" / "config.json").read_text())
     return {k: v for k, v in config.items() if k not in TEXT_CONFIG_DROP}
+
+
+def latent_encoder(vae):
+    """encode(images) -> latents x_0 = mode of the VAE posterior x vae.config.scaling_factor (deterministic).
+
+    The VAE follows the denoiser's device lazily (DiffusionModel.to moves only the denoiser) and always runs in
+    float32: the SD VAE overflows in fp16, which is why diffusers' force_upcast exists.
+    """
+    scale = float(vae.config.scaling_factor)
+
+    def encode(images):
+        if vae.device != images.device:
+            vae.to(images.device)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            return vae.encode(images.float()).latent_dist.mode() * scale
+
+    return encode
+
+
+def vae_downscale(vae) -> int:
+    """Image pixels per latent pixel: 2 per VAE level after the first (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_parts(root: Path, random_init: int | None):
@@ -90,36 +111,23 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
 
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_scale = vae_downscale(vae)
     sample = unet.config.sample_size
     resolution = resolution or vae_scale * int(sample[0] if isinstance(sample, (list, tuple)) else sample)
     if resolution % vae_scale:
         raise DiffstoreError(f"resolution {resolution} is not a multiple of the VAE's downscale factor {vae_scale}")
     emb, prompt_ids = encode_prompt(tokenizer, text_encoder, prompt)
     del text_encoder  # only its output for this prompt is needed from here on
-    scale = float(vae.config.scaling_factor)
 
     def run(x, t, labels):
         return unet(x, t, encoder_hidden_states=emb.to(x.device, x.dtype).expand(len(x), -1, -1))
 
-    def encode(images):
-        # The VAE follows the UNet's device lazily (DiffusionModel.to moves only the UNet) and always runs in
-        # float32: the SD VAE overflows in fp16, which is why diffusers' force_upcast exists.
-        if vae.device != images.device:
-            vae.to(images.device)
-        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            return vae.encode(images.float()).latent_dist.mode() * scale
-
     alphas, schedule = read_alphas_cumprod(root)
-    if random_init is None:
-        weights_sha = sha256_files([f for part in ("unet", "vae", "text_encoder") for f in weight_files(root / part)])
-    else:
-        weights_sha = f"random-init:{random_init}"
-    base = name or (root.name if Path(spec).expanduser().is_dir() else spec.replace("/", "--"))
-    if not name:  # settings that change the features get a readable name of their own, so stores never mix them
-        base += f".{resolution}px" + (f".prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}" if prompt else "")
+    suffix = f".{resolution}px" + (f".prompt-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}" if prompt else "")
+    model_name, weights_sha = folder_identity(spec, root, [root / p for p in ("unet", "vae", "text_encoder")], name,
+                                              random_init, suffix)
     model = DiffusionModel(
-        name=base if random_init is None else f"{base}.random-init-s{random_init}",
+        name=model_name,
         module=unet,
         blocks=BlockTable([]),
         alphas_cumprod=alphas,
@@ -130,7 +138,7 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
                 "resolution": resolution, "schedule": schedule},
         weights_sha256=weights_sha,
         run=run,
-        encode=encode,
+        encode=latent_encoder(vae),
         source={"spec": spec, "folder": str(root)},
     )
     model.blocks = trace_unet(model, (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale))

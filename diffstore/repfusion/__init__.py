@@ -7,9 +7,18 @@
     losses.py    hint, attention transfer, RKD
     distill.py   distillation (policy + student) and fine-tuning with the no-distillation baseline
     analyze.py   singular values, effective rank and t-SNE of the targets per t
+    config.py    the options of each command (torch-free: the CLI reads them at start-up)
     commands.py  the CLI commands: config -> result dict, printed as a table or JSON
+
+The commands load on first use, so `diffstore.repfusion.config` loads without torch.
 """
 
-from .commands import analyze_command, finetune_command, targets_command, train_command
-
 __all__ = ["targets_command", "train_command", "finetune_command", "analyze_command"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import commands
+
+        return getattr(commands, name)
+    raise AttributeError(f"module 'diffstore.repfusion' has no attribute {name!r}")

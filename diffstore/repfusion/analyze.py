@@ -6,13 +6,12 @@
     t-SNE             2-D embedding per t of a seeded subset, coloured by class
     policy            the learned distribution over t of every distill run on these targets
 
-PNGs (spectra, effective_rank, tsne, policy) go to out/{targets fingerprint[:12]}/, matplotlib's object API
+PNGs (spectra, effective_rank, tsne, policy) go to OUT/{targets fingerprint[:12]}/ (OUT: beside the store), matplotlib's object API
 as in plots.py; the numbers go to the store as a result.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..plots import curves, save
+from ..progress import progress
 from ..store import Store
 from .distill import KIND, run_results
 from .targets import open_targets
+from .config import AnalyzeConfig
 
 
 def spectrum(x: np.ndarray) -> np.ndarray:
@@ -59,17 +60,23 @@ def plot_tsne(ts: list[int], embeddings: list[np.ndarray], labels: np.ndarray, c
     return Path(path)
 
 
-@dataclass
-class AnalyzeConfig:
-    store: str = "data/default.zarr"
-    targets: str | None = None  # None = the store's only targets
-    out: str = "data/repfusion"  # PNGs go to out/{targets fingerprint[:12]}/
-    tsne_ts: int = 4  # t-SNE at this many grid points, evenly spread
-    tsne_points: int = 500
-    seed: int = 0
+def plot_policy(ts: list[int], runs: dict[str, list[float]], path: Path) -> Path:
+    """The learned pi(t) of each run against the uniform policy (dashed). The y-axis starts at 0 and spans at
+    least twice the uniform mass, so a near-uniform policy looks flat rather than steep."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    uniform = 1 / len(ts)
+    ax.axhline(uniform, color="grey", ls="--", lw=1, label=f"uniform (1/{len(ts)})")
+    for name, dist in runs.items():
+        ax.plot(ts, dist, marker="o", ms=3, label=name)
+    top = max([2 * uniform, *(1.1 * max(d) for d in runs.values())])
+    ax.set(xlabel="t", ylabel="mean pi(t | x)", ylim=(0, top), title="Learned distribution over t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
 
 
-def analyze(cfg: AnalyzeConfig) -> dict:
+def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
     from sklearn.manifold import TSNE
 
     store = Store.open(cfg.store, "a")
@@ -77,7 +84,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     base, ts = arr.path.rsplit("/", 1)[0], arr.attrs["t_grid"]
     z = arr.read()[:, 0]  # identity view, [N, K, C]
     labels = store.split(arr.attrs["dataset"]["name"], arr.attrs["dataset"]["split"]).labels
-    folder = Path(cfg.out) / arr.attrs["fingerprint"][:12]
+    folder = cfg.out_dir() / arr.attrs["fingerprint"][:12]
     folder.mkdir(parents=True, exist_ok=True)
 
     spectra = [spectrum(z[:, k]) for k in range(len(ts))]
@@ -88,15 +95,19 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(z), size=min(cfg.tsne_points, len(z)), replace=False))
     picks = sorted(set(np.linspace(0, len(ts) - 1, min(cfg.tsne_ts, len(ts))).round().astype(int).tolist()))
-    embeddings = [TSNE(2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=cfg.seed)
-                  .fit_transform(z[rows, k].astype(np.float32)) for k in picks]
+    embeddings = []
+    with progress("t", disable=not show_progress) as bar:  # t-SNE is the slow part: minutes on a CPU
+        task = bar.add_task(f"t-SNE of {len(rows)} points", total=len(picks))
+        for k in picks:
+            embeddings.append(TSNE(2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=cfg.seed)
+                              .fit_transform(z[rows, k].astype(np.float32)))
+            bar.advance(task)
     pngs.append(plot_tsne([ts[k] for k in picks], embeddings, labels[rows], arr.attrs["dataset"]["class_names"],
                           folder / "tsne.png"))
 
     runs = {r["run"]: r["distribution"] for r in run_results(store, "distill") if r["targets"] == base}
     if runs:
-        pngs.append(curves(ts, {**runs, "uniform": [1 / len(ts)] * len(ts)}, "t", "mean pi(t | x)",
-                           "Learned distribution over t", folder / "policy.png"))
+        pngs.append(plot_policy(ts, runs, folder / "policy.png"))
     result = {"stage": "analyze", "targets": base, "targets_fingerprint": arr.attrs["fingerprint"], "t_grid": ts,
               "effective_rank": ranks, "top_singular_value": [float(s[0]) for s in spectra],
               "tsne_t": [ts[k] for k in picks], "tsne_points": len(rows), "runs": sorted(runs), "pngs": [str(p) for p in pngs]}

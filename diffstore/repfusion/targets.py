@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import zarr
 
 from ..blocks import BlockInfo, BlockTable, trace_blocks
-from ..datasets import Split, load_split
+from ..datasets import Split
 from ..errors import DiffstoreError
 from ..extract import SHARD_BYTES, encode_images, forward_blocks
 from ..key import EXTRACTOR_VERSION, INPUT_MODES, fingerprint
@@ -37,8 +37,7 @@ from ..models.base import DiffusionModel
 from ..preprocess import Preprocess
 from ..progress import progress
 from ..store import ShardedArray, Store
-
-DEFAULT_LAYER = "mid-conv"
+from .config import DEFAULT_LAYER, TargetsConfig
 
 
 def parse_t_grid(spec: str, num_timesteps: int) -> list[int]:
@@ -60,15 +59,6 @@ def parse_t_grid(spec: str, num_timesteps: int) -> list[int]:
     if bad or not ts:
         raise DiffstoreError(f"t grid {spec!r} must lie in [0, {num_timesteps - 1}] for this model; out of range: {bad[:5]}")
     return sorted(ts)
-
-
-def load_data(name: str, split: str, root: str | None = None, limit: int | None = None) -> Split:
-    """A dataset split, or its first `limit` samples: a fixed prefix (the same rows on every run) named
-    "{split}-first{limit}", so it never mixes with the full split in a store."""
-    data = load_split(name, split, root)
-    if limit is None or limit >= len(data):
-        return data
-    return dataclasses.replace(data, split=f"{split}-first{limit}", ids=data.ids[:limit], labels=data.labels[:limit])
 
 
 @dataclass(frozen=True)
@@ -186,29 +176,6 @@ def open_targets(store: Store, path: str | None = None) -> ShardedArray:
         raise DiffstoreError(f"targets {path} are incomplete ({len(arr.missing())} shards missing): re-run "
                              "`diffstore repfusion targets` with the same options to finish them")
     return arr
-
-
-@dataclass
-class TargetsConfig:
-    store: str = "data/default.zarr"
-    dataset: str = "digits"
-    split: str = "train"
-    data_root: str | None = None
-    limit: int | None = None  # only the first `limit` samples of the split (CPU-sized runs on large datasets)
-    model: str = "default"
-    layer: str = DEFAULT_LAYER
-    t_grid: str = "0:1000:50"  # K = 20; the paper-like 0:50:1,50:1000:50 (K = 69) is 3.5x the work
-    views: str = "flip"
-    input: str = "clean"  # RepFusion's code feeds x_0 and passes t through the time embedding only
-    noise_seed: int = 0
-    noise_draws: int = 1
-    maps: bool = False  # also store the spatial maps (needed by --loss at)
-    view_seed: int = 0
-    batch_size: int = 128
-    shard_rows: int | None = None
-    compute_dtype: str = "float32"
-    dtype: str = "float16"
-    device: str = "auto"
 
 
 def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: TargetsConfig, show_progress: bool = True) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DiffstoreError
+from ..errors import DiffstoreError
 
 DEFAULT_BUDGET = 2 << 30  # bytes of float32 rows a Feed may hold in RAM; above it, rows stream chunk-wise
 

@@ -1,10 +1,12 @@
 """The `diffstore cka` stage: pick feature arrays from a store, check they cover the same samples, compute
-the CKA matrix (cka.py), then store it with store.put_result("cka", ...) and write JSON + a PNG heatmap.
+the CKA matrix (math.py; unbiased by default), store it with store.put_result("cka", ...); cka_command also
+writes JSON + a PNG heatmap (report.py) and prints it.
 
 Two ways to choose arrays:
     --by block|t|pool     one axis varies, the other key fields are fixed by --t/--block/--pool/--model/...;
                           a field left out defaults to the only value the store holds (else: an error
-                          listing the values). With --store-b the columns come from the second store.
+                          listing the values); the split defaults to test when the store holds several.
+                          With --store-b the columns come from the second store.
     --a KEYSET [--b KEYSET]  explicit keys, "t=90/b=5/p=2,model=NAME/t=10/b=5/p=2"; --b may read --store-b.
 """
 
@@ -12,20 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from .cka import CKAConfig, cka_matrix
-from .errors import DiffstoreError
-from .key import FeatureKey, parse_selector
-from .plots import heatmap
-from .progress import progress
-from .store import ShardedArray, Store
+from ..errors import DiffstoreError
+from ..key import DEFAULT_STORE, FeatureKey, parse_selector
+from ..progress import progress
+from ..store import ShardedArray, Store
+from .math import CKAConfig, bias_floor, cka_matrix, width
+from .report import draw, label, render
 
 FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
 AXES = ("block", "t", "pool")
@@ -113,19 +112,6 @@ def check_same_samples(entries: list[tuple[Store, ShardedArray]]) -> dict:
             "ids_sha256": first.ids_sha256}
 
 
-def label(key: FeatureKey, arr: ShardedArray | None, varying: list[str]) -> str:
-    """Axis label naming only the fields that vary; blocks by index and, given the array, by name (as in the
-    paper's figures)."""
-    parts = []
-    for f in varying:
-        if f == "block":
-            name = arr.attrs.get("block", {}).get("name", "") if arr is not None else ""
-            parts.append(f"b{key.block} {name}".strip())
-        else:
-            parts.append({"t": f"t={key.t}", "pool": f"p={key.pool}"}.get(f, str(getattr(key, f))))
-    return " ".join(parts) or key.short()
-
-
 def varying_fields(keys: list[FeatureKey]) -> list[str]:
     return [f for f in FIELDS if len({getattr(k, f) for k in keys}) > 1]
 
@@ -162,53 +148,68 @@ def result_name(by: str | None, rows: list[FeatureKey], cols: list[FeatureKey], 
     return f"pairs-{digest}_{method}"
 
 
-def draw(payload: dict, path: Path) -> Path:
-    """PNG heatmap like the paper's Figure 6: block names (or t, pool) on the rows, compact ticks on the columns."""
-    m = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)
-    est = payload["method"] + (f", n={payload['batch_size']}, seed={payload['seed']}" if payload["method"] == "minibatch" else "")
-    return heatmap(m, [r["label"] for r in payload["rows"]], [c["tick"] for c in payload["cols"]],
-                   f"{payload['kernel']} CKA ({est})\n{payload['title']}", path, cbar_label="CKA", fmt="{:.2f}")
+class RowPrefix:
+    """The first `n` rows of an array-like, read lazily (--limit)."""
+
+    def __init__(self, x, n: int):
+        self.x, self.shape, self.dtype = x, (min(n, x.shape[0]), *x.shape[1:]), x.dtype
+
+    def __getitem__(self, rows: slice):
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.x[start:stop]
 
 
-def render(payload: dict) -> None:
-    """The matrix as a compact rich table on stdout (no column rules, short column heads: a 10 x 10 block
-    matrix fits 80 columns). A wider one widens the console rather than dropping columns."""
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("", no_wrap=True, max_width=16, overflow="ellipsis")
-    for c in payload["cols"]:
-        table.add_column(c["tick"], justify="right", no_wrap=True, min_width=4)
-    for r, values in zip(payload["rows"], payload["matrix"]):
-        table.add_row(r["label"], *("-" if v is None else f"{v:.2f}" for v in values))
-    console = Console()
-    console = Console(width=max(console.width, 20 + 7 * len(payload["cols"])))
-    console.print(f"[bold]{payload['kernel']} CKA, {payload['method']}[/]: {payload['title']}", highlight=False)
-    console.print(table)
+def default_split(store: Store, filters: dict) -> dict:
+    """No --split and the store holds several: compare on test (held-out images, and the split every
+    dataset has). One split: that one."""
+    if filters.get("split") is None:
+        splits = {k.split for k in store.feature_keys()}
+        if len(splits) > 1 and "test" in splits:
+            return {**filters, "split": {"test"}}
+    return filters
 
 
-def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
-                dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
-                a: str | None = None, b: str | None = None, store_b: str | None = None,
-                method: str = "exact", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
-                sigma_frac: float = 1.0, json_out: bool = False, plot: str | None = None, out: str | None = None,
-                name: str | None = None, save: bool = True, show_progress: bool = True,
-                workers: int | None = None, scheduler: str | None = None) -> dict:
-    """Compute one CKA matrix from the store(s); store it, write JSON (--out) and PNG (--plot), print it."""
+def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
+    """The full-batch estimate with N not much larger than D: say how large its floor is and how to avoid it."""
+    if payload["method"] != "exact":
+        return None
+    floor = bias_floor(payload["n"], min(dims), min(dims))
+    if floor < 0.05:
+        return None
+    return (f"warning: exact (full-batch) CKA is biased upwards when N is not much larger than D: with N={payload['n']} "
+            f"and D={min(dims)}, two independent arrays would score about {floor:.2f}. For values that mean what "
+            f"they say, run: {command} --method unbiased")
+
+
+def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
+            dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
+            a: str | None = None, b: str | None = None, store_b: str | None = None,
+            method: str = "unbiased", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
+            sigma_frac: float = 1.0, limit: int | None = None, name: str | None = None, save: bool = True,
+            show_progress: bool = True, workers: int | None = None, scheduler: str | None = None) -> dict:
+    """One CKA matrix from the store(s), stored under results/cka/ (save=True); returns its payload (matrix,
+    row and column keys with labels, estimator, N, sample fingerprints). Nothing is printed."""
     cfg = CKAConfig(method=method, kernel=kernel, batch_size=batch_size, seed=seed, sigma_frac=sigma_frac)
+    if limit is not None and limit < 1:
+        raise DiffstoreError(f"--limit must be >= 1, got {limit}")
+    if limit and (workers or scheduler):
+        raise DiffstoreError("--limit is not supported on a dask cluster yet: drop --limit or --workers/--scheduler")
     filters = {f: parse_values(f, v) for f, v in zip(FIELDS, (dataset, split, model, input_mode, t, block, pool))}
     st = Store.open(store, mode="r")
     st_b = Store.open(store_b, mode="r") if store_b else None
-    row_keys, col_store, col_keys = choose(st, st_b, by, a, b, filters)
+    row_keys, col_store, col_keys = choose(st, st_b, by, a, b, default_split(st, filters))
     row_arrays = [open_feature(st, k) for k in row_keys]
     col_arrays = row_arrays if (col_store is st and col_keys == row_keys) else [open_feature(col_store, k) for k in col_keys]
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
-    xs_rows = {arr.path: arr for arr in row_arrays}  # ShardedArray: checked reads (checksums, NaN rows)
-    xs_cols = [xs_rows.get(arr.path, arr) if col_store is st else arr for arr in col_arrays]
-    n = row_arrays[0].n_rows
+    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)  # ShardedArray: checked reads (checksums, NaN rows)
+    xs_rows = {arr.path: view(arr) for arr in row_arrays}
+    xs_cols = [xs_rows[arr.path] if col_store is st and arr.path in xs_rows else view(arr) for arr in col_arrays]
+    n = min(row_arrays[0].n_rows, limit or row_arrays[0].n_rows)
     started = time.perf_counter()
     if workers or scheduler:  # tiles of the matrix on a dask cluster
-        from .distributed import cka_distributed
+        from ..distributed import cka_distributed
 
         result = cka_distributed([(st.url, k) for k in row_keys], [(col_store.url, k) for k in col_keys], cfg,
                                  workers=workers, scheduler=scheduler, show_progress=show_progress)
@@ -221,13 +222,16 @@ def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None
     def describe(s: Store, keys, arrays):
         vary = [by] if by else varying_fields(keys) or []
         return [{"store": s.url, "key": k.to_dict(), "short": k.short(), "label": label(k, arr, vary), "tick": label(k, None, vary),
-                 "block_name": arr.attrs.get("block", {}).get("name")} for k, arr in zip(keys, arrays)]
+                 "block_name": arr.attrs.get("block", {}).get("name"), "width": width(arr.x)} for k, arr in zip(keys, arrays)]
 
     # Title: the fixed key fields users choose between (dataset, split and input are in the name and JSON).
-    fixed = {f: getattr(row_keys[0], f) for f in ("model", "t", "block", "pool") if f not in varying_fields(row_keys + col_keys)}
+    fixed = {f: getattr(row_keys[0], f) for f in ("split", "model", "t", "block", "pool")
+             if f not in varying_fields(row_keys + col_keys)}
+    if "block" in fixed:  # by name too, as on the axes
+        fixed["block"] = label(row_keys[0], row_arrays[0], ["block"]).removeprefix("b")
     urls = sorted({st.url, col_store.url})
     payload = {
-        "name": name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls),
+        "name": name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls) + (f"_first{limit}" if limit else ""),
         "title": (f"by {by}, " if by else "") + " ".join(f"{f}={v}" for f, v in fixed.items()),
         "by": by, "rows": describe(st, row_keys, row_arrays), "cols": describe(col_store, col_keys, col_arrays),
         "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in result.matrix],
@@ -235,15 +239,26 @@ def cka_command(store: str, by: str | None = None, t=None, block=None, pool=None
         "batch_size": cfg.batch_size if result.method == "minibatch" else None,
         "seed": cfg.seed if result.method == "minibatch" else None,
         "sigma_frac": cfg.sigma_frac if cfg.kernel == "rbf" else None,
-        "n": n, "n_used": result.n_used, **samples, "stores": urls, "seconds": round(seconds, 3),
+        "n": n, "n_used": result.n_used, "limit": limit, **samples, "stores": urls, "seconds": round(seconds, 3),
     }
     if save:
         Store.open(store, mode="a").put_result("cka", payload["name"], payload)
+    return payload
+
+
+def cka_command(store: str = DEFAULT_STORE, json_out: bool = False, plot: str | None = None, out: str | None = None,
+                command: str = "diffstore cka", **options) -> dict:
+    """`diffstore cka`: compute() (same options), then write JSON (--out) and PNG (--plot) and print the matrix
+    (or the payload as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""
+    payload = compute(store, **options)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
     if plot:
         draw(payload, Path(plot) / f"{payload['name']}.png")
+    warning = bias_warning(payload, [e["width"] for e in payload["rows"] + payload["cols"]], command)
+    if warning:
+        print(warning, file=sys.stderr)
     if json_out:
         print(json.dumps(payload))
     else:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import DiffstoreError
+from ..errors import DiffstoreError
 
 HEADS = ("linear", "mlp", "cnn", "attention")
 # The smallest stored map side each head can use: conv+pool twice needs 4x4, attention needs several tokens.

@@ -1,20 +1,27 @@
 """Centered kernel alignment (CKA) between row-aligned feature arrays, streamed from any array-like.
 
 Inputs are anything with `.shape`, `.dtype` and `x[a:b] -> ndarray` (zarr arrays, numpy); rows are samples
-and are flattened to vectors. Two estimators:
+and are flattened to vectors. Three estimators:
 
 exact       linear CKA of Kornblith et al. 2019 on all N rows, through feature-space Grams:
                 CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F),   Xc = X - mean(X)
             One pass over row chunks accumulates X^T X, Y^T Y, X^T Y and column sums in float64, then
             centers: Xc^T Yc = X^T Y - s_x s_y^T / N. Exact, memory O(D^2), never O(N^2) and never all of X.
+unbiased    the same pass, debiased: unbiased HSIC_1 (Song et al. 2012) of the linear Grams on all N rows
+            (Nguyen et al. 2021's estimator without minibatches). With K = X X^T, K~ = K with a zero diagonal,
+            q_r = |x_r|^2 and s = X^T 1, every term of HSIC_1 has a feature-space form:
+                tr(K~L~)  = ||X^T Y||_F^2 - sum_r q_r p_r          1'K~1 = |s_x|^2 - sum_r q_r
+                1'K~L~1   = s_x^T X^T Y s_y - s_x^T X^T p - s_y^T Y^T q + sum_r q_r p_r
+            so it streams like `exact`: memory O(D^2) plus a few vectors.
 minibatch   Nguyen et al. 2021: the unbiased HSIC_1 of Song et al. 2012 averaged over minibatches of n rows,
                 CKA = mean HSIC(K, L) / sqrt(mean HSIC(K, K) mean HSIC(L, L)),
             memory independent of N. Linear or RBF kernel (sigma = a fraction of the median distance).
             Minibatches come from contiguous blocks read in a seeded random order and shuffled together
             per window, so each row is read once; batch size and seed change the estimate slightly.
 
-They estimate different things at finite N: the full-batch value is biased upwards by roughly D/N (two
-independent D = 1024 arrays over N = 8192 rows score ~0.1), the minibatch estimate is not.
+They estimate different things at finite N: the full-batch `exact` value is biased upwards (two independent
+arrays of D features score about D / (N + D): ~0.1 at D = 1024, N = 8192; ~0.4 at D = 256, N = 360), the
+unbiased and minibatch estimates are not (they scatter around 0 for independent features).
 
 Many arrays at once reuse per-array work: one pass computes each array's Gram once and only the cross
 terms per pair (exact), or each array's n x n Gram once per minibatch and every pair from those.
@@ -28,15 +35,16 @@ from typing import Callable
 import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
-from .errors import DiffstoreError
+from ..errors import DiffstoreError
 
-METHODS = ("exact", "minibatch", "auto")  # auto: exact when its accumulators fit max_gram_gib
+METHODS = ("exact", "unbiased", "minibatch", "auto")  # auto: exact when its accumulators fit max_gram_gib
+STREAMED = ("exact", "unbiased")  # one pass through feature-space Grams: linear kernel only
 KERNELS = ("linear", "rbf")
 
 
 @dataclass
 class CKAConfig:
-    method: str = "exact"  # exact | minibatch | auto
+    method: str = "exact"  # exact | unbiased | minibatch | auto
     kernel: str = "linear"  # linear | rbf (rbf: minibatch only)
     batch_size: int = 256  # n, rows per minibatch
     seed: int = 0  # sample order of the minibatches
@@ -52,7 +60,7 @@ class CKAConfig:
             raise DiffstoreError(f"unknown CKA method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.kernel not in KERNELS:
             raise DiffstoreError(f"unknown kernel {self.kernel!r}: use one of {', '.join(KERNELS)}")
-        if self.kernel == "rbf" and self.method == "exact":
+        if self.kernel == "rbf" and self.method in STREAMED:
             raise DiffstoreError("the rbf kernel needs N x N Grams, so it is streamed only: pass --method minibatch")
         if self.batch_size < 4:
             raise DiffstoreError(f"--batch-size {self.batch_size} is too small: unbiased HSIC needs at least 4 rows")
@@ -100,10 +108,19 @@ def accumulate(g: np.ndarray, zi: np.ndarray, zj: np.ndarray) -> None:
     assert out is g, "BLAS copied the accumulator: it must be a Fortran-ordered float64 array"
 
 
+def bias_floor(n: int, d1: int, d2: int) -> float:
+    """What full-batch (biased) linear CKA gives two independent Gaussian arrays of d1 and d2 features over n
+    rows, to leading order: sqrt(d1 d2 / ((n + d1)(n + d2))). Near 0 only when n >> d."""
+    return float(np.sqrt(d1 * d2 / ((n + d1) * (n + d2))))
+
+
 def exact_linear(arrays: list, pairs: list[tuple[int, int]], cfg: CKAConfig,
-                 on_rows: Callable[[int], None] | None = None) -> dict[tuple[int, int], float]:
-    """Exact linear CKA for each (i, j) in `pairs`, in one streamed pass over the rows of all arrays."""
+                 on_rows: Callable[[int], None] | None = None, unbiased: bool = False) -> dict[tuple[int, int], float]:
+    """Linear CKA for each (i, j) in `pairs`, in one streamed pass over the rows of all arrays: the full-batch
+    value, or with unbiased=True the debiased one (HSIC_1 terms, see the module docstring)."""
     n = row_count(arrays)
+    if unbiased and n < 4:
+        raise DiffstoreError(f"unbiased CKA needs at least 4 rows, got {n}")
     dims = [width(x) for x in arrays]
     terms = gram_terms(arrays, pairs)
     gib = exact_gib(arrays, pairs, cfg.chunk_rows)
@@ -116,6 +133,10 @@ def exact_linear(arrays: list, pairs: list[tuple[int, int]], cfg: CKAConfig,
     sums = [np.zeros(d) for d in dims]
     grams = {(i, j): np.zeros((dims[i], dims[j]), order="F") for i, j in terms}  # Fortran: BLAS writes in place
     buffers = [np.empty((min(cfg.chunk_rows, n), d)) for d in dims]
+    # unbiased only: per array sum_r q_r; per term sum_r q_r p_r, X^T p and Y^T q (q, p: squared row norms)
+    sq_sum = np.zeros(len(arrays))
+    qq = {t: 0.0 for t in terms}
+    xp = {t: (np.zeros(dims[t[0]]), np.zeros(dims[t[1]])) for t in terms}
     for a in range(0, n, cfg.chunk_rows):
         b = min(a + cfg.chunk_rows, n)
         z = [rows_of(x, a, b, buf) for x, buf in zip(arrays, buffers)]
@@ -124,11 +145,28 @@ def exact_linear(arrays: list, pairs: list[tuple[int, int]], cfg: CKAConfig,
             sums[i] += zi.sum(0)
         for i, j in terms:
             accumulate(grams[i, j], z[i], z[j])
+        if unbiased:
+            q = [np.einsum("rd,rd->r", zi, zi) for zi in z]
+            sq_sum += [qi.sum() for qi in q]
+            for i, j in terms:
+                qq[i, j] += float(q[i] @ q[j])
+                xp[i, j][0][:] += z[i].T @ q[j]
+                xp[i, j][1][:] += z[j].T @ q[i]
         if on_rows:
             on_rows(b - a)
     for i in range(len(arrays)):
         grams[i, i] = np.triu(grams[i, i]) + np.triu(grams[i, i], 1).T  # syrk filled the upper triangle
-    hsic = {(i, j): float(np.sum((grams[i, j] - np.outer(sums[i], sums[j]) / n) ** 2)) for i, j in terms}
+    if unbiased:  # HSIC_1 is invariant to the shift above (tested against the n x n formula)
+        def hsic_1(i: int, j: int) -> float:
+            g, (x_p, y_q), si, sj = grams[i, j], xp[i, j], sums[i], sums[j]
+            trace = float(np.sum(g ** 2)) - qq[i, j]
+            ones_k, ones_l = float(si @ si) - sq_sum[i], float(sj @ sj) - sq_sum[j]
+            cross = float(si @ g @ sj) - float(si @ x_p) - float(sj @ y_q) + qq[i, j]
+            return (trace + ones_k * ones_l / ((n - 1) * (n - 2)) - 2 / (n - 2) * cross) / (n * (n - 3))
+
+        hsic = {(i, j): hsic_1(i, j) for i, j in terms}
+    else:
+        hsic = {(i, j): float(np.sum((grams[i, j] - np.outer(sums[i], sums[j]) / n) ** 2)) for i, j in terms}
     return {(i, j): _ratio(hsic[min(i, j), max(i, j)], hsic[i, i], hsic[j, j]) for i, j in pairs}
 
 
@@ -235,8 +273,8 @@ def cka_matrix(rows: list, cols: list | None = None, cfg: CKAConfig | None = Non
     if method == "auto":
         fits = cfg.kernel == "linear" and exact_gib(arrays, pairs, cfg.chunk_rows) <= cfg.max_gram_gib
         method = "exact" if fits else "minibatch"
-    if method == "exact":
-        values, used = exact_linear(arrays, pairs, cfg, on_rows), row_count(arrays)
+    if method in STREAMED:
+        values, used = exact_linear(arrays, pairs, cfg, on_rows, unbiased=method == "unbiased"), row_count(arrays)
     else:
         values, used = minibatch(arrays, pairs, cfg, on_rows)
     out = np.empty((len(rows), len(cols)))
