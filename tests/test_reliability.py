@@ -165,13 +165,14 @@ def test_checked_reads_cover_slices_items_and_dask(clean, tmp_path):
 
 
 def test_probe_refuses_to_train_on_a_shard_whose_data_is_missing(clean, tmp_path, split):
-    from diffstore.probe import ProbeRecipe, train_probe
+    from diffstore.probe.recipe import ProbeRecipe
+    from diffstore.probe.train import train_probe
 
     url = copy(clean, tmp_path)
     deleted_shard(url, X, 1)  # its done flag stays 1: the rows read back as NaN
     a = Store.open(str(url), mode="r").open_array(X)
     with pytest.raises(DiffstoreError, match=f"{X}: shard 1 .* NaN rows"):
-        train_probe(a, split.labels, a, split.labels, recipe=ProbeRecipe(epochs=1), show_progress=False)
+        train_probe(a, split.labels, a, split.labels, recipe=ProbeRecipe(), show_progress=False)
 
 
 # --- removal ----------------------------------------------------------------------------------------------
