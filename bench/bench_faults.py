@@ -220,8 +220,8 @@ def bad_inputs(work: Path, clean: Path) -> list[dict]:
         "AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
         "AWS_CONFIG_FILE": "/nonexistent"}
     cases = [
-        ("--batch-size 0 (new store)", [*EXTRACT, "--store", new, "--batch-size", "0"], None, "batch-size"),
-        ("--batch-size -5 (new store)", [*EXTRACT, "--store", new, "--batch-size", "-5"], None, "batch-size"),
+        ("--batch-size 0 (new store)", [*EXTRACT, "--store", new, "--batch-size", "0"], None, "batch"),
+        ("--batch-size -5 (new store)", [*EXTRACT, "--store", new, "--batch-size", "-5"], None, "batch"),
         ("--shard-rows -16 (new store)", [*EXTRACT, "--store", new, "--shard-rows", "-16"], None, "shard-rows"),
         ("--shard-rows 7 (new store)", [*EXTRACT, "--store", new, "--shard-rows", "7"], None, "shard-rows"),
         ("--t abc (new store)", [*EXTRACT, "--store", new, "--t", "abc"], None, "--t"),
@@ -230,7 +230,7 @@ def bad_inputs(work: Path, clean: Path) -> list[dict]:
         ("s3:// without credentials", ["ls", "--store", "s3://bucket/x.zarr"], no_aws, "no credentials"),
         ("--shard-rows 7 (existing key)", [*EXTRACT, "--store", str(existing), "--shard-rows", "7"], None, "shard-rows"),
         ("--shard-rows 32 (existing key)", [*EXTRACT, "--store", str(existing), "--shard-rows", "32"], None, "16 rows per shard"),
-        ("--batch-size 0 (existing store)", [*EXTRACT, "--store", str(existing), "--batch-size", "0"], None, "batch-size"),
+        ("--batch-size 0 (existing store)", [*EXTRACT, "--store", str(existing), "--batch-size", "0"], None, "batch"),
         ("--noise-seed 1 (other fingerprint)", [*EXTRACT, "--store", str(existing), "--noise-seed", "1"], None, "noise_seed"),
         ("info t=nope", ["info", "--store", str(existing), "t=nope"], None, "t takes an integer"),
         ("rm without --yes (not a TTY)", ["rm", "--store", str(existing), "b=2"], None, "--yes"),
