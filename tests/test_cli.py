@@ -70,4 +70,4 @@ def test_info_prints_the_full_key_fingerprint_and_recipe(monkeypatch, capsys, st
     [row] = json.loads(out)
     assert row["path"] == KEY.path and row["key"] == KEY.to_dict() and row["recipe"] == RECIPE.to_dict()
     assert row["fingerprint"] == RECIPE.fingerprint(KEY)
-    assert row["shape"] == [40, 3, 2, 2] and row["done_shards"] == "3/3" and row["bytes_stored"] > 0
+    assert row["shape"] == [40, 3, 2, 2] and row["shards_done"] == row["n_shards"] == 3 and row["bytes_stored"] > 0
