@@ -1,4 +1,4 @@
-"""The extractor: block tables, key invariance, determinism, resume after SIGKILL, early exit, bad input."""
+"""The extractor: block tables, key invariance, determinism, resume after kill -9 or Ctrl-C, early exit, bad input."""
 
 import signal
 import subprocess
