@@ -1,6 +1,6 @@
 """The real-data probe report: which (t, block, pool) and which head, and do diffusion features beat the baselines?
 
-    python pipelines/probe_grid.py                                   # digits with the shipped default model
+    python pipelines/probe_grid.py --t 10,50 --top 1                 # digits with the shipped default model
     python pipelines/train_ddpm.py --dataset fashion-mnist --data-root ../shared/datasets/fashion-mnist \\
         --size 16 --out data/models/fashion-ddpm
     python pipelines/probe_grid.py --dataset fashion-mnist --data-root ../shared/datasets/fashion-mnist \\
