@@ -36,8 +36,8 @@ class HeadSpec:
     batchnorm: bool = False  # linear: BatchNorm1d (no affine) before the linear layer, as MAE's linear probe
     hidden: tuple[int, ...] = (512,)  # mlp
     channels: tuple[int, ...] = (64, 64)  # cnn: the two conv blocks
-    dim: int = 128  # attention: token width
-    depth: int = 1  # attention: Transformer blocks
+    dim: int = 128  # attention, fusion: token width
+    depth: int = 1  # attention, fusion: Transformer blocks
     n_heads: int = 4  # attention, fusion
     keys: tuple = ()  # fusion: (channels, token side, t, block) of each fused key, in token order
 
