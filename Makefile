@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` (extract + probe on the embedded default) and `make test`.
+# Two commands on a fresh machine: `make demo` (extract + probe on the embedded default, ending with the answer)
+# and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,9 @@ STORE  ?= data/default.zarr
 
 install: $(VENV)/.installed
 
-# torch is installed first with its pin so nothing later can pull another build.
+# torch is installed first, pinned to the CPU build these machines use; pyproject.toml only asks for a range
+# (torch>=2.3), which that install already satisfies, so nothing later pulls another build. ".[test]" holds
+# every extra (plots, xarray, dask, s3, sd), so demo, cka and the tests find what they import.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -20,9 +23,11 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest
 
+# The answer needs its controls: the same architecture with random weights, and raw pixels.
 demo: install
 	$(DS) extract --store $(STORE)
-	$(DS) probe --store $(STORE)
+	$(DS) extract --store $(STORE) --random-init 0
+	$(DS) probe --store $(STORE) --baseline pixels --plot $(basename $(STORE))-probe
 
 cka: install
 	$(PY) pipelines/cka.py --store $(STORE) --out data/cka
@@ -31,4 +36,4 @@ bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) data/*.zarr data/cka
+	rm -rf $(VENV) data/*.zarr data/*-probe data/*-repfusion data/*-cka data/cka

@@ -28,13 +28,14 @@ from rich.table import Table
 from torch.distributions import Categorical
 
 from diffstore.blocks import first_tensor
+from diffstore.datasets import load_split
 from diffstore.extract import pick_device, run_truncated
 from diffstore.models import load_model
 from diffstore.repfusion.distill import load_images
 from diffstore.repfusion.losses import Distiller
 from diffstore.repfusion.policy import Decoder, TimePolicy, reinforce_loss, reward
 from diffstore.repfusion.students import build_student
-from diffstore.repfusion.targets import TargetsConfig, build_targets, load_data, resolve_layer
+from diffstore.repfusion.targets import TargetsConfig, build_targets, resolve_layer
 from diffstore.store import Store
 
 
@@ -86,7 +87,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TargetsConfig(store=f"{tmp}/bench.zarr", dataset=args.dataset, data_root=args.data_root, limit=args.n,
                             layer=args.layer, t_grid=args.t_grid, views=args.views, device=args.device)
-        split = load_data(args.dataset, "train", args.data_root, args.n)
+        split = load_split(args.dataset, "train", args.data_root, limit=args.n)
         t0 = time.perf_counter()
         built = build_targets(Store.open(cfg.store), model, split, cfg, show_progress=False)
         build_s = time.perf_counter() - t0

@@ -10,8 +10,6 @@ The names below load on first use (PEP 562), so `import diffstore` is cheap and 
 
 from __future__ import annotations
 
-import sys
-import types
 from importlib import import_module
 from typing import TYPE_CHECKING
 
@@ -23,8 +21,9 @@ except PackageNotFoundError:  # a source tree on PYTHONPATH that was never insta
     __version__ = "0+unknown"
 
 __all__ = ["open", "extract", "probe", "cka", "FeatureStore", "Features", "FeatureKey", "DiffstoreError", "__version__"]
-_LAZY = {"open": "api", "extract": "api", "probe": "api", "cka": "api", "FeatureStore": "api", "Features": "api",
-         "FeatureKey": "key", "DiffstoreError": "errors"}
+# name -> module it comes from; extract, probe and cka are the stage packages themselves, callable (api.StageModule)
+_LAZY = {"open": "api", "FeatureStore": "api", "Features": "api", "FeatureKey": "key", "DiffstoreError": "errors",
+         "extract": None, "probe": None, "cka": None}
 
 if TYPE_CHECKING:
     from .api import Features, FeatureStore, cka, extract, open, probe
@@ -34,26 +33,10 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
+        module = import_module(f".{_LAZY[name] or name}", __name__)
+        return getattr(module, name) if _LAZY[name] else module
     raise AttributeError(f"module 'diffstore' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`ds.extract`, `ds.probe` and `ds.cka` are API functions, while diffstore.extract, diffstore.probe and
-    diffstore.cka may also be subpackages. Importing a submodule makes Python set it as an attribute of its
-    package, which would hide the function; this keeps the functions (the submodules stay importable by
-    name: `from diffstore.cka import cka_matrix`)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

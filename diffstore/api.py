@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DiffstoreError
-from .key import FeatureKey
+from .errors import DiffstoreError, require
+from .key import DEFAULT_STORE, FeatureKey
 from .store import ShardedArray, Store
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     import torch
     import xarray
 
-DEFAULT_STORE = "data/default.zarr"
 FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
 
 
@@ -106,22 +106,21 @@ class Features:
 
     def to_torch(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """A CPU tensor (the stored dtype unless `dtype` is given)."""
-        import torch
-
+        torch = require("torch")
         x = torch.from_numpy(self.numpy())
         return x if dtype is None else x.to(dtype)
 
     def to_dask(self) -> "dask.array.Array":
         """A dask array with one chunk per shard: for features larger than memory."""
         self._check_complete()
+        require("dask.array", "all")
         return self.array.to_dask()
 
     def to_xarray(self, lazy: bool = False) -> "xarray.DataArray":
         """A labelled DataArray: dims (sample, channel, y, x); coordinates sample (the ids), label and
         label_name per sample, channel, y, x; the key, block name and fingerprint in attrs. lazy=True keeps
         the data as dask."""
-        import xarray as xr
-
+        xr = require("xarray", "xarray")
         data = self.to_dask() if lazy else self.numpy()
         split = self.store.split(self.key.dataset, self.key.split)
         n, c, h, w = self.shape
@@ -222,6 +221,7 @@ def _cluster(workers: int | None, scheduler: str | None):
     if not (workers or scheduler):
         yield None
         return
+    require("distributed", "dask")
     from .distributed import cluster_client
 
     with cluster_client(workers, scheduler) as client:
@@ -248,6 +248,8 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
 
     if limit is not None and limit < 1:  # before the store is opened (created) below
         raise DiffstoreError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise DiffstoreError(f"batch_size must be >= 1, got {batch_size}")
     m = load_model(model, name=model_name, random_init=random_init, adm_config=adm_config, class_label=class_label,
                    prompt=prompt, resolution=resolution).to(pick_device(device))
     s = Store.open(store)
@@ -266,7 +268,9 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
                                     class_label=class_label, prompt=prompt, resolution=resolution),
                     data_spec=dict(name=dataset, split=sp, root=data_root, skip_bad=skip_bad, limit=limit))
             else:
-                summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress, workers=loader_workers)
+                with s.undo_if_unstarted(plan.created):  # a failure before any shard is done leaves nothing behind
+                    summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress,
+                                               workers=loader_workers)
             rows.append({"store": s.url, "dataset": dataset, "split": sp, "model": m.name, "rows": len(data),
                          "micro_batch": plan.recipe.micro_batch,
                          "arrays": [a.path for a in plan.arrays.values()],
@@ -277,8 +281,8 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
 
 def probe(store: str = DEFAULT_STORE, **options: Any) -> dict:
     """Train heads on stored features, as `diffstore probe` (same options as keywords, same defaults:
-    `help(diffstore.probe_stage.probe_command)`); returns {"results": [...], ...} without printing."""
-    from .probe_stage import probe_command
+    `help(diffstore.probe.stage.probe_command)`); returns {"results": [...], ...} without printing."""
+    from .probe.stage import probe_command
 
     with contextlib.redirect_stdout(io.StringIO()) as out:  # the command prints its JSON; return it instead
         probe_command(store, **{**options, "json_out": True})
@@ -291,3 +295,13 @@ def cka(store: str = DEFAULT_STORE, **options: Any) -> dict:
     from .cka.stage import compute
 
     return compute(store, **options)
+
+
+class StageModule(types.ModuleType):
+    """The class of the stage packages diffstore.extract, diffstore.probe and diffstore.cka: calling the package
+    runs the API function of the same name, so `ds.cka(...)` works while `import diffstore.cka.math` and
+    `from diffstore.cka import stage` stay ordinary imports (a function named like a subpackage would be
+    replaced by the subpackage as soon as it is imported)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return globals()[self.__name__.rpartition(".")[2]](*args, **kwargs)

@@ -10,7 +10,6 @@ torch-free modules (repfusion/config.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -21,10 +20,10 @@ from typing import Optional
 import typer
 
 from .errors import DiffstoreError
+from .key import DEFAULT_STORE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
-DEFAULT_STORE = "data/default.zarr"
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (data: paths, lists, ints, bytes).")
@@ -173,7 +172,14 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
     from .store import Store
 
     s = Store.open(store, mode="r")
-    rows = [feature_row(store, s.features(k)) for k in s.feature_keys()]
+    rows = []
+    for k in s.feature_keys():
+        try:
+            rows.append(feature_row(store, s.features(k)))
+        except DiffstoreError as e:  # one broken array does not hide the others
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold yellow]warning:[/] {e}", highlight=False, soft_wrap=True)
     emit(rows, f"{store}: {len(rows)} feature arrays", as_json, show_feature_row)
 
 
@@ -181,38 +187,72 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
          store: str = StoreOpt):
     """One array's full key, fingerprint, recipe and provenance (JSON)."""
-    from .key import LEGACY_FORWARD, select
+    from .key import LEGACY_FORWARD
     from .store import Store
+    from .store.repair import match
 
     s = Store.open(store, mode="r")
-    known = s.feature_keys()
     out = []
-    for text in keys:
-        try:
-            matched = select(known, text)
-        except ValueError as e:
-            raise DiffstoreError(str(e)) from None
-        if not matched:
-            raise DiffstoreError(f"no array in {store} matches {text!r}; `diffstore ls --store {store}` lists the keys")
-        for k in matched:
-            a = s.features(k)
-            recipe = {**LEGACY_FORWARD, **a.attrs.get("recipe", {})}  # forward fields absent from older stores
-            out.append({"store": store, "path": a.path, **a.attrs, "recipe": recipe, "shape": list(a.shape), "chunks": list(a.x.chunks),
-                        "shards": list(a.x.shards), "dtype": str(a.x.dtype), "shards_done": int(a.done_mask().sum()),
-                        "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
+    for path in match(s, keys):
+        a = s.open_array(path)
+        recipe = {**LEGACY_FORWARD, **a.attrs.get("recipe", {})}  # forward fields absent from older stores
+        out.append({"store": store, "path": a.path, **a.attrs, "recipe": recipe, "shape": list(a.shape),
+                    "chunks": list(a.x.chunks), "shards": list(a.x.shards), "dtype": str(a.x.dtype),
+                    "shards_done": int(a.done_mask().sum()), "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
     print(json.dumps(out, indent=1, default=str))
 
 
 @app.command()
 def verify(store: str = StoreOpt, as_json: bool = JsonOpt):
-    """Check every array for completeness and corruption (crc32c per chunk); exits 1 naming what is wrong."""
-    from .store.verify import verify_store
+    """Check every array: metadata, completeness, crc32c per chunk, NaN rows; exits 1 naming what is wrong."""
     from .store import Store
+    from .store.verify import verify_store
 
     problems, checked = verify_store(Store.open(store, mode="r"))
-    emit(problems or [{"arrays checked": checked, "status": "ok"}], f"verify {store}", as_json)
+    rows = [{"array": p["array"], "problem": p["problem"]} for p in problems]
+    emit((problems if as_json else rows) or [{"arrays checked": checked, "status": "ok"}], f"verify {store}", as_json)
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def repair(keys: Optional[list[str]] = typer.Argument(None, help="Arrays to repair (paths or selectors); default: all."),
+           store: str = StoreOpt,
+           batch_size: int = typer.Option(64, help="Rows per step (does not change values)."),
+           device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (does not change values)."),
+           as_json: bool = JsonOpt, quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Recompute exactly the shards verify reports bad (bit-identical to a clean run); rebuild broken metadata."""
+    from .store import Store
+    from .store.repair import repair as repair_store
+
+    if batch_size < 1:
+        raise DiffstoreError(f"--batch-size must be >= 1, got {batch_size}")
+    rows = repair_store(Store.open(store, mode="a"), keys, batch_size=batch_size, device=device, show_progress=not quiet)
+    emit(rows or [{"status": "nothing to repair: verify finds no problem"}], f"repair {store}", as_json)
+
+
+@app.command()
+def rm(keys: list[str] = typer.Argument(..., help="Arrays to remove: store paths or selectors like t=90/b=5/p=2."),
+       store: str = StoreOpt, yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+       as_json: bool = JsonOpt):
+    """Remove feature (or target) arrays and the stored results computed from them."""
+    from .store import Store
+    from .store.repair import plan_removal, remove
+
+    s = Store.open(store, mode="a")
+    arrays, results = plan_removal(s, keys)
+    listing = "\n  ".join(arrays + results)
+    if not yes:
+        from rich.console import Console
+
+        if not sys.stdin.isatty():
+            raise DiffstoreError(f"rm would remove {len(arrays)} array(s) and {len(results)} result(s):\n  {listing}\n"
+                                 "Nothing was removed: pass --yes to confirm (stdin is not a terminal)")
+        Console(stderr=True).print(f"remove {len(arrays)} array(s) and {len(results)} result(s)?\n  {listing}", highlight=False, soft_wrap=True)
+        if not typer.confirm("remove them", default=False, err=True):
+            raise typer.Exit(1)
+    remove(s, arrays + results)
+    emit([{"removed": p} for p in arrays + results], f"rm {store}", as_json)
 
 
 @app.command()
@@ -222,28 +262,37 @@ def probe(
     model: Optional[str] = typer.Option(None, help="Only keys of this model (its random-init twins are shown too)."),
     input_mode: Optional[str] = typer.Option(None, "--input", help="Only keys of this input mode."),
     t: Optional[str] = typer.Option(None, "--t", help="Only these time steps (comma-separated)."),
-    blocks: Optional[str] = typer.Option(None, help="Only these blocks (comma-separated indices)."),
+    blocks: Optional[str] = typer.Option(None, help="Only these blocks: indices or names, as extract takes (7,mid,down1.0)."),
     pools: Optional[str] = typer.Option(None, help="Only these pools (comma-separated)."),
-    head: str = typer.Option("linear", help="linear | mlp | cnn | attention (comma-separated for several)."),
-    head_pool: Optional[int] = typer.Option(None, help="Pool the stored map to this size inside the head."),
+    head: str = typer.Option("linear", help="linear | mlp | cnn | attention | fusion (comma-separated for several; fusion needs --fuse)."),
+    head_pool: Optional[int] = typer.Option(None, help="Pool the stored map to this size inside the head (fusion: tokens per key side, default 8)."),
     batchnorm: bool = typer.Option(False, help="BatchNorm before the linear head."),
     hidden: str = typer.Option("512", help="MLP hidden sizes."),
     channels: str = typer.Option("64,64", help="CNN channels of the two conv blocks."),
-    dim: int = typer.Option(128, help="Attention head width."),
-    depth: int = typer.Option(1, help="Attention head Transformer blocks."),
+    dim: int = typer.Option(128, help="Attention/fusion head width."),
+    depth: int = typer.Option(1, help="Attention/fusion head Transformer blocks."),
     n_heads: int = typer.Option(4, help="Attention heads."),
-    epochs: int = typer.Option(28), lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(0.0),
-    batch_size: int = typer.Option(128), step_every: int = typer.Option(8, help="StepLR step (epochs)."),
-    gamma: float = typer.Option(0.1, help="StepLR gamma."),
+    recipe: str = typer.Option("converged", help="converged: linear solved to convergence (L-BFGS, C on validation), "
+                               "other heads tuned and early-stopped on validation | paper: Adam, 28 epochs, StepLR."),
+    steps: int = typer.Option(3000, help="converged recipe: optimizer-step budget of mlp/cnn/attention heads."),
+    epochs: int = typer.Option(28, help="paper recipe: epochs."),
+    lr: float = typer.Option(1e-3, help="paper recipe: Adam learning rate."),
+    weight_decay: float = typer.Option(0.0, help="paper recipe: Adam weight decay."),
+    batch_size: int = typer.Option(128, help="Batch size of trained heads."),
+    step_every: int = typer.Option(8, help="paper recipe: StepLR step (epochs)."),
+    gamma: float = typer.Option(0.1, help="paper recipe: StepLR gamma."),
     val_frac: float = typer.Option(0.1, help="Validation share carved from train (never from test)."),
-    early_stop: bool = typer.Option(False, help="Keep the epoch with the best validation accuracy."),
-    seed: int = typer.Option(0),
+    early_stop: bool = typer.Option(False, help="paper recipe: keep the epoch with the best validation accuracy."),
+    seed: int = typer.Option(0, help="Seed of the validation carve, inits and batch order."),
+    seeds: int = typer.Option(1, help="Run seeds seed..seed+K-1 and report mean +- std."),
     baseline: Optional[str] = typer.Option(None, help="pixels: the same head on raw preprocessed pixels."),
     data_root: Optional[str] = typer.Option(None, help="Dataset directory for --baseline pixels."),
     select: int = typer.Option(0, help="Rank every key by a closed-form ridge proxy; train the top K."),
-    fuse: Optional[str] = typer.Option(None, help="One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2"),
+    fuse: Optional[str] = typer.Option(None, help="One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2, or auto "
+                                       "(the top --select K); with --head fusion the keys the fusion head fuses."),
     grid: bool = typer.Option(False, help="Accuracy table over (t, block, pool)."),
     plot: Optional[str] = typer.Option(None, help="Write heatmaps and accuracy-vs-t curves (PNG) here."),
+    show_all: bool = typer.Option(False, "--all", help="Print every result, not only the summary."),
     as_json: bool = JsonOpt,
     list_results: bool = typer.Option(False, "--list", help="List stored probe results without training."),
     retrain: bool = typer.Option(False, help="Train again even when the same recipe is stored."),
@@ -362,8 +411,21 @@ def main():
     except DiffstoreError as e:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Exception as e:  # the storage failing (disk full, read-only, network, credentials) is not a bug
+        from rich.console import Console
+
+        from .store.backend import storage_failure
+
+        message = storage_failure("the store", e)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, no traceback; done shards stay done
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

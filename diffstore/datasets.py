@@ -13,7 +13,8 @@
                     Images keep their size (Preprocess resizes + center-crops); grey stays grey, the rest is RGB.
 
 Data root: --data-root DIR, else $DIFFSTORE_DATA/<name>, else a system default when present
-(fashion-mnist: /usr/share/datasets/fashion-mnist). The resolved root is part of `source`, so of the fingerprint.
+(fashion-mnist: /usr/share/datasets/fashion-mnist). The resolved root is recorded in `source` (provenance) but
+left out of the fingerprint, so colleagues with the same files under other paths share keys.
 
 Corrupt data: a truncated or malformed IDX/CIFAR file is always refused, naming the file. In folder layouts a
 corrupt image is refused when it is decoded, naming it; with skip_bad every image is decoded once up front and

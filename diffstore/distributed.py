@@ -314,7 +314,7 @@ def cka_tile(rows: list[tuple[str, FeatureKey]], cols: list[tuple[str, FeatureKe
         if url not in stores:
             stores[url] = Store.open(url, "r")
         if (url, key) not in arrays:
-            arrays[(url, key)] = stores[url].features(key).x
+            arrays[(url, key)] = stores[url].features(key)  # checked reads
         return arrays[(url, key)]
 
     return cka_matrix([x(*r) for r in rows], None if cols is None else [x(*c) for c in cols], cfg)
@@ -328,7 +328,7 @@ def resolve_method(rows: list, cols: list, cfg):
         return cfg
     names = list(dict.fromkeys([*rows, *cols]))
     stores = {url: Store.open(url, "r") for url, _ in names}
-    arrays = [stores[url].features(key).x for url, key in names]
+    arrays = [stores[url].features(key) for url, key in names]
     pairs = sorted({tuple(sorted((names.index(r), names.index(c)))) for r in rows for c in cols})
     fits = cfg.kernel == "linear" and exact_gib(arrays, pairs, cfg.chunk_rows) <= cfg.max_gram_gib
     return replace(cfg, method="exact" if fits else "minibatch")

@@ -25,6 +25,7 @@ EXTRACTOR_VERSION = "1"
 INPUT_MODES = ("noised", "clean")
 # The forward settings every store written before they became recipe fields was computed with.
 LEGACY_FORWARD = {"micro_batch": 16, "attention": "eager", "compile": False}
+DEFAULT_STORE = "data/default.zarr"  # where every command reads and writes unless --store says otherwise
 
 
 def canonical_json(value) -> str:
@@ -139,7 +140,11 @@ def parse_selector(text: str) -> dict:
             raise ValueError(f"cannot read {part!r} in {text!r}: use name=value parts such as t=90/b=5/p=2 "
                              f"(names: {', '.join(SELECTOR_FIELDS)})")
         field_ = SELECTOR_FIELDS[name]
-        out[field_] = int(value) if field_ in ("t", "block") else value
+        if field_ in ("t", "block"):
+            if not value.lstrip("-").isdigit():
+                raise ValueError(f"cannot read {part!r} in {text!r}: {name} takes an integer (e.g. {name}=90)")
+            value = int(value)
+        out[field_] = value
     return out
 
 

@@ -4,11 +4,12 @@ For each (model, input) of one split of the store:
     block x block   at every (t, pool)          (the paper's Figure 6 axes)
     t x t           at every (block, pool)
     pool x pool     at every (t, block)         (only with --axes block,t,pool)
-(default split: train, the one with more rows).
+(default split: test, as `diffstore cka`).
 An axis with a single value is skipped. Each matrix is also stored in the store (results/cka/...).
-Exact linear CKA where its D x D accumulators fit in memory, else the streaming minibatch estimator.
+Unbiased linear CKA on all rows by default (diffstore/cka/math.py); --method exact gives the full-batch value,
+inflated when N is not much larger than D, and minibatch the streaming estimator for very wide features.
 
-    python pipelines/cka.py --store data/default.zarr --out data/cka [--split test] [--method auto|exact|minibatch]
+    python pipelines/cka.py --store data/default.zarr --out data/cka [--split train] [--method unbiased|exact|minibatch|auto]
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ def grids(keys: list, axes: list[str]) -> list[dict]:
 
 
 def pick_split(store: Store, split: str | None) -> list:
-    """The feature keys of one split: the one asked for, else "train" when present (more rows: the full-batch
-    estimate is biased upwards by about D/N, see cka.py), else the first."""
+    """The feature keys of one split: the one asked for, else "test" when present (as `diffstore cka`), else
+    the first."""
     keys = store.feature_keys()
     splits = sorted({k.split for k in keys})
-    split = split or ("train" if "train" in splits else splits[0])
+    split = split or ("test" if "test" in splits else splits[0])
     if split not in splits:
         raise DiffstoreError(f"{store.url} has no features for split {split!r}: choose one of {', '.join(splits)}")
     return [k for k in keys if k.split == split]
@@ -71,13 +72,14 @@ def pick_split(store: Store, split: str | None) -> list:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default="data/default.zarr")
+    ap.add_argument("--store", default="data/default.zarr", help="store path or URL")
     ap.add_argument("--out", default="data/cka", help="folder for the JSON matrices and PNG heatmaps")
-    ap.add_argument("--split", default=None, help="split to compare on (default: train when present)")
+    ap.add_argument("--split", default=None, help="split to compare on (default: test when present)")
     ap.add_argument("--axes", default="block,t", help="comma list of block, t, pool")
-    ap.add_argument("--method", default="auto", choices=("auto", "exact", "minibatch"))
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method", default="unbiased", choices=("unbiased", "exact", "minibatch", "auto"),
+                    help="CKA estimator (see `diffstore cka --help`)")
+    ap.add_argument("--batch-size", type=int, default=256, help="minibatch size (minibatch method)")
+    ap.add_argument("--seed", type=int, default=0, help="sample-order seed (minibatch method)")
     args = ap.parse_args()
     try:
         store = ensure_store(args.store)

@@ -164,7 +164,7 @@ def digests(store) -> dict:
     return {a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a in store.arrays()}
 
 
-def make_array(store, key, recipe, row_shape=(3, 2, 2), n: int = 40, shard_rows: int = 16, rows=None, block=None):
+def feature_array(store, key, recipe, row_shape=(3, 2, 2), n: int = 40, shard_rows: int = 16, rows=None, block=None):
     """A feature array created without a model (the store's own bookkeeping only); `rows` [n, *row_shape] are
     written shard by shard when given; `block` is the BlockInfo dict readers label plots with."""
     attrs = {"key": key.to_dict(), "recipe": recipe.to_dict()} | ({"block": block} if block else {})
@@ -254,6 +254,17 @@ def sd_folder(tmp_path_factory):
 
 
 ADM_SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "adm"  # next to the checkout
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -3,23 +3,32 @@ architecture manifests (keys, shapes, parameter counts, paper block numbering, s
 shared/specs/adm. The big configs are only ever built on the meta device."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import ADM_SPECS as SPECS
+from conftest import subset
+from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
+from diffstore.extract import extract_features, plan_extraction
 from diffstore.key import canonical_json, sha256_files
+from diffstore.models import load_model
 from diffstore.models.adm import ADM_CONFIGS, SCHEDULES, adm_block_table, adm_config, build_adm, load_adm
+from diffstore.noise import add_noise, noise
+from diffstore.preprocess import Preprocess
+from diffstore.store import Store
 
-SPECS = Path(__file__).resolve().parents[2] / "shared" / "specs" / "adm"  # next to the checkout
-pytestmark = pytest.mark.skipif(not SPECS.is_dir(), reason="guided-diffusion specs (shared/specs/adm) not present")
+pytestmark = [pytest.mark.skipif(not SPECS.is_dir(), reason="guided-diffusion specs (shared/specs/adm) not present"),
+              pytest.mark.usefixtures("one_thread")]  # the tolerances were measured on one thread
 
 MANIFESTS = {"256-uncond": "256x256_diffusion_uncond", "256-cond": "256x256_diffusion",
              "128-cond": "128x128_diffusion", "64-cond": "64x64_diffusion"}
 TINY = ("tiny-uncond", "tiny-cond")
+
+
 
 
 def manifest(config_name):
@@ -47,7 +56,6 @@ def forward_with_blocks(model, x, t, labels):
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_model_matches_reference_output_and_every_block(name, attention):
-    torch.set_num_threads(1)
     io = load_file(SPECS / "tiny" / f"{name}_io.safetensors")
     spec = json.loads((SPECS / "tiny" / f"{name}.json").read_text())
     model = tiny(name)
@@ -171,18 +179,36 @@ def test_adm_config_accepts_names_and_spec_files_and_refuses_the_rest(tmp_path):
         adm_config({"image_size": 32})
 
 
-def test_random_init_is_seeded_and_named():
-    config = str(SPECS / "tiny" / "tiny-uncond.json")
-    a, b, c = (load_adm(None, config, random_init=s) for s in (1, 1, 2))
-    assert a.name == "adm-tiny-uncond.random-init-s1" and a.weights_sha256 == "random-init:1"
-    assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), b.module.parameters()))
-    assert not torch.equal(a.module.out[2].weight, c.module.out[2].weight)
-
-
 def test_wrapped_checkpoint_is_refused_with_advice(tmp_path):
     torch.save({"model": load_file(SPECS / "tiny" / "tiny-uncond.safetensors"), "step": 3}, tmp_path / "wrapped.pt")
     with pytest.raises(DiffstoreError, match="plain state_dict"):
         load_adm(str(tmp_path / "wrapped.pt"), str(SPECS / "tiny" / "tiny-uncond.json"))
+
+
+def test_adm_spec_extracts_into_a_store_equal_to_its_own_forward(tmp_path):
+    """`--model adm:PATH --adm-config JSON` end to end: digits -> 32x32 RGB -> x_t -> the paper's blocks -> the store,
+    against the same network's forward with hooks on its modules (noise and preprocessing applied here)."""
+    from typer.testing import CliRunner
+
+    from diffstore.cli import app
+
+    ckpt, config = SPECS / "tiny" / "tiny-uncond.safetensors", str(SPECS / "tiny" / "tiny-uncond.json")
+    model = load_model(f"adm:{ckpt}", adm_config=config)
+    split = subset(load_split("digits", "test"), 20)  # a full micro-batch and a padded one
+    store = Store.open(str(tmp_path / "adm.zarr"))
+    plan = plan_extraction(store, model, split, t="90", blocks="2,mid", pools="1,full")
+    extract_features(plan, batch_size=8, show_progress=False)
+    assert {k.model for k in store.feature_keys()} == {"tiny-uncond"} and len(store.feature_keys()) == 4
+    x0 = Preprocess(32, 3)(split.load(np.arange(len(split))))
+    x_t = add_noise(x0, noise(0, split.ids, 90, 0, (3, 32, 32)), float(model.alphas_cumprod[90]))
+    _, maps = forward_with_blocks(model, x_t, torch.full((len(split),), 90), None)
+    for (t, b, p), array in plan.arrays.items():
+        direct = maps[b] if p == "full" else maps[b].mean((2, 3), keepdim=True)
+        stored = array.read().astype(np.float32)
+        np.testing.assert_allclose(stored, direct.numpy(), rtol=2e-3, atol=2e-3 * float(direct.abs().max()), err_msg=f"b{b} p{p}")
+    out = CliRunner().invoke(app, ["blocks", "--model", f"adm:{ckpt}", "--adm-config", config, "--json"])
+    assert out.exit_code == 0, out.output
+    assert [r["module"] for r in json.loads(out.stdout)] == [b.module for b in model.blocks]
 
 
 def test_extraction_uses_sdpa_by_default_and_eager_is_another_recipe(tmp_path):

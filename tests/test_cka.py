@@ -7,7 +7,9 @@ import pytest
 import zarr
 from scipy.stats import ortho_group
 
+from conftest import feature_array
 from diffstore.cka import CKAConfig, cka, cka_matrix
+from diffstore.cka import math as cka_math
 from diffstore.cka.stage import cka_command, parse_keyset
 from diffstore.datasets import Split
 from diffstore.errors import DiffstoreError
@@ -104,12 +106,32 @@ def test_exact_streaming_over_chunks_equals_the_in_memory_formula(tmp_path):
     assert np.array_equal(x, x_before)  # inputs are read, never centered in place
 
 
-def test_matrix_reuses_grams_and_equals_pairwise_values():
+class CountingRows:
+    """An array-like that counts the rows read from it (cka reads `x[a:b]`)."""
+
+    def __init__(self, x):
+        self.x, self.shape, self.dtype, self.rows_read = x, x.shape, x.dtype, 0
+
+    def __getitem__(self, sl):
+        out = self.x[sl]
+        self.rows_read += len(out)
+        return out
+
+
+def test_matrix_reuses_grams_and_equals_pairwise_values(monkeypatch):
     x, y = related()
     w = np.random.default_rng(5).normal(size=(len(x), 3, 2, 2))  # rows are flattened: [N, 3, 2, 2] -> [N, 12]
+    products = []
+    monkeypatch.setattr(cka_math, "accumulate", lambda g, zi, zj: products.append(1) or g.__iadd__(zi.T @ zj))
     for cfg in (EXACT, MINI):
-        res = cka_matrix([x, y, w], cfg=cfg)
+        counted = [CountingRows(a) for a in (x, y, w)]
+        products.clear()
+        res = cka_matrix(counted, cfg=cfg)
         m = res.matrix
+        # one pass over each array for the whole matrix (exact also re-reads its first chunk for the shift)
+        assert all(c.rows_read <= len(x) + EXACT.chunk_rows for c in counted), [c.rows_read for c in counted]
+        if cfg is EXACT:  # per chunk: 3 own Grams + 3 cross terms, not 3 per pair
+            assert len(products) == 6 * -(-len(x) // EXACT.chunk_rows)
         assert np.allclose(m, m.T) and np.allclose(np.diag(m), 1)
         assert m[0, 1] == pytest.approx(cka(x, y, cfg), abs=1e-12)
         assert m[1, 2] == pytest.approx(cka(y, w, cfg), abs=1e-12)
@@ -157,13 +179,10 @@ def make_store(url, n=300, ids=None, split="train", blocks=(1, 2, 3), ts=(10, 90
     z = rng.normal(size=(n, 6))
     for t in ts:
         for b in blocks:
-            key = FeatureKey("toy", split, "tiny", "noised", t, b, "2")
-            attrs = {"key": key.to_dict(), "recipe": recipe.to_dict(),
-                     "block": {"index": b, "name": f"down{b}", "module": f"m{b}", "channels": 4, "height": 4, "width": 4}}
-            arr = store.create(key.path, recipe.fingerprint(key), attrs, (4, 2, 2), n, 128)
             feats = z @ rng.normal(size=(6, 16)) + (b * t / 90) * rng.normal(size=(n, 16))
-            for i in range(arr.n_shards):
-                arr.write_shard(i, feats[arr.shard_slice(i)].reshape(-1, 4, 2, 2))
+            block = {"index": b, "name": f"down{b}", "module": f"m{b}", "channels": 4, "height": 4, "width": 4}
+            feature_array(store, FeatureKey("toy", split, "tiny", "noised", t, b, "2"), recipe, (4, 2, 2), n, 128,
+                          rows=feats.reshape(-1, 4, 2, 2), block=block)
     return store
 
 
@@ -185,7 +204,7 @@ def test_cka_command_block_matrix_end_to_end(tmp_path, capsys):
     assert [r["name"] for r in stored] == [payload["name"]] and stored[0]["matrix"] == payload["matrix"]
 
 
-def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path, capsys):
+def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path):
     url = tmp_path / "s.zarr"
     make_store(url)
     payload = cka_command(str(url), by="t", block="2", method="minibatch", batch_size=64, seed=3,
@@ -194,7 +213,7 @@ def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path, ca
     assert [r["label"] for r in payload["rows"]] == ["t=10", "t=90"]
 
 
-def test_cka_command_keysets_across_stores(tmp_path, capsys):
+def test_cka_command_keysets_across_stores(tmp_path):
     make_store(tmp_path / "a.zarr", seed=0)
     make_store(tmp_path / "b.zarr", seed=0)
     payload = cka_command(str(tmp_path / "a.zarr"), a="t=90/b=1/p=2,t=90/b=3/p=2", b="t=90/b=1/p=2",
@@ -203,7 +222,7 @@ def test_cka_command_keysets_across_stores(tmp_path, capsys):
     assert payload["matrix"][0][0] == pytest.approx(1.0)  # same seed -> identical arrays in both stores
 
 
-def test_cka_command_refuses_mismatched_sample_sets(tmp_path, capsys):
+def test_cka_command_refuses_mismatched_sample_sets(tmp_path):
     make_store(tmp_path / "a.zarr")
     make_store(tmp_path / "b.zarr", ids=np.arange(300, dtype=np.int64)[::-1].copy())  # same size, other order
     with pytest.raises(DiffstoreError, match="other sample ids"):

@@ -8,6 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from diffstore import datasets
@@ -147,3 +149,56 @@ def test_preprocess_runs_on_every_loader(idx_root, cifar_jpg_root, cifar_bin_roo
         assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1, name
         assert split.name == name and split.name.replace("-", "").isalnum()  # a safe store path segment
         assert json.loads(json.dumps(split.source)) == split.source
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "imagefolder"])
+def test_data_root_is_left_out_of_the_key(name, idx_root, cifar_bin_root, imagefolder_root, tmp_path):
+    """The same files under another path (a colleague's checkout) give the same fingerprint; other files do not."""
+    src = {"mnist": idx_root["mnist"], "cifar10": cifar_bin_root, "imagefolder": imagefolder_root}[name]
+    here, there = load_split(name, "train", src, skip_bad=True), load_split(name, "train", shutil.copytree(src, tmp_path / "b"), skip_bad=True)
+    p = Preprocess(32, 3)
+    assert here.source["root"] != there.source["root"] and here.fingerprint(p) == there.fingerprint(p)
+    change_one_train_file(name, tmp_path / "b")
+    assert load_split(name, "train", tmp_path / "b", skip_bad=True).fingerprint(p) != here.fingerprint(p)
+
+
+def change_one_train_file(name, root):
+    """One label relabelled (mnist, cifar10), or one image one byte longer (imagefolder)."""
+    if name == "imagefolder":
+        image = root / "train" / "cat" / "a.jpg"
+        image.write_bytes(image.read_bytes() + b"\0")
+        return
+    path = root / ("train-labels-idx1-ubyte.gz" if name == "mnist" else "cifar-10-batches-bin/data_batch_1.bin")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if name == "mnist" else path.read_bytes())
+    at = len(raw) - 1 if name == "mnist" else 0  # mnist: the last label; cifar: the first record's label byte
+    raw[at] = (raw[at] + 1) % 10
+    path.write_bytes(gzip.compress(bytes(raw)) if name == "mnist" else bytes(raw))
+
+
+def test_preprocess_resizes_the_short_side_bicubic_then_center_crops():
+    """A 60x40 (w x h) RGB image of random pixels to 20x20: resize to 30x20 with bicubic, keep columns 5..24."""
+    rgb = np.random.default_rng(0).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(rgb).resize((30, 20), Image.BICUBIC))[:, 5:25].astype(np.float32) / 127.5 - 1
+    got = Preprocess(20, 3)([rgb])
+    assert got.shape == (1, 3, 20, 20) and got.dtype == torch.float32
+    np.testing.assert_allclose(got[0].numpy(), want.transpose(2, 0, 1), atol=1e-6)
+    # tall images crop rows; the flip view mirrors the columns of the same crop
+    tall = rgb.transpose(1, 0, 2).copy()  # 40 x 60 (w x h)
+    want_tall = np.asarray(Image.fromarray(tall).resize((20, 30), Image.BICUBIC))[5:25].astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(Preprocess(20, 3)([tall])[0].numpy(), want_tall.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(Preprocess(20, 3, flip=True)([rgb])[0].numpy(), got[0].numpy()[:, :, ::-1])
+
+
+def test_preprocess_converts_channels_and_scales_to_minus_one_one():
+    """Grey -> RGB repeats the grey value; RGB -> grey is ITU-R 601 luma (299 R + 587 G + 114 B) / 1000;
+    0 -> -1 and 255 -> 1. An image already at the output size is not resampled."""
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    np.testing.assert_allclose(Preprocess(8, 1)([red]).numpy(), np.full((1, 1, 8, 8), 76 / 127.5 - 1), atol=1e-6)
+    as_rgb = Preprocess(8, 3)([grey]).numpy()
+    np.testing.assert_allclose(as_rgb, np.broadcast_to(grey / 127.5 - 1, (1, 3, 8, 8)), atol=1e-6)
+    extremes = Preprocess(8, 1)([np.full((8, 8), 0, np.uint8), np.full((8, 8), 255, np.uint8)]).numpy()
+    assert extremes[0].max() == -1 and extremes[1].min() == 1
+    single = Preprocess(8, 1)([grey[:, :, None]]).numpy()  # HxWx1 is grey too
+    np.testing.assert_allclose(single[0, 0], grey / 127.5 - 1, atol=1e-6)

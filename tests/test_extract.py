@@ -1,4 +1,4 @@
-"""The extractor: block tables, key invariance, determinism, resume after SIGKILL, early exit, bad input."""
+"""The extractor: block tables, key invariance, determinism, resume after kill -9 or Ctrl-C, early exit, bad input."""
 
 import signal
 import subprocess
@@ -70,12 +70,6 @@ def test_noise_is_independent_of_batch_composition():
     assert not torch.equal(a[0], noise(0, [3], 90, 1, (1, 4, 4))[0])
 
 
-def test_batch_size_7_and_64_give_identical_arrays(tmp_path, model, digits100):
-    a, _, _ = extract(tmp_path, model, digits100, "a.zarr", batch_size=7)
-    b, _, _ = extract(tmp_path, model, digits100, "b.zarr", batch_size=64)
-    assert_same(a, b)
-
-
 def test_same_key_gives_identical_features_across_runs(tmp_path, model, digits100):
     a, _, _ = extract(tmp_path, model, digits100, "a.zarr")
     b, _, _ = extract(tmp_path, model, digits100, "b.zarr")
@@ -128,8 +122,8 @@ def test_early_exit_skips_later_modules(model):
     (dict(pools="two"), "positive integers"),
     (dict(input_mode="latent"), "--input"),
     (dict(storage_dtype="int8"), "--dtype"),
-    (dict(t="20", shard_rows=7), "--shard-rows must be a positive multiple of 16"),
-    (dict(t="20", shard_rows=-16), "--shard-rows must be a positive multiple of 16"),
+    (dict(t="20", shard_rows=7), r"--shard-rows must be a positive multiple of the micro-batch \(16\), got 7"),
+    (dict(t="20", shard_rows=-16), r"--shard-rows must be a positive multiple of the micro-batch \(16\), got -16"),
 ])
 def test_bad_input_is_refused_and_store_untouched(tmp_path, model, digits100, kw, match):
     _, _, store = extract(tmp_path, model, digits100, blocks="mid", pools="1", t="10")

@@ -30,13 +30,7 @@ GRID = "0:1000:400"  # t = 0, 400, 800
 TINY = {"resnet18": 0.125, "wrn28-2": 0.25, "mobilenetv2": 0.25}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, thread contention makes these tiny networks 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # on a shared CPU, thread contention makes tiny networks 10x slower
 
 
 def digits_subset(split: str, root, skip_bad) -> datasets.Split:
@@ -78,7 +72,7 @@ def test_t_grid_is_the_union_of_ranges():
             parse_t_grid(bad, 1000)
 
 
-def test_targets_hold_every_sample_view_and_t(built, capsys):
+def test_targets_hold_every_sample_view_and_t(built):
     r, model = built["result"], built["model"]
     assert r["path"] == "targets/digits-small/train/unet/mid_block.resnets.1.conv2/clean"
     assert r["shape"]["pooled"] == [N_TRAIN, 2, 3, 16] and r["shape"]["map"] == [N_TRAIN, 2, 3, 16, 8, 8]
@@ -222,14 +216,14 @@ def test_at_loss_needs_stored_maps_and_a_prefix_split_loads_back(tmp_path, small
     cfg = TargetsConfig(store=str(tmp_path / "s.zarr"), dataset=small_digits, model=model_dir, t_grid="0,500",
                         views="none", limit=40, device="cpu")
     r = targets_command(cfg, json_out=True, show_progress=False)
-    assert r["path"].startswith("targets/digits-small/train-first40/") and r["shape"]["pooled"] == [40, 1, 2, 16]
+    assert r["path"].startswith("targets/digits-small/train/") and r["shape"]["pooled"] == [40, 1, 2, 16]
     with pytest.raises(DiffstoreError, match="--maps"):
         distill(DistillConfig(store=cfg.store, loss="at", epochs=1, width=0.125, decoder_steps=5), show_progress=False)
     hint = distill(DistillConfig(store=cfg.store, epochs=1, width=0.125, decoder_steps=5), show_progress=False)
     assert len(hint["decoder_acc_by_t"]) == 2  # the 40-image prefix was reloaded, row-aligned with its targets
 
 
-def test_analyze_measures_rank_per_t_and_writes_plots(built, tmp_path, capsys):
+def test_analyze_measures_rank_per_t_and_writes_plots(built, tmp_path):
     r = analyze_command(AnalyzeConfig(store=built["store"], out=str(tmp_path), tsne_ts=2, tsne_points=60), json_out=True)
     # the same measure recomputed here with numpy from the stored targets (identity view, one t at a time)
     z = Store.open(built["store"], "r").open_array(built["result"]["path"] + "/pooled").read()[:, 0].astype(np.float64)

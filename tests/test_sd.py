@@ -1,55 +1,22 @@
 """Stable Diffusion backend on a tiny pipeline built here (no download): blocks, latents, prompt, identity, extraction."""
 
 import json
-import string
 
 import numpy as np
 import pytest
 import torch
 
-from diffstore.datasets import Split, load_split
+from conftest import SD_LATENT, save_tiny_sd, subset
+from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import encode_images, extract_features, forward_blocks, plan_extraction
 from diffstore.key import sha256_files
 from diffstore.models import load_model
 from diffstore.models.sd import load_sd
+from diffstore.noise import noise
 from diffstore.store import Store
 
-LATENT = 8  # UNet sample_size; the VAE has 2 levels, so images are 16x16
-
-
-def write_tokenizer(folder):
-    """A real CLIP BPE tokenizer from a minimal vocab.json + merges.txt (letters, digits, one merge chain)."""
-    chars = string.ascii_lowercase + string.digits
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars] + ["th", "the</w>"]
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    torch.manual_seed(1234)  # not a seed the random-init tests use
-    UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).save_pretrained(root / "unet")
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-        sample_size=2 * LATENT,
-    ).save_pretrained(root / "vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 vocab_size=1000, max_position_embeddings=16)).save_pretrained(root / "text_encoder")
-    write_tokenizer(root / "tokenizer")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
-    return root
+LATENT = SD_LATENT  # UNet sample_size; the VAE has 2 levels, so images are 16x16
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +61,34 @@ def test_encode_gives_scaled_deterministic_latents(sd, sd_folder):
     assert torch.allclose(z, mean * vae.config.scaling_factor, atol=1e-6)
 
 
-def test_same_input_gives_identical_blocks(sd):
-    z, t = sd.encode(images(2)), 50
-    a = forward_blocks(sd, z, t, [0, 1], None, 0, 1, "noised", [1, 5, 10], ["1", "full"])
-    b = forward_blocks(sd, z, t, [0, 1], None, 0, 1, "noised", [1, 5, 10], ["1", "full"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert a[(5, "full")].shape == (2, 64, LATENT // 2, LATENT // 2)
+def test_blocks_equal_a_direct_diffusers_forward_with_the_null_text(sd, sd_folder):
+    """The extractor's blocks against diffusers' own UNet2DConditionModel, loaded here, conditioned on the
+    CLIP embedding of "" computed here, on x_t noised here with the scheduler's alpha-bar."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    z, t, ids = sd.encode(images(2)), 50, [0, 1]
+    ours = forward_blocks(sd, z, t, ids, None, 0, 1, "noised", [1, 5, 10], ["1", "full"])
+    tokenizer = CLIPTokenizer.from_pretrained(sd_folder / "tokenizer")
+    tokens = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    unet = UNet2DConditionModel.from_pretrained(sd_folder / "unet").eval()
+    abar = DDPMScheduler.from_pretrained(sd_folder / "scheduler").alphas_cumprod[t].item()
+    x_t = abar ** 0.5 * z + (1 - abar) ** 0.5 * noise(0, ids, t, 0, tuple(z.shape[1:]))
+    maps, modules = {}, {1: "conv_in", 5: "mid_block", 10: "up_blocks.1.attentions.1"}
+    def keep(b, out):  # attention blocks return (sample,)
+        maps[b] = out[0] if isinstance(out, tuple) else out
+
+    handles = [unet.get_submodule(m).register_forward_hook(lambda _m, _i, out, b=b: keep(b, out)) for b, m in modules.items()]
+    with torch.no_grad():
+        text = CLIPTextModel.from_pretrained(sd_folder / "text_encoder")(tokens).last_hidden_state
+        unet(x_t, torch.tensor([t, t]), encoder_hidden_states=text.expand(2, -1, -1))
+    for h in handles:
+        h.remove()
+    assert [sd.blocks[b].module for b in modules] == list(modules.values())
+    for b, direct in maps.items():
+        torch.testing.assert_close(ours[(b, "full")], direct, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours[(b, "1")], direct.mean((2, 3), keepdim=True), rtol=1e-4, atol=1e-5)
+    assert ours[(5, "full")].shape == (2, 64, LATENT // 2, LATENT // 2)
 
 
 def test_prompt_changes_features_and_identity(sd, sd_folder):
@@ -118,15 +107,6 @@ def test_weights_hash_covers_unet_vae_text_encoder(sd, sd_folder):
     assert sd.weights_sha256 == sha256_files(files)
 
 
-def test_random_init_gives_a_different_model_key(sd, sd_folder):
-    r0, r0_again, r1 = (load_sd(str(sd_folder), random_init=s) for s in (0, 0, 1))
-    assert "random-init" in r0.name and r0.fingerprint != sd.fingerprint
-    assert r0.fingerprint == r0_again.fingerprint and r0.fingerprint != r1.fingerprint
-    x = images(1)
-    assert torch.equal(r0.encode(x), r0_again.encode(x)) and not torch.allclose(r0.encode(x), sd.encode(x))
-    assert [b.name for b in r0.blocks] == [b.name for b in sd.blocks]
-
-
 def test_resolution_sets_latent_size(sd_folder):
     big = load_sd(str(sd_folder), resolution=32)
     assert big.image_size == 32 and big.blocks[1].height == 16 and big.name != load_sd(str(sd_folder)).name
@@ -134,17 +114,23 @@ def test_resolution_sets_latent_size(sd_folder):
         load_sd(str(sd_folder), resolution=17)
 
 
-def test_not_a_pipeline_folder_names_what_is_missing(sd_folder, tmp_path):
+def test_sdxl_is_refused(tmp_path):
+    """SDXL's UNet needs added (text_time) conditioning that SD 1.x/2.x folders do not carry."""
+    xl = save_tiny_sd(tmp_path / "tiny-sdxl", addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=80)
+    with pytest.raises(DiffstoreError, match="SDXL.*only SD 1.x/2.x"):
+        load_model(f"sd:{xl}")
+
+
+def test_not_a_pipeline_folder_names_what_is_missing(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(DiffstoreError, match="vae/, text_encoder/, tokenizer/, scheduler/"):
         load_sd(str(tmp_path))
 
 
 def test_tiny_sd_extracts_into_a_store(sd_folder, tmp_path):
-    digits = load_split("digits", "test")
     rows = 20  # two shards of 16, the second one partial
-    split = Split(digits.name, digits.split, digits.ids[:rows], digits.labels[:rows], digits.class_names, digits.source,
-                  digits.load)
+    split = subset(load_split("digits", "test"), rows)
     model = load_model(f"sd:{sd_folder}")
     store = Store.open(str(tmp_path / "sd.zarr"), mode="a")
     plan = plan_extraction(store, model, split, t="0,150", blocks="down0.0,mid", pools="1,full", shard_rows=16)
@@ -157,7 +143,6 @@ def test_tiny_sd_extracts_into_a_store(sd_folder, tmp_path):
     x0 = encode_images(model, plan.preprocess(split.load(np.arange(rows))))
     direct = forward_blocks(model, x0, 150, split.ids, None, 0, 1, "noised", [model.blocks.mid], ["full"])
     np.testing.assert_array_equal(mid.read(), direct[(model.blocks.mid, "full")].numpy().astype(np.float16))
-
 
 
 def test_cli_blocks_lists_the_sd_table(sd, sd_folder):

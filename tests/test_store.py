@@ -1,14 +1,17 @@
 """The key and the store: fingerprints, refusals, resume bookkeeping, verify, ls/info."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from conftest import feature_array
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
+from diffstore.extract import extract_features, plan_extraction
 from diffstore.key import FeatureKey, Recipe, canonical_json, fingerprint, model_fingerprint, select, sha256_files
 from diffstore.preprocess import Preprocess
 from diffstore.store import Store
@@ -18,9 +21,8 @@ KEY = FeatureKey("digits", "train", "m", "noised", 90, 5, "2")
 RECIPE = Recipe("mfp", "dfp", 0, 1, "float32", "float16")
 
 
-def make_array(store, key=KEY, recipe=RECIPE, n=40, shard_rows=16):
-    return store.create(key.path, recipe.fingerprint(key), {"key": key.to_dict(), "recipe": recipe.to_dict()},
-                        (3, 2, 2), n, shard_rows)
+def make_array(store, key=KEY, recipe=RECIPE, n=40, shard_rows=16, rows=None):
+    return feature_array(store, key, recipe, (3, 2, 2), n, shard_rows, rows=rows)
 
 
 def test_same_inputs_give_same_fingerprint():
@@ -35,9 +37,21 @@ def test_every_recipe_field_changes_the_fingerprint():
         assert Recipe(**{**RECIPE.to_dict(), **change}).fingerprint(KEY) != base, change
 
 
-def test_batch_size_and_workers_not_in_key():
-    fields = set(RECIPE.to_dict()) | set(KEY.to_dict())
-    assert not fields & {"batch_size", "workers", "device", "num_workers"}
+@pytest.mark.parametrize("batch_size, shard_rows", [(7, 16), (64, 48), (100, None)])
+def test_batch_size_and_shard_size_change_neither_key_nor_values(tmp_path, model, digits100, batch_size, shard_rows):
+    """Against batch 16 / shard 32: the same names and fingerprints, bit-identical values (100 rows, so the
+    last micro-batch is padded and shards end mid-batch)."""
+    def extract(name, batch_size, shard_rows):
+        store = Store.open(str(tmp_path / name))
+        plan = plan_extraction(store, model, digits100, "10,300", "2,mid", "1,full", shard_rows=shard_rows)
+        extract_features(plan, batch_size=batch_size, show_progress=False)
+        return {a.path: (a.attrs["fingerprint"], a.shard_rows, a.read()) for a in store.arrays()}
+
+    base, other = extract("base.zarr", 16, 32), extract("other.zarr", batch_size, shard_rows)
+    assert base.keys() == other.keys() and len(base) == 8
+    for path, (fp, rows, x) in base.items():
+        assert other[path][0] == fp and other[path][1] == (shard_rows or other[path][1]) != rows
+        np.testing.assert_array_equal(other[path][2], x, err_msg=path)
 
 
 def test_changed_weight_bytes_change_model_fingerprint(tmp_path):
@@ -116,9 +130,15 @@ def test_non_store_paths_are_refused(tmp_path):
     assert (tmp_path / "notes" / "a.txt").read_text() == "hi"
 
 
-def test_missing_filesystem_library_is_named(tmp_path):
+def test_missing_filesystem_library_is_named(monkeypatch):
+    import fsspec  # noqa: F401  (loads fsspec.registry, whose module `fsspec.registry` the package attribute shadows)
+
     with pytest.raises(DiffstoreError, match="pip install"):
         Store.open("nosuchproto://bucket/x.zarr")
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed: importing it fails
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)  # the class, cached once imported
+    with pytest.raises(DiffstoreError, match=r"s3://.*pip install s3fs"):
+        Store.open("s3://bucket/x.zarr")
 
 
 def test_split_ids_stored_once_and_other_ids_refused(tmp_path):
@@ -153,6 +173,16 @@ def test_verify_reports_incomplete_arrays(tmp_path):
     make_array(store).write_shard(0, np.zeros((16, 3, 2, 2)))
     problems, _ = verify_store(store)
     assert "shards [1, 2]" in problems[0]["problem"]
+
+
+def test_verify_reports_nan_rows_in_a_done_shard(tmp_path):
+    store = Store.open(str(tmp_path / "s.zarr"))
+    a = make_array(store, rows=np.zeros((40, 3, 2, 2)))
+    assert verify_store(store) == ([], 1)
+    a.x[20] = np.nan  # a row lost after its shard was marked done: checksums are valid, the values are not
+    problems, checked = verify_store(Store.open(str(tmp_path / "s.zarr"), mode="r"))
+    assert checked == 1 and [(p["array"], p["shards"]) for p in problems] == [(KEY.path, [1])]
+    assert "shard 1 is marked done but holds NaN rows" in problems[0]["problem"]
 
 
 def test_results_are_stored_next_to_features(tmp_path):

@@ -10,6 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import require
 from ..key import FeatureKey
 from ..store import ShardedArray
 
@@ -46,6 +47,7 @@ def axis_title(payload: dict, side: str) -> str:
 def draw(payload: dict, path: Path) -> Path:
     """PNG heatmap like the paper's Figure 6: block names (or t, pool) on both axes, a fixed 0-1 colour range
     (so two matrices compare by colour), the estimator in the title."""
+    require("matplotlib", "plots")
     from ..plots import heatmap
 
     m = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)
@@ -63,7 +65,7 @@ def render(payload: dict) -> None:
         table.add_column(c["tick"], justify="right", no_wrap=True, min_width=4)
     for r, values in zip(payload["rows"], payload["matrix"]):
         table.add_row(r["label"], *("-" if v is None else f"{v:.2f}" for v in values))
-    console = Console()
-    console = Console(width=max(console.width, 20 + 7 * len(payload["cols"])))
+    console = Console()  # a terminal's width, or 80 when piped (too narrow for a title and a wide matrix)
+    console = Console(width=max(console.width if console.is_terminal else 160, 20 + 7 * len(payload["cols"])))
     console.print(f"[bold]{payload['kernel']} CKA ({estimator(payload)})[/]: {payload['title']}", highlight=False)
     console.print(table)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from ..errors import DiffstoreError
-from ..key import FeatureKey, parse_selector
+from ..key import DEFAULT_STORE, FeatureKey, parse_selector
 from ..progress import progress
 from ..store import ShardedArray, Store
 from .math import CKAConfig, bias_floor, cka_matrix, width
@@ -79,9 +79,11 @@ def select(store: Store, keys: list[FeatureKey], want: dict, free: str | None) -
 
 def open_feature(store: Store, key: FeatureKey) -> ShardedArray:
     arr = store.features(key)
-    if not arr.complete:
-        raise DiffstoreError(f"{key.path} in {store.url} is incomplete ({len(arr.missing())} of {arr.n_shards} shards "
-                             "missing): re-run `diffstore extract` to finish it")
+    missing = arr.missing()
+    if missing:
+        raise DiffstoreError(f"{key.path} in {store.url} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                             f"of {arr.n_shards} are not done. Finish it with `{arr.fix_command}` (or re-run the "
+                             "extract command: done shards are skipped)")
     return arr
 
 
@@ -181,7 +183,7 @@ def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
             f"they say, run: {command} --method unbiased")
 
 
-def compute(store: str, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
+def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
             dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
             a: str | None = None, b: str | None = None, store_b: str | None = None,
             method: str = "unbiased", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
@@ -203,9 +205,9 @@ def compute(store: str, by: str | None = None, t=None, block=None, pool=None, mo
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
-    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)
-    xs_rows = {arr.path: view(arr.x) for arr in row_arrays}
-    xs_cols = [xs_rows[arr.path] if col_store is st and arr.path in xs_rows else view(arr.x) for arr in col_arrays]
+    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)  # ShardedArray: checked reads (checksums, NaN rows)
+    xs_rows = {arr.path: view(arr) for arr in row_arrays}
+    xs_cols = [xs_rows[arr.path] if col_store is st and arr.path in xs_rows else view(arr) for arr in col_arrays]
     n = min(row_arrays[0].n_rows, limit or row_arrays[0].n_rows)
     started = time.perf_counter()
     if workers or scheduler:  # tiles of the matrix on a dask cluster
@@ -227,6 +229,8 @@ def compute(store: str, by: str | None = None, t=None, block=None, pool=None, mo
     # Title: the fixed key fields users choose between (dataset, split and input are in the name and JSON).
     fixed = {f: getattr(row_keys[0], f) for f in ("split", "model", "t", "block", "pool")
              if f not in varying_fields(row_keys + col_keys)}
+    if "block" in fixed:  # by name too, as on the axes
+        fixed["block"] = label(row_keys[0], row_arrays[0], ["block"]).removeprefix("b")
     urls = sorted({st.url, col_store.url})
     payload = {
         "name": name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls) + (f"_first{limit}" if limit else ""),
@@ -244,7 +248,7 @@ def compute(store: str, by: str | None = None, t=None, block=None, pool=None, mo
     return payload
 
 
-def cka_command(store: str, json_out: bool = False, plot: str | None = None, out: str | None = None,
+def cka_command(store: str = DEFAULT_STORE, json_out: bool = False, plot: str | None = None, out: str | None = None,
                 command: str = "diffstore cka", **options) -> dict:
     """`diffstore cka`: compute() (same options), then write JSON (--out) and PNG (--plot) and print the matrix
     (or the payload as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""

@@ -14,3 +14,9 @@ __all__ = ["ATTENTION", "COMPUTE_DTYPES", "MICRO_BATCH", "SHARD_BYTES", "STORAGE
            "default_workers", "done_masks", "encode_images", "extract_features", "forward_blocks", "parse_pools",
            "parse_ts", "pending", "pick_device", "plan_extraction", "pool_map", "prepare_model", "run_task",
            "run_truncated"]
+
+import sys as _sys  # noqa: E402  (last: the package becomes callable, `ds.extract(...)` = api.extract)
+
+from ..api import StageModule as _StageModule  # noqa: E402
+
+_sys.modules[__name__].__class__ = _StageModule

@@ -179,7 +179,7 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
             torch.manual_seed(random_init)
             net = build_adm(flags)
         weights_sha = f"random-init:{random_init}"
-        base = f"{name or 'adm-' + Path(str(config_name)).stem}.random-init-s{random_init}"
+        base = f"{name or (Path(path).stem if path else 'adm-' + Path(str(config_name)).stem)}.random-init-s{random_init}"
 
     steps = int(flags["diffusion_steps"])
     t_scale = 1000.0 / steps if flags["rescale_timesteps"] else None

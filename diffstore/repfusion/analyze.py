@@ -60,6 +60,22 @@ def plot_tsne(ts: list[int], embeddings: list[np.ndarray], labels: np.ndarray, c
     return Path(path)
 
 
+def plot_policy(ts: list[int], runs: dict[str, list[float]], path: Path) -> Path:
+    """The learned pi(t) of each run against the uniform policy (dashed). The y-axis starts at 0 and spans at
+    least twice the uniform mass, so a near-uniform policy looks flat rather than steep."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    uniform = 1 / len(ts)
+    ax.axhline(uniform, color="grey", ls="--", lw=1, label=f"uniform (1/{len(ts)})")
+    for name, dist in runs.items():
+        ax.plot(ts, dist, marker="o", ms=3, label=name)
+    top = max([2 * uniform, *(1.1 * max(d) for d in runs.values())])
+    ax.set(xlabel="t", ylabel="mean pi(t | x)", ylim=(0, top), title="Learned distribution over t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
 def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
     from sklearn.manifold import TSNE
 
@@ -91,8 +107,7 @@ def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
 
     runs = {r["run"]: r["distribution"] for r in run_results(store, "distill") if r["targets"] == base}
     if runs:
-        pngs.append(curves(ts, {**runs, "uniform": [1 / len(ts)] * len(ts)}, "t", "mean pi(t | x)",
-                           "Learned distribution over t", folder / "policy.png"))
+        pngs.append(plot_policy(ts, runs, folder / "policy.png"))
     result = {"stage": "analyze", "targets": base, "targets_fingerprint": arr.attrs["fingerprint"], "t_grid": ts,
               "effective_rank": ranks, "top_singular_value": [float(s[0]) for s in spectra],
               "tsne_t": [ts[k] for k in picks], "tsne_points": len(rows), "runs": sorted(runs), "pngs": [str(p) for p in pngs]}

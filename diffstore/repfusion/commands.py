@@ -14,13 +14,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..datasets import load_split
+from ..errors import require
 from ..extract import pick_device
 from ..models import load_model
 from ..store import Store
-from .analyze import analyze
 from .config import AnalyzeConfig, DistillConfig, FinetuneConfig, TargetsConfig
 from .distill import distill, finetune
-from .targets import build_targets, load_data
+from .targets import build_targets
 
 
 def emit(result: dict, title: str, rows: list[tuple[str, object]], json_out: bool) -> dict:
@@ -43,7 +44,7 @@ def fmt_ts(ts: list[int], values: list[float], digits: int = 3) -> str:
 def targets_command(cfg: TargetsConfig | None = None, json_out: bool = False, show_progress: bool = True) -> dict:
     cfg = cfg or TargetsConfig()
     store = Store.open(cfg.store, "a")
-    split = load_data(cfg.dataset, cfg.split, cfg.data_root, cfg.limit)
+    split = load_split(cfg.dataset, cfg.split, cfg.data_root, limit=cfg.limit)
     model = load_model(cfg.model).to(pick_device(cfg.device))
     r = build_targets(store, model, split, cfg, show_progress)
     return emit(r, f"RepFusion targets: {r['path']}", [
@@ -76,6 +77,9 @@ def finetune_command(cfg: FinetuneConfig | None = None, json_out: bool = False, 
 
 
 def analyze_command(cfg: AnalyzeConfig | None = None, json_out: bool = False, show_progress: bool = True) -> dict:
+    require("matplotlib", "plots")
+    from .analyze import analyze
+
     r = analyze(cfg or AnalyzeConfig(), show_progress)
     return emit(r, f"RepFusion analysis: {r['targets']}", [
         ("effective rank by t", fmt_ts(r["t_grid"], r["effective_rank"], 1)),

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_STORE = "data/default.zarr"
+from ..key import DEFAULT_STORE
+
 DEFAULT_LAYER = "mid-conv"
 
 

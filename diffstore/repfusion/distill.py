@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical
 
+from ..datasets import load_split
 from ..errors import DiffstoreError
 from ..extract import pick_device
 from ..key import fingerprint
@@ -34,7 +35,7 @@ from ..store import Store
 from .losses import NEEDS_MAP, Distiller
 from .policy import TimePolicy, entropy_weight, fit_decoder, mean_distribution, reinforce_loss, reward
 from .students import build_student
-from .targets import View, load_data, open_targets, target_paths, view_images
+from .targets import View, open_targets, target_paths, view_images
 from .config import DistillConfig, FinetuneConfig
 
 KIND = "repfusion"  # results/repfusion/{name}
@@ -46,7 +47,7 @@ def load_images(attrs: dict, split: str | None = None) -> tuple[torch.Tensor, np
     """([V, N, C, S, S] float16 images per view of the targets' bank, labels [N]); split=None is the targets'
     own split (checked against the stored ids), another split gets the identity view only."""
     d = attrs["dataset"]
-    data = load_data(d["name"], split or d["loader_split"], d["root"], None if split else d["limit"])
+    data = load_split(d["name"], split or d["loader_split"], d["root"], limit=None if split else d["limit"])
     if split is None and data.ids_sha256() != d["ids_sha256"]:
         raise DiffstoreError(f"the {d['name']}/{d['split']} split loaded now has other sample ids than the targets were "
                              f"computed on; pass the same data root ({d['root']}) or recompute the targets")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import zarr
 
 from ..blocks import BlockInfo, BlockTable, trace_blocks
-from ..datasets import Split, load_split
+from ..datasets import Split
 from ..errors import DiffstoreError
 from ..extract import SHARD_BYTES, encode_images, forward_blocks
 from ..key import EXTRACTOR_VERSION, INPUT_MODES, fingerprint
@@ -59,15 +59,6 @@ def parse_t_grid(spec: str, num_timesteps: int) -> list[int]:
     if bad or not ts:
         raise DiffstoreError(f"t grid {spec!r} must lie in [0, {num_timesteps - 1}] for this model; out of range: {bad[:5]}")
     return sorted(ts)
-
-
-def load_data(name: str, split: str, root: str | None = None, limit: int | None = None) -> Split:
-    """A dataset split, or its first `limit` samples: a fixed prefix (the same rows on every run) named
-    "{split}-first{limit}", so it never mixes with the full split in a store."""
-    data = load_split(name, split, root)
-    if limit is None or limit >= len(data):
-        return data
-    return dataclasses.replace(data, split=f"{split}-first{limit}", ids=data.ids[:limit], labels=data.labels[:limit])
 
 
 @dataclass(frozen=True)

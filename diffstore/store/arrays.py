@@ -137,9 +137,11 @@ class ShardedArray:
 
     def __getitem__(self, rows) -> np.ndarray:
         """x[a:b] with the checks of `read` (so cka and dask can take the array itself)."""
-        if isinstance(rows, tuple):
-            return self.read(rows[0])[(slice(None), *rows[1:])]
-        return self.read(rows)
+        if not isinstance(rows, tuple):
+            return self.read(rows)
+        first, rest = rows[0], rows[1:]
+        scalar = not isinstance(first, slice) and np.ndim(first) == 0  # an int row drops the sample axis
+        return self.read(first)[rest if scalar else (slice(None), *rest)]
 
     def _check_done(self, shards: np.ndarray) -> None:
         if self._mask is None or not self._mask[shards].all():
@@ -170,6 +172,12 @@ class ShardedArray:
 
         return da.from_array(self, chunks=(self.shard_rows, *self.x.shape[1:]), asarray=True, lock=False,
                              name=f"diffstore-{self.url}-{self.path}-{self.attrs.get('fingerprint', '')}")
+
+    def to_xarray(self, lazy: bool = True):
+        """A labelled xarray.DataArray (dims, sample ids and labels): see labels.to_xarray."""
+        from .labels import to_xarray
+
+        return to_xarray(self, lazy)
 
     def nbytes_stored(self) -> int:
         return int(self.x.nbytes_stored()) + int(self._done.nbytes_stored())

@@ -26,6 +26,7 @@ group without its arrays (a killed run) is completed. Sharing on S3: see README 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import platform
@@ -43,11 +44,11 @@ from ..errors import DiffstoreError
 from ..key import FeatureKey
 from .arrays import ShardedArray
 from .backend import describe_failure, zarr_store
+from .labels import SAMPLE, row_dims
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
 CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
-ROW_DIMS = {3: ("channel", "height", "width")}  # named dims of a row, by rank (others: d0, d1, ...)
 
 
 def provenance() -> dict:
@@ -94,18 +95,25 @@ class Store:
         self.url = url
         self.zs = zs
         self._root = root  # None until the first write creates it (mode "a" on a new path)
+        self.created_here = root is None
 
     @classmethod
     def open(cls, url: str, mode: str = "a", storage_options: dict | None = None) -> "Store":
         """mode "r": the store must exist. mode "a": created on the first write, so a command refused before
         writing leaves no store behind. Never opens a non-diffstore path."""
         zs = zarr_store(url, read_only=(mode == "r"), storage_options=storage_options)
+        local = None if "://" in url else Path(url)
+        existed = local is None or local.exists()
         root = cls._open_root(url, zs, mode)
+        if root is None and not existed:
+            with contextlib.suppress(OSError):  # zarr made the folder on opening; the first write makes it again
+                local.rmdir()  # (unless another writer already wrote into it)
         if root is None and mode == "r":
             raise DiffstoreError(f"no diffstore store at {url}: run `diffstore extract --store {url}` first")
-        if root is None and "://" not in url:
-            local = Path(url)
-            if local.is_dir() and any(local.iterdir()):
+        if root is None and local is not None and local.is_dir() and any(not p.name.startswith("zarr.json")
+                                                                          for p in local.iterdir()):
+            root = cls._open_root(url, zs, mode)  # another writer may have just created it
+            if root is None:
                 raise DiffstoreError(f"{url} is a non-empty directory without a store in it; refusing to write there. "
                                      "Pass a new or empty path (e.g. data/f.zarr)")
         return cls(url, zs, root)
@@ -148,14 +156,15 @@ class Store:
     def _node(self, path: str):
         if self._root is None:
             return None
-        try:
-            return self._root[path]
-        except KeyError:
-            if not self._exists(f"{path}/zarr.json"):
-                return None
-            problem = "unreadable"
-        except Exception as e:
-            problem = f"unreadable: {type(e).__name__}: {e}"
+        for attempt in range(2):  # a node another writer creates between our read and our check: read again
+            try:
+                return self._root[path]
+            except KeyError:
+                if not self._exists(f"{path}/zarr.json"):
+                    return None
+                problem = "unreadable"
+            except Exception as e:
+                problem = f"unreadable: {type(e).__name__}: {e}"
         raise DiffstoreError(f"{self.url.rstrip('/')}/{path}/zarr.json is {problem}. Fix it with "
                              f"`diffstore repair --store {self.url} {path}`, or remove the node with "
                              f"`diffstore rm --store {self.url} {path}` and re-run the command that wrote it")
@@ -192,8 +201,14 @@ class Store:
         g = self._group(path)
         if g is None:
             raise DiffstoreError(f"no array at {path} in {self.url}")
+        try:
+            return ShardedArray(g, self.url)
+        except DiffstoreError:
+            raise
+        except Exception:  # noqa: BLE001 - find out which part is missing or broken, and name it
+            pass
         for name in ("x", "done"):
-            self._node(f"{path}/{name}")  # names a broken zarr.json
+            self._node(f"{path}/{name}")  # raises, naming a broken zarr.json
             if name not in g:
                 raise DiffstoreError(f"{self.url.rstrip('/')}/{path} has no {name} array (a run was stopped while "
                                      f"creating it): re-run the command that wrote it, or `diffstore repair --store "
@@ -245,16 +260,16 @@ class Store:
         chunk_rows = max(1, min(shard_rows, CHUNK_BYTES // max(row_bytes, 1)))
         while shard_rows % chunk_rows:
             chunk_rows -= 1
-        dims = ROW_DIMS.get(len(row_shape), tuple(f"d{i}" for i in range(len(row_shape))))
+        dims = row_dims(len(row_shape), features=path.startswith("features/"))
         coords = stored is not None and split is not None  # format 2: labelled for xarray
         self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
                            shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
-                           fill_value=np.nan, dimension_names=("sample", *dims),
+                           fill_value=np.nan, dimension_names=(SAMPLE, *dims),
                            attributes={"coordinates": "done label" if coords else "done"})
         self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None, dimension_names=("shard",))
         if coords:
-            self._put_values(g, "sample", split.ids)
+            self._put_values(g, SAMPLE, split.ids)
             self._put_values(g, "label", split.labels, {"class_names": list(split.class_names)})
         return self.open_array(path)
 
@@ -270,7 +285,7 @@ class Store:
         """A small int64 [sample] array, written whole (deterministic bytes: re-writing after a kill is safe)."""
         values = np.asarray(values, dtype=np.int64)
         self._create_array(g, name, shape=values.shape, dtype="int64", chunks=(max(1, min(len(values), 1 << 16)),),
-                           dimension_names=("sample",), attributes=attributes or {})
+                           dimension_names=(SAMPLE,), attributes=attributes or {})
         arr = g[name]
         if not np.array_equal(arr[:], values):
             arr[:] = values
@@ -282,6 +297,23 @@ class Store:
     def remove(self, path: str) -> None:
         """Delete the node at `path` and everything under it."""
         sync(self.zs.delete_dir(path))
+
+    @contextlib.contextmanager
+    def undo_if_unstarted(self, created: list[str]):
+        """On a DiffstoreError (e.g. an undecodable image), remove the arrays in `created` of which no shard is
+        done, and the store itself if this process created it and nothing else is in it."""
+        try:
+            yield
+        except DiffstoreError:
+            for path in created:
+                if self._group(path) is not None and not self.open_array(path).done_mask().any():
+                    self.remove(path)
+            if self.created_here and not self.array_paths():
+                self.remove("")
+            raise
+
+    def remove_key(self, key: str) -> None:
+        sync(self.zs.delete(key))
 
     # --- feature arrays ---------------------------------------------------------------------------
     def feature_keys(self) -> list[FeatureKey]:

@@ -1,0 +1,182 @@
+"""The public Python API (`import diffstore as ds`) end to end, and the promises of the surface around it:
+the CLI and the API share defaults, reading never imports torch, --limit keeps split names."""
+
+import inspect
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import diffstore as ds
+from diffstore import api, cli
+from diffstore.errors import DiffstoreError
+
+TRAIN, TEST = 256, 128
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    """The shipped model on the first rows of digits: t=10, the mid block and block 6, pools 1 and 2."""
+    url = str(tmp_path_factory.mktemp("api") / "s.zarr")
+    for split, n in (("train", TRAIN), ("test", TEST)):
+        ds.extract(url, split=split, t=[10], blocks=["mid", 6], pools=[1, 2], limit=n, show_progress=False)
+    return url
+
+
+def test_extract_features_and_own_sklearn_head_end_to_end(store_url):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    store = ds.open(store_url)
+    train = store.features(t=10, block="mid", pool=2, split="train")
+    test = store.features(t=10, block="mid", pool=2, split="test")
+    assert train.block_name == "mid" and train.shape[0] == TRAIN and test.shape[0] == TEST
+    x_train, x_test = np.asarray(train).reshape(TRAIN, -1), test.numpy().reshape(TEST, -1)
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, store.labels("train"))
+    accuracy = head.score(x_test, store.labels("test"))
+    assert accuracy > 0.7, accuracy  # 10 classes: chance is 0.1; the shipped model's mid block separates digits
+
+
+def test_features_convert_to_torch_dask_and_labelled_xarray(store_url):
+    store = ds.open(store_url)
+    f = store.features(t=10, block="mid", pool=2, split="test")
+    x = f.numpy()
+    assert np.array_equal(f.to_torch().numpy(), x)
+    assert np.array_equal(f.to_dask().compute(), x)
+    xa = f.to_xarray()
+    assert xa.dims == ("sample", "channel", "y", "x") and xa.shape == x.shape
+    np.testing.assert_array_equal(xa["sample"].values, store.ids("test"))
+    np.testing.assert_array_equal(xa["label"].values, store.labels("test"))
+    assert xa["label_name"].values[0] == str(store.labels("test")[0])  # digits' class names are "0".."9"
+    assert xa.attrs["block_name"] == "mid" and xa.attrs["t"] == 10
+    np.testing.assert_array_equal(f.to_xarray(lazy=True).values, x)
+
+
+def test_keys_select_by_block_name_index_and_lists(store_url):
+    store = ds.open(store_url)
+    mid = store.keys(block="mid", pool=2)
+    assert {k.split for k in mid} == {"train", "test"} and len({k.block for k in mid}) == 1
+    assert store.keys(block=mid[0].block, pool="2") == mid
+    assert len(store.keys(block=["mid", 6], split="train")) == 4
+    with pytest.raises(DiffstoreError, match="pick one.*split: test, train"):
+        store.features(t=10, block="mid", pool=2)
+    with pytest.raises(DiffstoreError, match="unknown key field"):
+        store.keys(layer=3)
+
+
+def test_limit_keeps_the_split_name_records_the_limit_and_never_mixes(store_url):
+    from diffstore.datasets import load_split
+    from diffstore.store import Store
+
+    s = Store.open(store_url, mode="r")
+    full = load_split("digits", "train")
+    assert s.split("digits", "train").ids.tolist() == full.ids[:TRAIN].tolist()
+    key = ds.open(store_url).keys(split="train", block="mid", pool=2)[0]
+    assert key.split == "train"
+    assert s.features(key).attrs["dataset"]["source"]["limit"] == TRAIN  # in the dataset fingerprint
+    with pytest.raises(DiffstoreError, match="other sample ids"):
+        ds.extract(store_url, split="train", t=[10], blocks=["mid"], pools=[2], show_progress=False)
+
+
+def test_cka_and_probe_from_python_return_results_without_printing(store_url, capsys):
+    m = ds.cka(store_url, by="block", t=10, pool=2, show_progress=False)
+    assert m["method"] == "unbiased" and m["n"] == TEST  # the default split is test
+    assert np.allclose(np.diag(np.array(m["matrix"])), 1)
+    out = ds.probe(store_url, t="10", pools="2", show_progress=False)
+    assert len(out["results"]) == 2  # one linear head per key: blocks 6 and mid at t=10, p=2
+    assert capsys.readouterr().out == ""
+
+
+def option_defaults(fn, rename: dict) -> dict:
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        default = getattr(p.default, "default", p.default)  # a typer.Option holds its default
+        out[rename.get(name, name)] = default
+    return out
+
+
+def test_stage_packages_are_callable_and_importable():
+    import diffstore.cka.math
+    from diffstore.cka import stage
+
+    assert callable(ds.cka) and ds.cka is diffstore.cka and stage.compute
+    assert callable(ds.extract) and callable(ds.probe)
+
+
+def test_cli_and_api_share_defaults():
+    cli_extract = option_defaults(cli.extract, {"input_mode": "input"})
+    api_extract = option_defaults(api.extract, {})
+    shared = set(cli_extract) & set(api_extract)
+    assert len(shared) >= 25
+    assert {k: cli_extract[k] for k in shared} == {k: api_extract[k] for k in shared}
+    from diffstore.cka.stage import compute
+    cli_cka = option_defaults(cli.cka, {})
+    stage = option_defaults(compute, {})
+    shared = set(cli_cka) & set(stage) - {"input_mode"}
+    assert {k: cli_cka[k] for k in shared} == {k: stage[k] for k in shared} and "method" in shared
+    from diffstore.probe.stage import probe_command
+    cli_probe = option_defaults(cli.probe, {"input_mode": "input"})
+    stage = option_defaults(probe_command, {})
+    shared = set(cli_probe) & set(stage)
+    assert {k: cli_probe[k] for k in shared} == {k: stage[k] for k in shared} and "head" in shared
+
+
+def test_reading_a_store_never_imports_torch_or_matplotlib(store_url):
+    code = f"""
+import sys, numpy as np, diffstore as ds
+s = ds.open({store_url!r})
+f = s.features(t=10, block="mid", pool=2, split="train")
+f.numpy(); f.to_xarray(); s.labels("train")
+from diffstore.cli import app
+for argv in (["ls", "--store", {store_url!r}, "--json"], ["info", "--store", {store_url!r}, "t=10/p=2"],
+             ["verify", "--store", {store_url!r}], ["--help"], ["--version"]):
+    try:
+        app(argv, standalone_mode=False)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("torch", "matplotlib", "sklearn", "diffusers", "distributed") if m in sys.modules)
+assert not heavy, heavy
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_version_and_json_outputs_are_data(store_url):
+    version = subprocess.run([sys.executable, "-m", "diffstore.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"diffstore {ds.__version__}"
+    ls = subprocess.run([sys.executable, "-m", "diffstore.cli", "ls", "--store", store_url, "--json"],
+                        capture_output=True, text=True)
+    rows = json.loads(ls.stdout)
+    assert len(rows) == 8
+    for r in rows:
+        assert r["store"] == store_url and r["path"].startswith("features/digits/")
+        assert isinstance(r["shape"], list) and all(isinstance(v, int) for v in r["shape"])
+        assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["shards_done"] == r["shards"]
+
+
+READER_ONLY = """
+import sys
+for name in {blocked!r}:  # as if not installed: import fails, importlib.util.find_spec says None
+    sys.modules[name] = None
+import numpy as np, diffstore as ds
+s = ds.open({url!r})
+f = s.features(t=10, block="mid", pool=2, split="test")
+assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "y", "x")
+try:
+    f.to_torch()
+except ds.DiffstoreError as e:
+    assert "pip install torch" in str(e)
+else:
+    raise AssertionError("to_torch worked without torch")
+"""
+
+
+def test_a_reader_only_environment_opens_stores_and_reads_labelled_features(store_url):
+    blocked = ["torch", "dask", "distributed", "sklearn", "scipy", "matplotlib", "typer", "rich", "diffusers",
+               "transformers", "PIL", "safetensors", "huggingface_hub", "fsspec", "s3fs"]
+    done = subprocess.run([sys.executable, "-c", READER_ONLY.format(blocked=blocked, url=store_url)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

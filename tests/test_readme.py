@@ -1,0 +1,63 @@
+"""Every command in README.md runs as printed: each indented code block's `diffstore ...` lines (and the From
+Python block) run in order in a fresh folder, as a reader would paste them, and must exit 0.
+
+Not run: `make ...` and `python pipelines/...` lines (long recipes with their own docs; `make test` is this suite),
+and lines that address a cluster you run yourself (`tcp://HOST`).
+"""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+DS = str(Path(sys.executable).with_name("diffstore"))
+SKIP = ("tcp://HOST",)
+
+
+def code_blocks(text: str) -> list[list[str]]:
+    """Markdown indented code blocks (4 spaces, after a blank line), continuation lines joined."""
+    blocks, current, prev_blank = [], None, True
+    for line in text.splitlines():
+        if line.startswith("    ") and (current is not None or prev_blank):
+            current = current if current is not None else []
+            current.append(line[4:])
+        elif current is not None and not line.strip():
+            current.append("")
+        else:
+            if current:
+                blocks.append(current)
+            current = None
+        prev_blank = not line.strip()
+    if current:
+        blocks.append(current)
+    return [[ln for ln in "\n".join(b).replace("\\\n", " ").splitlines()] for b in blocks]
+
+
+def readme_steps() -> list[tuple[str, str]]:
+    """("cli", command line) and ("python", code) in README order."""
+    steps = []
+    for block in code_blocks(README.read_text()):
+        if block and block[0].startswith("import diffstore"):
+            steps.append(("python", "\n".join(block)))
+            continue
+        for line in block:
+            if line.startswith("diffstore ") and not any(s in line for s in SKIP):
+                steps.append(("cli", re.sub(r"\s+#\s.*$", "", line).strip()))
+    return steps
+
+
+def test_readme_has_a_tour_and_a_python_block():
+    kinds = [k for k, _ in readme_steps()]
+    assert kinds.count("cli") >= 10 and kinds.count("python") >= 1
+
+
+def test_every_readme_command_runs_as_printed(tmp_path):
+    for kind, step in readme_steps():
+        if kind == "cli":
+            done = subprocess.run([DS, *shlex.split(step)[1:]], cwd=tmp_path, capture_output=True, text=True)
+        else:
+            done = subprocess.run([sys.executable, "-c", step], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, f"README step failed (exit {done.returncode}):\n{step}\n{done.stderr[-3000:]}"
+    assert list((tmp_path / "data").glob("tour-repfusion/*/policy.png")), "analyze writes its PNGs beside the store"
