@@ -264,13 +264,13 @@ def probe(
     t: Optional[str] = typer.Option(None, "--t", help="Only these time steps (comma-separated)."),
     blocks: Optional[str] = typer.Option(None, help="Only these blocks: indices or names, as extract takes (7,mid,down1.0)."),
     pools: Optional[str] = typer.Option(None, help="Only these pools (comma-separated)."),
-    head: str = typer.Option("linear", help="linear | mlp | cnn | attention (comma-separated for several)."),
-    head_pool: Optional[int] = typer.Option(None, help="Pool the stored map to this size inside the head."),
+    head: str = typer.Option("linear", help="linear | mlp | cnn | attention | fusion (comma-separated for several; fusion needs --fuse)."),
+    head_pool: Optional[int] = typer.Option(None, help="Pool the stored map to this size inside the head (fusion: tokens per key side, default 8)."),
     batchnorm: bool = typer.Option(False, help="BatchNorm before the linear head."),
     hidden: str = typer.Option("512", help="MLP hidden sizes."),
     channels: str = typer.Option("64,64", help="CNN channels of the two conv blocks."),
-    dim: int = typer.Option(128, help="Attention head width."),
-    depth: int = typer.Option(1, help="Attention head Transformer blocks."),
+    dim: int = typer.Option(128, help="Attention/fusion head width."),
+    depth: int = typer.Option(1, help="Attention/fusion head Transformer blocks."),
     n_heads: int = typer.Option(4, help="Attention heads."),
     recipe: str = typer.Option("converged", help="converged: linear solved to convergence (L-BFGS, C on validation), "
                                "other heads tuned and early-stopped on validation | paper: Adam, 28 epochs, StepLR."),
@@ -288,7 +288,8 @@ def probe(
     baseline: Optional[str] = typer.Option(None, help="pixels: the same head on raw preprocessed pixels."),
     data_root: Optional[str] = typer.Option(None, help="Dataset directory for --baseline pixels."),
     select: int = typer.Option(0, help="Rank every key by a closed-form ridge proxy; train the top K."),
-    fuse: Optional[str] = typer.Option(None, help="One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2"),
+    fuse: Optional[str] = typer.Option(None, help="One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2, or auto "
+                                       "(the top --select K); with --head fusion the keys the fusion head fuses."),
     grid: bool = typer.Option(False, help="Accuracy table over (t, block, pool)."),
     plot: Optional[str] = typer.Option(None, help="Write heatmaps and accuracy-vs-t curves (PNG) here."),
     show_all: bool = typer.Option(False, "--all", help="Print every result, not only the summary."),
@@ -422,6 +423,9 @@ def main():
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, no traceback; done shards stay done
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

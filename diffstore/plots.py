@@ -52,11 +52,16 @@ def curves(x: list, series: dict, xlabel: str, ylabel: str, title: str, path, er
     error-bar lengths. Many series get distinct colours and markers and a legend outside the axes."""
     fig = Figure(figsize=(7.5 if len(series) > 4 else 6, 4))
     ax = fig.add_subplot()
-    cmap, markers = colormaps["tab20"], "osD^v<>ph*"
+    markers, n = "osD^v<>ph*", len(series)
+    # tab10 while it lasts; then tab20 with its dark shades first, so neighbours never share a hue
+    colors = [colormaps["tab10"](k) for k in range(10)] if n <= 10 else \
+        [colormaps["tab20"](k) for k in (*range(0, 20, 2), *range(1, 20, 2))]
+    xs = np.asarray(x, dtype=float)
+    dodge = 0.01 * (np.ptp(xs) or 1) if errors else 0.0  # error bars side by side instead of on top of each other
     for k, (label, ys) in enumerate(series.items()):
-        style = dict(marker=markers[k % len(markers)], ms=4, label=str(label), color=cmap(k % 20), capsize=2, lw=1.2)
-        err = None if errors is None or label not in errors else np.nan_to_num(np.asarray(errors[label], float))
-        ax.errorbar(x, np.asarray(ys, dtype=float), yerr=err, **style)
+        style = dict(marker=markers[k % len(markers)], ms=4, label=str(label), color=colors[k % 20], capsize=2, lw=1.2)
+        err = None if errors is None or label not in errors else np.nan_to_num(np.asarray(errors[label], float)).clip(0)
+        ax.errorbar(xs + (k - (n - 1) / 2) * dodge, np.asarray(ys, dtype=float), yerr=err, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

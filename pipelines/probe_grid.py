@@ -1,10 +1,11 @@
 """The real-data probe report: which (t, block, pool) and which head, and do diffusion features beat the baselines?
 
-    python pipelines/probe_grid.py                                   # digits with the shipped default model
+    python pipelines/probe_grid.py --t 10,50 --top 1                 # digits with the shipped default model
     python pipelines/train_ddpm.py --dataset fashion-mnist --data-root ../shared/datasets/fashion-mnist \\
         --size 16 --out data/models/fashion-ddpm
     python pipelines/probe_grid.py --dataset fashion-mnist --data-root ../shared/datasets/fashion-mnist \\
-        --model data/models/fashion-ddpm --train-limit 10000 --t 10,50 --top 1 --out data/probe_grid/fashion
+        --model data/models/fashion-ddpm --train-limit 10000 --t 10 --blocks 4,5,6,7,8,9 --top 1 \\
+        --out data/probe_grid/fashion
 
 Steps (library calls; every result is stored in the store, so a re-run only computes what is new):
  1. extract train + test at every (t, block) with pools --pools for the model and its random-init twin
@@ -87,8 +88,8 @@ def main(argv=None):
     extract(store, models, splits, args.t, args.blocks, args.pools, args.extract_batch_size)
     results, plots = [], []
     for recipe in recipes:
-        grid = probe_command(head="linear", pools=args.pools, baseline="pixels", grid=True, plot=str(out / "plots"),
-                             recipe=recipe, **common)
+        grid = probe_command(head="linear", t=args.t, blocks=args.blocks, pools=args.pools, baseline="pixels",
+                             grid=True, plot=str(out / "plots"), recipe=recipe, **common)
         results += grid["results"]
         plots += grid.get("plots", [])
     ranked = sorted((r for r in results if r["model"] == name and r["recipe"]["name"] == recipes[0]),

@@ -113,7 +113,7 @@ def test_store_written_before_the_forward_fields_resumes_bit_identical(tmp_path,
 
 
 def test_shard_rows_off_the_micro_batch_partition_are_refused_before_writing(tmp_path, model, digits):
-    with pytest.raises(DiffstoreError, match=r"positive multiple of 32 \(the micro-batch\)"):
+    with pytest.raises(DiffstoreError, match=r"positive multiple of the micro-batch \(32\)"):
         plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, digits, **ARGS, micro_batch=32, shard_rows=48)
     assert not (tmp_path / "s.zarr" / "features").exists()
 

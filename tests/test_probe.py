@@ -337,7 +337,7 @@ def test_paired_interval_of_a_difference_is_narrower_than_unpaired():
     b[rng.choice(2000, 40, replace=False)] ^= True  # b differs from a on 2% of the samples
     d = difference(a, b)
     assert d["diff"] == pytest.approx(a.mean() - b.mean()) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
-    (lo_a, hi_a), (lo_b, hi_b) = bootstrap_interval(a), bootstrap_interval(b)
+    lo_a, hi_a = bootstrap_interval(a)
     assert d["ci95"][1] - d["ci95"][0] < (hi_a - lo_a) / 2  # pairing removes the shared sampling noise
     assert difference(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0]}
     assert np.array_equal(unpack(pack(a), len(a)), a)

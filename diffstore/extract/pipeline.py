@@ -197,11 +197,12 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
                                      inputs=inputs or None)
                 pieces += [out[(b, p)].flatten(1) for (tt, b, p) in unit.arrays if tt == t]
             flat = torch.cat(pieces, dim=1).to(storage)  # the cast is the one write_shard would do, bit for bit
-            host = torch.empty(flat.shape, dtype=storage, pin_memory=device.type == "cuda")
-            host.copy_(flat, non_blocking=device.type == "cuda")  # one device-to-host copy per batch
-            event = torch.cuda.Event() if device.type == "cuda" else None
-            if event is not None:
+            if device.type == "cuda":  # one device-to-host copy per batch, overlapped with the next batch's forward
+                host, event = torch.empty(flat.shape, dtype=storage, pin_memory=True), torch.cuda.Event()
+                host.copy_(flat, non_blocking=True)
                 event.record()
+            else:
+                host, event = flat.cpu(), None  # a no-op on the CPU
             if waiting is not None:
                 finish(*waiting, writer)
             waiting = (item, host, event)

@@ -168,7 +168,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
     recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
     mb = recipe.micro_batch
     if shard_rows is not None and (shard_rows <= 0 or shard_rows % mb):  # shards start on the micro-batch partition
-        raise DiffstoreError(f"--shard-rows must be a positive multiple of {mb} (the micro-batch), got {shard_rows}")
+        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {shard_rows}")
     plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
     # Refuse before writing anything: sample ids, then every key's fingerprint.
     store.check_split(split)

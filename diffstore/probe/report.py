@@ -99,6 +99,7 @@ def summary(results: list[dict]) -> list[dict]:
     """Per (dataset, head, recipe): the trained model's key with the best validation top-1, its test top-1 with
     interval, and its paired margins over the random-init twin at the same (t, block, pool) and over pixels."""
     out = []
+    results = [r for r in results if "test_hits" in r]  # results stored by older releases carry no hits
     heads = dict.fromkeys((r["dataset"], r["head_label"], recipe_label(r)) for r in results)
     for dataset, head, recipe in heads:
         mine = [r for r in results if (r["dataset"], r["head_label"], recipe_label(r)) == (dataset, head, recipe)]

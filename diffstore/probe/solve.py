@@ -4,8 +4,9 @@ The protocol of most linear-evaluation studies of frozen features:
 - each feature is z-scored with the mean/std of the fit rows (the train split minus a seeded validation carve);
 - the objective is mean cross-entropy + lam/2 ||W||^2 (bias not penalised), with lam = 1 / (C * n_fit), so C means
   what it means in scikit-learn's LogisticRegression;
-- it is solved by L-BFGS until the gradient's largest entry is below min(tol * lam, 1e-4) (the convergence test:
-  a weak penalty has a flat optimum, where the predictions need a finer solve);
+- it is solved by L-BFGS until the gradient's largest entry is below tol * lam, clamped to [1e-5, 1e-4] (the
+  convergence test: a weak penalty has a flat optimum, where the predictions need a finer solve; float32 sums
+  over the rows set the floor);
 - C is chosen on the validation split from a log grid (best val top-1, ties to the smaller C: stronger
   regularisation), walking the grid from small to large C with warm starts;
 - the reported head is the fit on the train part at the chosen C (no refit on train+val: val stays held out).
@@ -49,6 +50,7 @@ class Design:
         self.pool, self.n = pool, len(positions)
         self.stats = stats or self.moments()
         self.held = list(self.prepared()) if self.feed.cache is not None else None
+        self.subset = None  # (indices, held blocks of those sources): the copy the still-moving problems read
         if self.held is not None:
             self.feed = None  # the prepared copy is all that is needed
 
@@ -78,8 +80,15 @@ class Design:
             x = torch.bmm((torch.stack(xs) - mean[:, None]) / std[:, None], rot)
             yield torch.cat([x, x.new_ones(*x.shape[:2], 1)], 2), y
 
-    def blocks(self):
-        return self.held if self.held is not None else self.prepared()
+    def blocks(self, idx: torch.Tensor | None = None):
+        """The blocks of every source, or of the sources idx (held copies are kept while idx stays the same)."""
+        if idx is None:
+            return self.held if self.held is not None else self.prepared()
+        if self.held is None:
+            return ((x[idx], y) for x, y in self.prepared())
+        if self.subset is None or not torch.equal(self.subset[0], idx):
+            self.subset = (idx.clone(), [(x[idx], y) for x, y in self.held])
+        return self.subset[1]
 
 
 def weights(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -87,13 +96,14 @@ def weights(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.cat([u[:, :-1] * scale[..., None], u[:, -1:]], 1)
 
 
-def objective(design: Design, u: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor):
-    """Per-key mean cross-entropy + lam/2 |W|^2 (bias row free) and its gradient in u; u [G, D+1, K], lam [G].
-    W = scale * u row-wise with scale = 1/sqrt(eigenvalue + lam): the diagonal preconditioner."""
+def objective(design: Design, u: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor | None = None):
+    """Per-key mean cross-entropy + lam/2 |W|^2 (bias row free) and its gradient in u; u [G, D+1, K], lam [G]
+    (of the design's sources idx, or all). W = scale * u row-wise with scale = 1/sqrt(eigenvalue + lam): the
+    diagonal preconditioner."""
     w = weights(u, scale)
     f = w.new_zeros(len(w))
     g = torch.zeros_like(w)
-    for x, y in design.blocks():
+    for x, y in design.blocks(idx):
         logp = torch.log_softmax(torch.bmm(x, w), 2)  # [G, n, K]
         f -= logp.gather(2, y.view(1, -1, 1).expand(len(w), -1, 1)).sum((1, 2))
         p = logp.exp_()
@@ -113,14 +123,21 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[torch.Tensor, dict]:
     """Batched L-BFGS: G independent problems stacked on dim 0, each with its own curvature pairs, Armijo
-    backtracking step and convergence test (gap(g) <= 1). Converged problems stop moving."""
-    f, g = fun(w)
+    backtracking step and convergence test (gap(g) <= 1). fun(w[sel], sel) evaluates the problems sel only:
+    converged problems stop moving, and once they are a quarter of those evaluated they are no longer computed."""
+    sel = torch.arange(len(w), device=w.device)
+    f, g = fun(w, sel)
     hist: list[tuple] = []  # (s, y, rho) with rho = 0 where a pair lacks positive curvature (a no-op pair)
     gamma = torch.ones_like(f)
     done = gap(g) <= 1
+    iters = torch.zeros(len(w), dtype=torch.long, device=w.device)
     it = 0
     while it < max_iter and not bool(done.all()):
         it += 1
+        iters += ~done
+        live = (~done).nonzero().flatten()
+        if len(live) <= 0.75 * len(sel):
+            sel = live
         q, alphas = g.clone(), []
         for s, y, rho in reversed(hist):
             a = rho * dot(s, q)
@@ -140,7 +157,8 @@ def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[t
         w_new, f_new, g_new = w.clone(), f.clone(), g.clone()
         for _ in range(30):  # backtracking until every moving problem accepts its step
             trial = w + step[:, None, None] * d
-            ft, gt = fun(trial)
+            ft, gt = f.clone(), g.clone()
+            ft[sel], gt[sel] = fun(trial[sel], sel)
             # Armijo's sufficient decrease; or, near the optimum where float32 losses cannot resolve a decrease,
             # Hager-Zhang's approximate Wolfe test: the slope did not overshoot and the loss did not grow visibly
             approx = (dot(gt, d) <= -0.8 * slope) & (ft <= f + 1e-6 * f.abs())
@@ -159,7 +177,8 @@ def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[t
         w, f, g = w_new, f_new, g_new
         done |= (gap(g) <= 1) | pending  # pending: no step length helps any more (float32's floor)
     left = gap(g)
-    return w, {"iterations": it, "grad_over_tol": left.tolist(), "converged": (left <= 1).tolist(), "loss": f.tolist()}
+    return w, {"iterations": iters.tolist(), "grad_over_tol": left.tolist(), "converged": (left <= 1).tolist(),
+               "loss": f.tolist()}
 
 
 @torch.no_grad()
@@ -184,27 +203,27 @@ def solve_group(sources: list[Rows], tests: list[Rows], pool: int | None, y_trai
     scale = torch.ones_like(eig)
     best = (torch.full((len(sources),), -1.0, device=dev), u.clone(), [None] * len(sources), [{}] * len(sources))
     Cs = sorted(recipe.Cs) if val else [1.0]  # nothing to choose on: scikit-learn's default C
-    curve = []
+    curve: list[list] = [[] for _ in sources]
     for C in Cs:  # small C first: each solve warm-starts the next, weaker-regularised one
         lam = torch.full((len(sources),), 1 / (C * fit.n), device=dev)
         u[:, :-1] *= (scale / (scale := (eig + lam[:, None]).rsqrt()))[..., None]  # the same W: a warm start
-        # converged: every entry of the gradient in W (not u) within min(tol * lam, 1e-4): weak penalties solve finer
-        bound = (recipe.tol * lam).clamp(max=1e-4)
+        # converged: every entry of the gradient in W (not u) within min(tol * lam, 1e-4): weak penalties solve
+        # finer, down to 1e-5, where float32 sums over the rows stop resolving it
+        bound = (recipe.tol * lam).clamp(1e-5, 1e-4)
         gap = lambda g: torch.cat([g[:, :-1] / scale[..., None], g[:, -1:]], 1).abs().amax((1, 2)) / bound  # noqa: E731
-        u, info = lbfgs(lambda v: objective(fit, v, lam, scale), u, gap, recipe.max_iter)
+        u, info = lbfgs(lambda v, sel: objective(fit, v, lam[sel], scale[sel], sel), u, gap, recipe.max_iter)
         w = weights(u, scale)
         score = predict_hits(val, w, n_classes)[0].float().mean(1) if val else torch.ones(len(sources), device=dev)
-        curve.append(score.tolist())
-        better = score > best[0]  # strictly: ties keep the smaller C
-        best[0][better], best[1][better] = score[better], w[better]
-        for i in better.nonzero().flatten().tolist():
-            best[2][i] = C
-            best[3][i] = {k: (v[i] if isinstance(v, list) else v) for k, v in info.items()}
+        for i in range(len(sources)):
+            curve[i].append(float(score[i]))
+            if score[i] > best[0][i]:  # strictly: ties keep the smaller C
+                best[0][i], best[1][i], best[2][i] = score[i], w[i], C
+                best[3][i] = {name: v[i] for name, v in info.items()}
     test = Design(tests, y_test, np.arange(len(y_test)), pool, dev, budget, fit.stats)
     hit1, hit5 = predict_hits(test, best[1], n_classes)
     return [{"top1": float(hit1[i].float().mean()), "top5": float(hit5[i].float().mean()) if n_classes > 5 else None,
              "n_test": int(hit1.shape[1]), "hits": hit1[i].cpu().numpy(), "val_top1": float(best[0][i]) if val else None,
-             "C": best[2][i], "val_top1_per_C": {str(C): round(c[i], 6) for C, c in zip(Cs, curve)} if val else None,
+             "C": best[2][i], "val_top1_per_C": dict(zip(map(str, Cs), curve[i])) if val else None,
              "train_loss": best[3][i]["loss"], "iterations": best[3][i]["iterations"],
              "grad_over_tol": best[3][i]["grad_over_tol"], "converged": best[3][i]["converged"],
              "n_train": len(fit_pos), "n_val": len(val_pos), "params": (width + 1) * n_classes}

@@ -4,7 +4,8 @@ show the results as a table (or JSON) and store them next to the features.
 Which keys: every train array matching the filters (--dataset/--model/--input/--t/--blocks/--pools), each paired
 with its test twin; --model M also keeps M's random-init twins (M.random-init-sN) as the baseline they are.
 --baseline pixels adds the same head on the preprocessed images; --fuse trains one head on several keys'
-features concatenated; --select K ranks the keys by the ridge proxy (probe.select.rank_keys) and trains the top K.
+features concatenated; --select K ranks the keys by the ridge proxy (probe.select.rank_keys) and trains the top K;
+--fuse auto --select K fuses the top K; --head fusion trains the fusion head over the fused keys (fusion.py).
 
 Results cache: a result is stored as results/probe/{name}, name = head + a fingerprint of (the arrays'
 fingerprints, the head, the recipe with its seed). Running the same recipe again shows the stored result,
@@ -28,6 +29,7 @@ from ..preprocess import Preprocess
 from ..progress import stderr
 from ..store import ShardedArray, Store
 from .feed import DEFAULT_BUDGET, Rows, fuse_rows
+from .fusion import auto_keys, compare, comparison_table, fusion_runs
 from .heads import HeadSpec
 from .intervals import bootstrap_interval, pack
 from .report import collapse_seeds, grid_tables, ranking_table, results_table, summary, summary_lines, write_plots
@@ -271,42 +273,50 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
                  for k in parse_list(head, "head") or ["linear"]]
         if seeds < 1:
             raise DiffstoreError(f"--seeds must be >= 1, got {seeds}")
-        if select and fuse:
-            raise DiffstoreError("--select ranks single keys; use it without --fuse")
+        if select and fuse and fuse != "auto":
+            raise DiffstoreError("--select ranks single keys; use it without --fuse (or --fuse auto: fuse the top K)")
         if baseline not in (None, "", "none", "pixels"):
             raise DiffstoreError(f"--baseline takes 'pixels' (random-init models are keys: extract them), got {baseline!r}")
         keys = select_keys(st, dataset, model, input, parse_list(t, "t", int), parse_list(blocks, "blocks"),
                            parse_list(pools, "pools"))
+        budget, singles = int(memory_gb * 2**30), None
         if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
-            fused = parse_fuse(fuse, [k for k in keys if model is None or k.model == model])
-            sources = [fuse_source([key_source(st, k) for k in fused])]
+            mine = [k for k in keys if model is None or k.model == model]
+            if fuse == "auto":
+                ranking, rho = rank_keys(st, [key_source(st, k) for k in mine], base, device, budget, show_progress)
+            singles = [key_source(st, k) for k in (auto_keys(ranking, select) if fuse == "auto" else parse_fuse(fuse, mine))]
+            sources = [fuse_source(singles)]
         else:
             sources = [key_source(st, k) for k in keys]
-        budget = int(memory_gb * 2**30)
-        if select:
+        if select and not fuse:
             ranking, rho = rank_keys(st, sources, base, device, budget, show_progress)
             sources = [r["source"] for r in ranking if r["rank"] <= select]
         if baseline == "pixels":
             for ds in dict.fromkeys(s.row["dataset"] for s in sources):
                 attrs = st.features(next(k for s in sources for k in s.keys if k.dataset == ds)).attrs
                 sources.append(pixel_source(st, ds, attrs, data_root))
+        fusion = any(sp.kind == "fusion" for sp in specs)
+        if fusion and baseline == "pixels":
+            raise DiffstoreError("--baseline pixels is a single-key comparison: run it without --head fusion")
+        runs = fusion_runs(singles, sources[0] if singles else None, specs) if fusion else [(sources, specs)]
         results = []
-        for s in range(seed, seed + seeds):
+        for s, (group, group_specs) in ((s, run) for s in range(seed, seed + seeds) for run in runs):
             run = replace(base, seed=s)
             if workers or scheduler:  # one task per (key, head) on a dask cluster; same rows as in-process
                 from ..distributed import probe_distributed
 
-                results += probe_distributed(st, sources, specs, run, retrain, device, budget, show_progress,
+                results += probe_distributed(st, group, group_specs, run, retrain, device, budget, show_progress,
                                              workers=workers, scheduler=scheduler)
             else:
-                results += run_probes(st, sources, specs, run, retrain, device, budget, show_progress)
+                results += run_probes(st, group, group_specs, run, retrain, device, budget, show_progress)
     shown = collapse_seeds(results)
     if plot:
         plots = write_plots(shown, plot)
         stderr.print(f"wrote {len(plots)} plots to {plot}")
     ranking = [{k: v for k, v in r.items() if k != "source"} for r in ranking]
-    lines = summary(shown)
+    lines, fusions = summary(shown), compare(shown)
     out = {"results": results, "summary": [summary_json(s) for s in lines],
+           **({"fusion": [fusion_json(f) for f in fusions]} if fusions else {}),
            **({"ranking": ranking, "spearman": rho} if select else {}), **({"plots": plots} if plots else {})}
     if json_out:
         print(json.dumps(out, indent=1))
@@ -320,11 +330,21 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
         console.print(results_table(shown, "stored probe results" if list_results else "probe results"))
     for table in grid_tables(shown) if grid else []:
         console.print(table)
+    for line in fusions:
+        console.print(comparison_table(line))
     for line in summary_lines(lines, plots):
         console.print(line, highlight=False, markup=False)
     if not (show_all or list_results) and lines:
         console.print(f"({len(shown)} results; every one with --all, or as JSON with --json)", highlight=False)
     return out
+
+
+def fusion_json(line: dict) -> dict:
+    """A fusion comparison with results named (not embedded)."""
+    return {"fusion": line["fusion"]["name"],
+            "rows": [{"features": r["features"], "result": r["result"]["name"], "head": r["result"]["head_label"],
+                      "top1": r["result"]["top1"], "ci95": r["result"]["ci95"], "fusion_minus": r["fusion_minus"]}
+                     for r in line["rows"]]}
 
 
 def summary_json(line: dict) -> dict:
