@@ -33,7 +33,8 @@ from diffstore.probe.feed import Feed, Rows
 from diffstore.probe.heads import HeadSpec
 from diffstore.models import load_model
 from diffstore.preprocess import Preprocess
-from diffstore.probe.train import Job, ProbeRecipe, train_many
+from diffstore.probe.recipe import ProbeRecipe
+from diffstore.probe.train import Job, train_many
 from diffstore.probe.stage import key_source
 from diffstore.progress import stderr
 from diffstore.store import Store
@@ -104,7 +105,7 @@ def bench_recipe(root: Path, args) -> tuple[list[dict], str]:
     extract_s = time.perf_counter() - t0
     key = next(k for k in store.feature_keys() if k.split == "train")
     source = key_source(store, key)
-    recipe = ProbeRecipe(epochs=args.epochs)
+    recipe = ProbeRecipe("paper", epochs=args.epochs)
     labels = (splits["train"].labels, splits["test"].labels)
     stderr.print(f"(b) linear recipe, {args.epochs} epochs, {note}, t={args.t} block={block} pool={args.pool}")
     note += f", t={args.t} block={block} pool={args.pool}"

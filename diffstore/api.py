@@ -234,7 +234,9 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
             prompt: str = "", resolution: int | None = None, t: str | list[int] = "10,50,150,300",
             blocks: str | list = "all", pools: str | list = "1,2", input: str = "noised", noise_seed: int = 0,
             noise_draws: int = 1, batch_size: int = 64, device: str = "auto", dtype: str = "float16",
-            compute_dtype: str = "float32", shard_rows: int | None = None, skip_bad: bool = False,
+            compute_dtype: str = "float32", shard_rows: int | None = None, micro_batch: int | None = None,
+            attention: str | None = None, compile: bool | None = None, loader_workers: int | None = None,
+            skip_bad: bool = False,
             limit: int | None = None, workers: int | None = None, scheduler: str | None = None,
             show_progress: bool = True) -> list[dict]:
     """Run the U-Net once per (batch, t) and store every requested (t, block, pool) array; the same options
@@ -256,7 +258,7 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
         for sp in [x.strip() for x in as_spec(split).split(",") if x.strip()]:
             data = load_split(dataset, sp, data_root, skip_bad=skip_bad, limit=limit)
             plan = plan_extraction(s, m, data, as_spec(t), as_spec(blocks), as_spec(pools), input, noise_seed,
-                                   noise_draws, compute_dtype, dtype, shard_rows)
+                                   noise_draws, compute_dtype, dtype, shard_rows, micro_batch, attention, compile)
             if client is not None:
                 from .distributed import extract_distributed
 
@@ -267,8 +269,10 @@ def extract(store: str = DEFAULT_STORE, *, dataset: str = "digits", data_root: s
                     data_spec=dict(name=dataset, split=sp, root=data_root, skip_bad=skip_bad, limit=limit))
             else:
                 with s.undo_if_unstarted(plan.created):  # a failure before any shard is done leaves nothing behind
-                    summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress)
+                    summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress,
+                                               workers=loader_workers)
             rows.append({"store": s.url, "dataset": dataset, "split": sp, "model": m.name, "rows": len(data),
+                         "micro_batch": plan.recipe.micro_batch,
                          "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],
                          "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})

@@ -11,7 +11,6 @@ torch-free modules (repfusion/config.py).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import inspect
 import json
 import sys
@@ -25,7 +24,6 @@ from .key import DEFAULT_STORE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
-FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help="Store path or fsspec URL (s3://bucket/team.zarr).")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (data: paths, lists, ints, bytes).")
@@ -100,7 +98,11 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (does not change the key)."),
     dtype: str = typer.Option("float16", help="Storage dtype: float16 | float32."),
     compute_dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (autocast)."),
-    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard (multiple of 16; default: sized to ~256 MB per task)."),
+    shard_rows: Optional[int] = typer.Option(None, help="Rows per shard (a multiple of the micro-batch; default: sized to ~256 MB per task)."),
+    micro_batch: Optional[int] = typer.Option(None, help="Rows per forward: part of the recipe (changes the last bits). Default: what the arrays hold, else 16 on CPU, sized to memory on CUDA."),
+    attention: Optional[str] = typer.Option(None, help="ADM attention: sdpa (default for new arrays) | eager (the reference's einsum). Part of the recipe."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the blocks' layers (part of the recipe; default: what the arrays hold, else off)."),
+    loader_workers: Optional[int] = typer.Option(None, help="Processes decoding images ahead of the device (default: cores - 1, at most 8; does not change values)."),
     skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", help="Skip unreadable images, recording their ids."),
     limit: Optional[int] = LimitOpt,
     workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster with this many worker processes."),
@@ -115,7 +117,8 @@ def extract(
                random_init=random_init, adm_config=adm_config, class_label=class_label, prompt=prompt,
                resolution=resolution, t=t, blocks=blocks, pools=pools, input=input_mode, noise_seed=noise_seed,
                noise_draws=noise_draws, batch_size=batch_size, device=device, dtype=dtype, compute_dtype=compute_dtype,
-               shard_rows=shard_rows, skip_bad=skip_bad, limit=limit, workers=workers, scheduler=scheduler,
+               shard_rows=shard_rows, micro_batch=micro_batch, attention=attention, compile=compile_,
+               loader_workers=loader_workers, skip_bad=skip_bad, limit=limit, workers=workers, scheduler=scheduler,
                show_progress=not quiet)
     emit(rows, f"extract -> {store}", as_json, lambda r: {**{k: v for k, v in r.items() if k != "store"}, "arrays": len(r["arrays"])})
     if not as_json and all(r["shards_run"] == 0 for r in rows):
@@ -184,6 +187,7 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
          store: str = StoreOpt):
     """One array's full key, fingerprint, recipe and provenance (JSON)."""
+    from .key import LEGACY_FORWARD
     from .store import Store
     from .store.repair import match
 
@@ -191,9 +195,10 @@ def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors li
     out = []
     for path in match(s, keys):
         a = s.open_array(path)
-        out.append({"store": store, "path": a.path, **a.attrs, "shape": list(a.shape), "chunks": list(a.x.chunks),
-                    "shards": list(a.x.shards), "dtype": str(a.x.dtype), "shards_done": int(a.done_mask().sum()),
-                    "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
+        recipe = {**LEGACY_FORWARD, **a.attrs.get("recipe", {})}  # forward fields absent from older stores
+        out.append({"store": store, "path": a.path, **a.attrs, "recipe": recipe, "shape": list(a.shape),
+                    "chunks": list(a.x.chunks), "shards": list(a.x.shards), "dtype": str(a.x.dtype),
+                    "shards_done": int(a.done_mask().sum()), "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
     print(json.dumps(out, indent=1, default=str))
 
 
@@ -257,29 +262,37 @@ def probe(
     model: Optional[str] = typer.Option(None, help="Only keys of this model (its random-init twins are shown too)."),
     input_mode: Optional[str] = typer.Option(None, "--input", help="Only keys of this input mode."),
     t: Optional[str] = typer.Option(None, "--t", help="Only these time steps (comma-separated)."),
-    blocks: Optional[str] = typer.Option(None, help="Only these blocks (comma-separated indices)."),
+    blocks: Optional[str] = typer.Option(None, help="Only these blocks: indices or names, as extract takes (7,mid,down1.0)."),
     pools: Optional[str] = typer.Option(None, help="Only these pools (comma-separated)."),
-    head: str = typer.Option("linear", help="linear | mlp | cnn | attention (comma-separated for several)."),
-    head_pool: Optional[int] = typer.Option(None, help="Pool the stored map to this size inside the head."),
+    head: str = typer.Option("linear", help="linear | mlp | cnn | attention | fusion (comma-separated for several; fusion needs --fuse)."),
+    head_pool: Optional[int] = typer.Option(None, help="Pool the stored map to this size inside the head (fusion: tokens per key side, default 8)."),
     batchnorm: bool = typer.Option(False, help="BatchNorm before the linear head."),
     hidden: str = typer.Option("512", help="MLP hidden sizes."),
     channels: str = typer.Option("64,64", help="CNN channels of the two conv blocks."),
-    dim: int = typer.Option(128, help="Attention head width."),
-    depth: int = typer.Option(1, help="Attention head Transformer blocks."),
+    dim: int = typer.Option(128, help="Attention/fusion head width."),
+    depth: int = typer.Option(1, help="Attention/fusion head Transformer blocks."),
     n_heads: int = typer.Option(4, help="Attention heads."),
-    epochs: int = typer.Option(28, help="Training epochs."), lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
-    batch_size: int = typer.Option(128, help="Rows per step."), step_every: int = typer.Option(8, help="StepLR step (epochs)."),
-    gamma: float = typer.Option(0.1, help="StepLR gamma."),
+    recipe: str = typer.Option("converged", help="converged: linear solved to convergence (L-BFGS, C on validation), "
+                               "other heads tuned and early-stopped on validation | paper: Adam, 28 epochs, StepLR."),
+    steps: int = typer.Option(3000, help="converged recipe: optimizer-step budget of mlp/cnn/attention heads."),
+    epochs: int = typer.Option(28, help="paper recipe: epochs."),
+    lr: float = typer.Option(1e-3, help="paper recipe: Adam learning rate."),
+    weight_decay: float = typer.Option(0.0, help="paper recipe: Adam weight decay."),
+    batch_size: int = typer.Option(128, help="Batch size of trained heads."),
+    step_every: int = typer.Option(8, help="paper recipe: StepLR step (epochs)."),
+    gamma: float = typer.Option(0.1, help="paper recipe: StepLR gamma."),
     val_frac: float = typer.Option(0.1, help="Validation share carved from train (never from test)."),
-    early_stop: bool = typer.Option(False, help="Keep the epoch with the best validation accuracy."),
-    seed: int = typer.Option(0, help="Seed of initialisation, data order and the validation split."),
+    early_stop: bool = typer.Option(False, help="paper recipe: keep the epoch with the best validation accuracy."),
+    seed: int = typer.Option(0, help="Seed of the validation carve, inits and batch order."),
+    seeds: int = typer.Option(1, help="Run seeds seed..seed+K-1 and report mean +- std."),
     baseline: Optional[str] = typer.Option(None, help="pixels: the same head on raw preprocessed pixels."),
     data_root: Optional[str] = typer.Option(None, help="Dataset directory for --baseline pixels."),
     select: int = typer.Option(0, help="Rank every key by a closed-form ridge proxy; train the top K."),
-    fuse: Optional[str] = typer.Option(None, help="One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2"),
+    fuse: Optional[str] = typer.Option(None, help="One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2, or auto "
+                                       "(the top --select K); with --head fusion the keys the fusion head fuses."),
     grid: bool = typer.Option(False, help="Accuracy table over (t, block, pool)."),
     plot: Optional[str] = typer.Option(None, help="Write heatmaps and accuracy-vs-t curves (PNG) here."),
+    show_all: bool = typer.Option(False, "--all", help="Print every result, not only the summary."),
     as_json: bool = JsonOpt,
     list_results: bool = typer.Option(False, "--list", help="List stored probe results without training."),
     retrain: bool = typer.Option(False, help="Train again even when the same recipe is stored."),
@@ -400,14 +413,15 @@ def main():
 
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except OSError as e:  # disk full, read-only file system, no permission: the environment, not a bug
-        if e.errno not in FS_ERRNOS:
-            raise
+    except Exception as e:  # the storage failing (disk full, read-only, network, credentials) is not a bug
         from rich.console import Console
 
-        from .store.backend import os_message
+        from .store.backend import storage_failure
 
-        Console(stderr=True).print(f"[bold red]error:[/] {os_message('the store', e)}", highlight=False, soft_wrap=True)
+        message = storage_failure("the store", e)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -211,10 +211,12 @@ def load_cifar10_bin(split: str, bin_dir: Path) -> Split:
     starts = np.cumsum([0] + [len(b) for b in batches])
 
     def load(rows):
-        rows = np.asarray(rows)
+        rows = np.asarray(rows, dtype=np.int64)
         which = np.searchsorted(starts, rows, side="right") - 1
-        chw = [batches[b][r - starts[b], 1:] for b, r in zip(which, rows)]
-        return np.stack(chw).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        out = np.empty((len(rows), CIFAR_RECORD - 1), np.uint8)
+        for b in np.unique(which):  # one fancy-indexed read per batch file
+            out[which == b] = batches[b][rows[which == b] - starts[b], 1:]
+        return out.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
     source = {"kind": "cifar10-bin", "root": str(bin_dir), "files": {p.name: p.stat().st_size for p in files},
               "labels_sha256": hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest()}

@@ -9,27 +9,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 MAX_ANNOTATED = 16  # grids up to this many rows/columns print each cell's value
 
 
 def heatmap(matrix, row_labels: list, col_labels: list, title: str, path, cbar_label: str = "",
-            fmt: str = "{:.1f}", vmin: float | None = None, vmax: float | None = None, xlabel: str = "",
-            ylabel: str = "") -> Path:
-    """Missing cells are NaN and left blank; the colour range is vmin..vmax, by default the finite values'
-    range. Long column labels are slanted so they stay readable."""
+            fmt: str = "{:.1f}", best: tuple | None = None, near: list | None = None, vmin: float | None = None,
+            vmax: float | None = None, xlabel: str = "", ylabel: str = "") -> Path:
+    """Missing cells are NaN and left blank; the colour range is vmin..vmax, by default the finite values' range.
+    `best` (row, col) gets a star and a red frame, the `near` cells a white circle (e.g. within the best cell's
+    interval). Long column labels are slanted so they stay readable."""
     m = np.asarray(matrix, dtype=float)
-    slant = max((len(str(c)) for c in col_labels), default=0) > 4
-    fig = Figure(figsize=(2.0 + 0.55 * max(len(col_labels), 6), 1.2 + 0.45 * max(len(row_labels), 3) + 0.6 * slant))
+    slant = max((len(str(c)) for c in col_labels), default=0) > 3
+    fig = Figure(figsize=(2.4 + 0.62 * max(len(col_labels), 6), 1.6 + 0.45 * max(len(row_labels), 3) + 0.5 * slant))
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=40 if slant else 0,
-                  ha="right" if slant else "center", rotation_mode="anchor")
+                  ha="right" if slant else "center", rotation_mode="anchor", fontsize=8)
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=cbar_label)
+    for i, j in near or []:
+        if (i, j) != best:
+            ax.plot(j, i + 0.3, "o", ms=4, mfc="white", mec="black", mew=0.5)
+    if best is not None:
+        ax.add_patch(Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        ax.plot(best[1], best[0] + 0.3, "*", ms=9, mfc="red", mec="white", mew=0.5)
     if max(m.shape) <= MAX_ANNOTATED and np.isfinite(m).any():
         mid = np.nanmean([np.nanmin(m) if vmin is None else vmin, np.nanmax(m) if vmax is None else vmax])
         for (i, j), v in np.ndenumerate(m):
@@ -38,18 +47,27 @@ def heatmap(matrix, row_labels: list, col_labels: list, title: str, path, cbar_l
     return save(fig, path)
 
 
-def curves(x: list, series: dict, xlabel: str, ylabel: str, title: str, path) -> Path:
-    """series: label -> y values aligned with x (NaN where a point is missing)."""
-    fig = Figure(figsize=(6, 4))
+def curves(x: list, series: dict, xlabel: str, ylabel: str, title: str, path, errors: dict | None = None) -> Path:
+    """series: label -> y values aligned with x (NaN where a point is missing); errors: label -> (below, above)
+    error-bar lengths. Many series get distinct colours and markers and a legend outside the axes."""
+    fig = Figure(figsize=(7.5 if len(series) > 4 else 6, 4))
     ax = fig.add_subplot()
-    for label, ys in series.items():
-        ax.plot(x, np.asarray(ys, dtype=float), marker="o", ms=3, label=str(label))
+    markers, n = "osD^v<>ph*", len(series)
+    # tab10 while it lasts; then tab20 with its dark shades first, so neighbours never share a hue
+    colors = [colormaps["tab10"](k) for k in range(10)] if n <= 10 else \
+        [colormaps["tab20"](k) for k in (*range(0, 20, 2), *range(1, 20, 2))]
+    xs = np.asarray(x, dtype=float)
+    dodge = 0.01 * (np.ptp(xs) or 1) if errors else 0.0  # error bars side by side instead of on top of each other
+    for k, (label, ys) in enumerate(series.items()):
+        style = dict(marker=markers[k % len(markers)], ms=4, label=str(label), color=colors[k % 20], capsize=2, lw=1.2)
+        err = None if errors is None or label not in errors else np.nan_to_num(np.asarray(errors[label], float)).clip(0)
+        ax.errorbar(xs + (k - (n - 1) / 2) * dodge, np.asarray(ys, dtype=float), yerr=err, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if len(series) > 1:
-        ax.legend(fontsize=7, ncol=2 if len(series) > 8 else 1)
+        ax.legend(fontsize=7, ncol=1 + len(series) // 12, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return save(fig, path)
 
 

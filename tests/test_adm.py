@@ -53,11 +53,13 @@ def forward_with_blocks(model, x, t, labels):
     return out, outs
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", TINY)
-def test_tiny_model_matches_reference_output_and_every_block(name):
+def test_tiny_model_matches_reference_output_and_every_block(name, attention):
     io = load_file(SPECS / "tiny" / f"{name}_io.safetensors")
     spec = json.loads((SPECS / "tiny" / f"{name}.json").read_text())
     model = tiny(name)
+    model.set_attention(attention)  # the reference's einsum, or F.scaled_dot_product_attention
     out, blocks = forward_with_blocks(model, io["x"], io["t"], io.get("y"))
 
     def rel_err(ours, ref):
@@ -207,3 +209,37 @@ def test_adm_spec_extracts_into_a_store_equal_to_its_own_forward(tmp_path):
     out = CliRunner().invoke(app, ["blocks", "--model", f"adm:{ckpt}", "--adm-config", config, "--json"])
     assert out.exit_code == 0, out.output
     assert [r["module"] for r in json.loads(out.stdout)] == [b.module for b in model.blocks]
+
+
+def test_extraction_uses_sdpa_by_default_and_eager_is_another_recipe(tmp_path):
+    from diffstore.datasets import load_split
+    from diffstore.extract import extract_features, forward_blocks, plan_extraction
+    from diffstore.store import Store
+
+    model = tiny("tiny-uncond")
+    split = load_split("digits", "test")
+    split = split.take(split.ids[:20])
+    store = Store.open(str(tmp_path / "s.zarr"))
+    plan = plan_extraction(store, model, split, "50", "mid", "1")
+    assert plan.recipe.attention == "sdpa"
+    model.set_attention("eager")  # the pipeline must put the recipe's attention on the network itself
+    extract_features(plan, show_progress=False, workers=0)
+    x0 = plan.preprocess(split.load(range(len(split))))
+    model.set_attention("sdpa")
+    direct = forward_blocks(model, x0, 50, split.ids, None, 0, 1, "noised", [model.blocks.mid], ["1"])
+    stored = plan.arrays[(50, model.blocks.mid, "1")].read()
+    assert np.array_equal(stored, direct[(model.blocks.mid, "1")].numpy().astype(np.float16))
+    with pytest.raises(DiffstoreError, match="attention: stored 'sdpa', requested 'eager'"):
+        plan_extraction(store, model, split, "50", "mid", "1", attention="eager")
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_sdpa_attention_equals_the_reference_einsum_in_both_qkv_layouts(new_order):
+    from diffstore.models.adm_net import qkv_attention
+
+    qkv = torch.randn(3, 3 * 4 * 8, 37, generator=torch.Generator().manual_seed(0))  # B=3, 4 heads of 8, T=37
+    reference = qkv_attention(qkv, 4, new_order)
+    fused = qkv_attention(qkv, 4, new_order, sdpa=True)
+    assert fused.shape == reference.shape == (3, 32, 37)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(qkv_attention(qkv, 4, not new_order, sdpa=True), reference, atol=1e-3)  # layout matters

@@ -8,8 +8,8 @@ import zarr
 from scipy.stats import ortho_group
 
 from conftest import feature_array
-from diffstore.cka import math as cka_module
 from diffstore.cka import CKAConfig, cka, cka_matrix
+from diffstore.cka import math as cka_math
 from diffstore.cka.stage import cka_command, parse_keyset
 from diffstore.datasets import Split
 from diffstore.errors import DiffstoreError
@@ -122,7 +122,7 @@ def test_matrix_reuses_grams_and_equals_pairwise_values(monkeypatch):
     x, y = related()
     w = np.random.default_rng(5).normal(size=(len(x), 3, 2, 2))  # rows are flattened: [N, 3, 2, 2] -> [N, 12]
     products = []
-    monkeypatch.setattr(cka_module, "accumulate", lambda g, zi, zj: products.append(1) or g.__iadd__(zi.T @ zj))
+    monkeypatch.setattr(cka_math, "accumulate", lambda g, zi, zj: products.append(1) or g.__iadd__(zi.T @ zj))
     for cfg in (EXACT, MINI):
         counted = [CountingRows(a) for a in (x, y, w)]
         products.clear()

@@ -162,11 +162,11 @@ def probe_store(model, tmp_path_factory):
 def test_probe_sweep_on_cluster_matches_in_process(cluster, probe_store):
     from diffstore.distributed import probe_distributed
     from diffstore.probe.heads import HeadSpec
-    from diffstore.probe.train import ProbeRecipe
+    from diffstore.probe.recipe import ProbeRecipe
     from diffstore.probe.stage import key_source, run_probes, select_keys
 
     sources = [key_source(probe_store, k) for k in select_keys(probe_store)]
-    specs, recipe = [HeadSpec("linear"), HeadSpec("mlp", hidden=(32,))], ProbeRecipe(epochs=3, batch_size=16, seed=3)
+    specs, recipe = [HeadSpec("linear"), HeadSpec("mlp", hidden=(32,))], ProbeRecipe(epochs=3, batch_size=16, seed=3, steps=30, min_steps=10, eval_every=10)
     local = run_probes(probe_store, sources, specs, recipe, retrain=True, show_progress=False)
     remote = probe_distributed(probe_store, sources, specs, recipe, retrain=True, scheduler=cluster.scheduler_address,
                                show_progress=False)

@@ -1,4 +1,4 @@
-"""The extractor: block tables, key invariance, determinism, resume after SIGKILL, early exit, bad input."""
+"""The extractor: block tables, key invariance, determinism, resume after kill -9 or Ctrl-C, early exit, bad input."""
 
 import signal
 import subprocess
@@ -122,8 +122,8 @@ def test_early_exit_skips_later_modules(model):
     (dict(pools="two"), "positive integers"),
     (dict(input_mode="latent"), "--input"),
     (dict(storage_dtype="int8"), "--dtype"),
-    (dict(t="20", shard_rows=7), "--shard-rows must be a positive multiple of the micro-batch (16), got 7"),
-    (dict(t="20", shard_rows=-16), "--shard-rows must be a positive multiple of the micro-batch, got -16"),
+    (dict(t="20", shard_rows=7), r"--shard-rows must be a positive multiple of the micro-batch \(16\), got 7"),
+    (dict(t="20", shard_rows=-16), r"--shard-rows must be a positive multiple of the micro-batch \(16\), got -16"),
 ])
 def test_bad_input_is_refused_and_store_untouched(tmp_path, model, digits100, kw, match):
     _, _, store = extract(tmp_path, model, digits100, blocks="mid", pools="1", t="10")

@@ -23,6 +23,7 @@ from diffstore.extract import extract_features, plan_extraction
 from diffstore.key import parse_selector
 from diffstore.models import load_model
 from diffstore.store import Store
+from diffstore.store.faults import CORRUPTIONS, SHARD_LEVEL, deleted_shard, done_flag_cleared, unreadable_zarr_json
 from diffstore.store.repair import plan_removal, remove, repair
 from diffstore.store.verify import verify_findings
 
@@ -67,10 +68,6 @@ def clean(tmp_path_factory, model, split):
 def copy(clean, tmp_path) -> Path:
     shutil.copytree(clean[0], tmp_path / "s.zarr")
     return tmp_path / "s.zarr"
-
-
-def shard_file(url: Path, i: int) -> Path:
-    return url / X / "x" / "c" / str(i) / "0" / "0" / "0"
 
 
 # --- kills at any instant: every partial state is completed by a re-run --------------------------------------
@@ -139,63 +136,42 @@ def test_a_shard_finished_by_another_writer_is_skipped(clean, tmp_path):
 
 
 # --- readers never return a silently wrong answer; verify finds it; repair restores it bit-identical ----------
-def flip(url):
-    raw = bytearray(shard_file(url, 1).read_bytes())
-    raw[len(raw) // 3] ^= 0xFF
-    shard_file(url, 1).write_bytes(bytes(raw))
-
-
-def truncate(url):
-    shard_file(url, 1).write_bytes(shard_file(url, 1).read_bytes()[:100])
-
-
-def delete(url):
-    shard_file(url, 1).unlink()
-
-
-def clear_done(url):
-    (url / X / "done" / "c" / "1").unlink()
-
-
-def garble_json(url):
-    (url / X / "x" / "zarr.json").write_text("{ not json")
-
-
-def wrong_shape(url):
-    meta = json.loads((url / X / "x" / "zarr.json").read_text())
-    meta["shape"][0] = 48
-    (url / X / "x" / "zarr.json").write_text(json.dumps(meta))
-
-
-CORRUPTIONS = [flip, truncate, delete, clear_done, garble_json, wrong_shape]
-
-
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
 def test_corruption_is_found_refused_and_repaired_bit_identical(clean, tmp_path, corrupt):
     url = copy(clean, tmp_path)
-    corrupt(url)
+    corrupt(url, X, 1)
     store = Store.open(str(url), mode="r")
     findings, _ = verify_findings(store)
     assert [f.array for f in findings] == [X]
     with pytest.raises(DiffstoreError, match=r"diffstore repair --store .* " + X) as e:
         store.open_array(X).read()
-    if corrupt not in (garble_json, wrong_shape):
+    if corrupt in SHARD_LEVEL:
         assert "shard 1 (rows 16-31)" in str(e.value)
     else:
         assert f"{X}/x/zarr.json" in str(e.value)
     rows = repair(Store.open(str(url)), show_progress=False)
-    assert [r["array"] for r in rows] == [X] and rows[0]["shards recomputed"] == (1 if corrupt in CORRUPTIONS[:4] else 0)
+    assert [r["array"] for r in rows] == [X] and rows[0]["shards recomputed"] == (1 if corrupt in SHARD_LEVEL else 0)
     assert hashes(url) == clean[1]
 
 
 def test_checked_reads_cover_slices_items_and_dask(clean, tmp_path):
     url = copy(clean, tmp_path)
-    delete(url)
+    deleted_shard(url, X, 1)
     a = Store.open(str(url), mode="r").open_array(X)
     assert a[0:16].shape == (16, 16, 1, 1)  # shard 0 is fine
     for read in (lambda: a[10:20], lambda: a.read(np.array([3, 20])), lambda: a.to_dask().sum().compute()):
         with pytest.raises(DiffstoreError, match="shard 1"):
             read()
+
+
+def test_probe_refuses_to_train_on_a_shard_whose_data_is_missing(clean, tmp_path, split):
+    from diffstore.probe import ProbeRecipe, train_probe
+
+    url = copy(clean, tmp_path)
+    deleted_shard(url, X, 1)  # its done flag stays 1: the rows read back as NaN
+    a = Store.open(str(url), mode="r").open_array(X)
+    with pytest.raises(DiffstoreError, match=f"{X}: shard 1 .* NaN rows"):
+        train_probe(a, split.labels, a, split.labels, recipe=ProbeRecipe(epochs=1), show_progress=False)
 
 
 # --- removal ----------------------------------------------------------------------------------------------
@@ -229,7 +205,7 @@ def test_cli_rm_asks_for_yes_when_not_a_tty_and_changes_nothing(clean, tmp_path)
 # --- clear errors, nothing created ---------------------------------------------------------------------------
 def test_cli_errors_name_the_problem(clean, tmp_path):
     url = copy(clean, tmp_path)
-    garble_json(url)
+    unreadable_zarr_json(url, X, 1)
     before = tree(url)
     for args, needle, code in [(["info", "--store", str(url), "t=nope"], "t takes an integer", 2),
                                (["ls", "--store", str(url)], f"{X}/x/zarr.json", 0),
@@ -260,7 +236,7 @@ def test_disk_full_and_read_only_are_named_and_store_stays_consistent(clean, tmp
     from diffstore import cli
 
     url = copy(clean, tmp_path)
-    clear_done(url)
+    done_flag_cleared(url, X, 1)
     for code, needle in ((errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only")):
         def refuse(path, value, exclusive=False, code=code):
             raise OSError(code, os.strerror(code), str(path))

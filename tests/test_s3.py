@@ -1,8 +1,10 @@
 """Sharing a store through S3: write to s3:// (a real moto server on 127.0.0.1), read it from a second process."""
 
+import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ from diffstore.cli import app
 from diffstore.datasets import load_split
 from diffstore.extract import extract_features, plan_extraction
 from diffstore.store import Store
+from diffstore.store.verify import verify_findings
 
 URL = "s3://team/shared.zarr"
+DS = [str(Path(sys.executable).parent / "diffstore")]
 READER = """
 import hashlib, json, sys
 from diffstore.store import Store
@@ -55,3 +59,55 @@ def test_colleague_reuses_what_is_on_s3(s3_store, model, split):
     rows = json.loads(ls.stdout)
     assert len(rows) == 8 and all(r["shards_done"] == r["shards"] for r in rows)
     np.testing.assert_equal(Store.open(s3_store, mode="r").split("digits", "test").ids, split.ids)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_s3_outage_mid_extraction_resumes_bit_identical(s3_env, tiny_unet_dir, tmp_path):
+    """The S3 server stops while `extract` writes: the writer exits 2 naming the server, nothing half-done is
+    marked done; the server comes back, a re-run completes the store, bit-identical to a local run."""
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    env = {**s3_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()  # moto keeps its buckets in this process: a restarted server serves the same objects
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="outage")
+    args = ["extract", "--model", str(tiny_unet_dir), "--split", "test", "--t", "10", "--blocks", "2,mid",
+            "--pools", "1", "--shard-rows", "16", "--batch-size", "16", "-q"]
+    writer = subprocess.Popen(DS + args + ["--store", "s3://outage/s.zarr"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    done = []
+    while writer.poll() is None and not done:  # stop the server at the first done shard (23 are to come)
+        listing = s3.list_objects_v2(Bucket="outage", Prefix="s.zarr/features/")
+        done = [o["Key"] for o in listing.get("Contents", []) if "/done/c/" in o["Key"]]
+        time.sleep(0.05)
+    server.stop()
+    _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 2 and "cannot reach the server" in err and "Traceback" not in err, err
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:  # resume in-process (the same code the CLI runs) and compare with a clean local run
+        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test")
+        options = {"client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
+        remote = Store.open("s3://outage/s.zarr", storage_options=options)
+        assert 0 < sum(a.done_mask().sum() for a in remote.arrays()) < 2 * 23
+        for store in (remote, Store.open(str(tmp_path / "local.zarr"))):
+            plan = plan_extraction(store, model, split, "10", "2,mid", "1", shard_rows=16)
+            extract_features(plan, batch_size=16, show_progress=False)
+        hashes = [{a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a in store.arrays()}
+                  for store in (remote, Store.open(str(tmp_path / "local.zarr"), "r"))]
+        assert len(hashes[0]) == 2 and hashes[0] == hashes[1]
+        assert verify_findings(remote) == ([], 2)
+    finally:
+        server.stop()

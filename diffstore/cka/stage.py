@@ -79,9 +79,11 @@ def select(store: Store, keys: list[FeatureKey], want: dict, free: str | None) -
 
 def open_feature(store: Store, key: FeatureKey) -> ShardedArray:
     arr = store.features(key)
-    if not arr.complete:
-        raise DiffstoreError(f"{key.path} in {store.url} is incomplete ({len(arr.missing())} of {arr.n_shards} shards "
-                             "missing): re-run `diffstore extract` to finish it")
+    missing = arr.missing()
+    if missing:
+        raise DiffstoreError(f"{key.path} in {store.url} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                             f"of {arr.n_shards} are not done. Finish it with `{arr.fix_command}` (or re-run the "
+                             "extract command: done shards are skipped)")
     return arr
 
 

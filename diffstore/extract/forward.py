@@ -57,7 +57,7 @@ def prepare_model(model: DiffusionModel, recipe: Recipe) -> None:
         model.module._diffstore_compiled = True
 
 
-def compile_blocks(model: DiffusionModel) -> None:
+def compile_blocks(model: DiffusionModel, backend: str = "inductor") -> None:
     """torch.compile the largest submodules of every block that hold no hooked block: the hooks (and the
     StopForward they raise) stay in eager Python, the layers between them run as compiled graphs."""
     hooked = {b.module for b in model.blocks}
@@ -68,7 +68,7 @@ def compile_blocks(model: DiffusionModel) -> None:
             if p in hooked or any(h.startswith(p + ".") for h in hooked) or isinstance(child, (nn.ModuleList, nn.ModuleDict)):
                 visit(p, child)
             else:
-                child.compile(dynamic=False)
+                child.compile(dynamic=False, backend=backend)
 
     for b in model.blocks:
         visit(b.module, model.module.get_submodule(b.module))
@@ -94,14 +94,14 @@ def encode_images(model: DiffusionModel, images: torch.Tensor, micro_batch: int 
 @torch.no_grad()
 def forward_blocks(model: DiffusionModel, x0: torch.Tensor, t: int, ids, labels, seed: int, draws: int,
                    input_mode: str, blocks: list[int], pools: list[str], compute_dtype: str = "float32",
-                   micro_batch: int = MICRO_BATCH, eps: list[torch.Tensor] | None = None) -> dict:
+                   micro_batch: int = MICRO_BATCH, inputs: list[torch.Tensor] | None = None) -> dict:
     """{(block, pool): float32 tensor on the model's device} for one batch at one t, averaged over `draws` draws.
 
     x0 is the model-space input (images in [-1, 1], or latents), on the CPU or the model's device: noise is added
-    to it where it lies. eps: the noise of each draw for these rows ([len(x0), *x0.shape[1:]] each, as noise.noise
-    draws it, e.g. ahead of time by a loader worker); None draws it here. t = 0 with noised input, and clean input
-    at any t, need no noise: one draw is computed. Rows run in fixed micro-batches of `micro_batch`; for batch-size
-    invariance the caller's batch must start at a row index that is a multiple of it (the pipeline ensures it).
+    to it where it lies. inputs: the noised input x_t of each draw for these rows, prepared ahead (by a loader
+    worker, as add_noise(x0, noise.noise(...)) does here); None: drawn and added here. t = 0 with noised input, and
+    clean input at any t, need no noise: one draw is computed. Rows run in fixed micro-batches of `micro_batch`;
+    for batch-size invariance the caller's batch must start at a row index that is a multiple of it.
     """
     device = next(model.module.parameters()).device
     noised = input_mode == "noised" and t > 0
@@ -118,12 +118,13 @@ def forward_blocks(model: DiffusionModel, x0: torch.Tensor, t: int, ids, labels,
         out: dict = {}
         for draw in range(n_draws):
             x = x0[rows]
-            if noised:
-                e = eps[draw][rows] if eps is not None else noise(seed, ids[rows], t, draw, tuple(x0.shape[1:]))
-                x = add_noise(x, e.to(x.device), abar)
+            if noised and inputs is not None:
+                x = inputs[draw][rows]
+            elif noised:
+                x = add_noise(x, noise(seed, ids[rows], t, draw, tuple(x0.shape[1:])).to(x.device), abar)
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
             with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-                feats = run_truncated(model, x.to(device), tt, lab, blocks)
+                feats = run_truncated(model, x.to(device, non_blocking=True), tt, lab, blocks)
             for b in blocks:
                 for p in pools:
                     v = pool_map(feats[b][:n].float(), p)

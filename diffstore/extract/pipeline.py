@@ -1,8 +1,9 @@
 """Run a plan as an overlapped pipeline: loader workers -> device forward -> background writer.
 
     loader workers (processes)   decode + preprocess a batch of rows, draw its noise (a pure function of
-                                 (seed, sample id, t, draw)), hand it over in shared (pinned on CUDA) memory,
-                                 `prefetch` batches ahead of the device
+                                 (seed, sample id, t, draw)) and add it (x_t; SD latents are noised on the
+                                 device after encoding), hand it over in shared (pinned on CUDA) memory,
+                                 PREFETCH batches ahead of the device
     main thread                  copy to the device, one truncated forward per (micro-batch, t), pool every
                                  (block, pool) there, cast to the storage dtype, one device-to-host copy per batch
     writer thread                compress + write each finished shard, then mark it done (bounded queue)
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..noise import noise
+from ..errors import DiffstoreError
+from ..noise import add_noise, noise, noised
 from ..progress import progress
 from .forward import encode_images, forward_blocks, prepare_model
 from .plan import SHARD_BYTES, Plan, done_masks
@@ -77,13 +79,27 @@ class Batches(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
+        try:
+            return self.load(i)
+        except DiffstoreError as e:  # e.g. a corrupt image: its message, not a worker's traceback, reaches the user
+            return {"error": str(e)}
+
+    def load(self, i: int) -> dict:
         u, start = self.items[i]
         unit, plan, r = self.units[u], self.plan, self.plan.recipe
         rows = unit.rows[start:start + self.batch_size]
         ids = plan.split.ids[rows]
-        eps = {t: [noise(r.noise_seed, ids, t, d, self.x0_shape) for d in range(r.noise_draws)]
-               for t in unit.ts if plan.input_mode == "noised" and t > 0}
-        return {"unit": u, "start": start, "images": plan.preprocess(plan.split.load(rows)), "eps": eps}
+        images = plan.preprocess(plan.split.load(rows))
+        noised_ts = [t for t in unit.ts if plan.input_mode == "noised" and t > 0]
+        item = {"unit": u, "start": start, "n": len(rows), "images": images, "eps": {}, "inputs": {}}
+        if plan.model.encode is None:  # x_0 = the images: noise them here, off the device's critical path
+            item["inputs"] = {t: [noised(images, r.noise_seed, ids, t, d, float(plan.model.alphas_cumprod[t]))
+                                  for d in range(r.noise_draws)] for t in noised_ts}
+            if len(noised_ts) == len(unit.ts):  # every t noised: the clean images need not cross to the main process
+                item["images"] = None
+        else:  # SD: noise goes on the latents, after the encoder has run on the device
+            item["eps"] = {t: [noise(r.noise_seed, ids, t, d, self.x0_shape) for d in range(r.noise_draws)] for t in noised_ts}
+        return item
 
 
 class ShardWriter:
@@ -142,7 +158,7 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=PREFETCH if workers else None, multiprocessing_context="fork" if workers else None)
     storage = getattr(torch, r.storage_dtype)
-    buffers = [{k: np.empty((len(u.rows), *a.shape[1:]), dtype=a.x.dtype) for k, a in u.arrays.items()} for u in units]
+    buffers: list = [None] * len(units)  # a unit's buffers exist from its first batch until the writer has them
     left = [len(u.rows) for u in units]
 
     def finish(item, host, event, writer):
@@ -150,6 +166,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
         if event is not None:
             event.synchronize()
         u, start, unit = item["unit"], item["start"], units[item["unit"]]
+        if buffers[u] is None:
+            buffers[u] = {k: np.empty((len(unit.rows), *a.shape[1:]), dtype=a.x.dtype) for k, a in unit.arrays.items()}
         flat, col = host.numpy(), 0
         for k in unit.arrays:
             size = int(np.prod(buffers[u][k].shape[1:]))
@@ -163,21 +181,28 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
     with ShardWriter() as writer:
         waiting = None  # the previous batch, its copy to the host still in flight (CUDA)
         for item in loader:
+            if "error" in item:
+                raise DiffstoreError(item["error"])
             unit = units[item["unit"]]
-            rows = unit.rows[item["start"]:item["start"] + len(item["images"])]
-            x0 = encode_images(model, item["images"].to(device, non_blocking=True), mb)
+            rows = unit.rows[item["start"]:item["start"] + item["n"]]
+            if item["images"] is None:
+                x0 = next(iter(item["inputs"].values()))[0]  # stands in for x_0's shape only: every t has its x_t
+            else:
+                x0 = encode_images(model, item["images"], mb)  # SD latents (on the CPU again), else the images
             pieces = []
             for t in unit.ts:
+                inputs = item["inputs"].get(t) or [add_noise(x0, e, float(model.alphas_cumprod[t])) for e in item["eps"].get(t, [])]
                 out = forward_blocks(model, x0, t, plan.split.ids[rows], plan.split.labels[rows], r.noise_seed,
                                      r.noise_draws, plan.input_mode, unit.blocks, unit.pools, r.compute_dtype, mb,
-                                     eps=item["eps"].get(t))
+                                     inputs=inputs or None)
                 pieces += [out[(b, p)].flatten(1) for (tt, b, p) in unit.arrays if tt == t]
             flat = torch.cat(pieces, dim=1).to(storage)  # the cast is the one write_shard would do, bit for bit
-            host = torch.empty(flat.shape, dtype=storage, pin_memory=device.type == "cuda")
-            host.copy_(flat, non_blocking=device.type == "cuda")  # one device-to-host copy per batch
-            event = torch.cuda.Event() if device.type == "cuda" else None
-            if event is not None:
+            if device.type == "cuda":  # one device-to-host copy per batch, overlapped with the next batch's forward
+                host, event = torch.empty(flat.shape, dtype=storage, pin_memory=True), torch.cuda.Event()
+                host.copy_(flat, non_blocking=True)
                 event.record()
+            else:
+                host, event = flat.cpu(), None  # a no-op on the CPU
             if waiting is not None:
                 finish(*waiting, writer)
             waiting = (item, host, event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import posixpath
 from contextlib import nullcontext
@@ -151,8 +152,6 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         raise DiffstoreError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
     if noise_draws < 1:
         raise DiffstoreError(f"--noise-draws must be >= 1, got {noise_draws}")
-    if shard_rows is not None and shard_rows <= 0:
-        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch, got {shard_rows}")
     if model.encode is None and model.image_channels not in (1, 3):
         raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
                              "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")
@@ -168,6 +167,8 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
     forward = forward_options(store, paths, model, compute_dtype, micro_batch, attention, compile)
     recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
     mb = recipe.micro_batch
+    if shard_rows is not None and (shard_rows <= 0 or shard_rows % mb):  # shards start on the micro-batch partition
+        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {shard_rows}")
     plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
     # Refuse before writing anything: sample ids, then every key's fingerprint.
     store.check_split(split)
@@ -183,12 +184,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         raise DiffstoreError(f"--shard-rows {shard_rows}: the stored arrays of these keys have {existing[0]} rows per "
                              f"shard. Drop --shard-rows (or pass {existing[0]}) to resume them; nothing was written")
     if existing:
-        plan.shard_rows = existing[0]
-        if plan.shard_rows % mb:  # shards must start on the micro-batch partition, or values would shift
-            raise DiffstoreError(f"--micro-batch {mb} does not divide the stored shard size ({plan.shard_rows} rows); "
-                                 f"pass a --micro-batch that divides {plan.shard_rows}, or use another --store")
-    elif plan.shard_rows % mb:
-        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {plan.shard_rows}")
+        plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
     elif not plan.shard_rows:
         row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
         plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
@@ -205,20 +201,24 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
 
 
 def done_masks(arrays: dict) -> dict:
-    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one listing of the store under their
-    common prefix, not one read per (array, shard): a done flag's chunk is stored only once it is set (the
-    fill value 0 is never written), so a re-run of a finished extraction costs one round trip, not thousands."""
+    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one concurrent listing of their done
+    flags' directories, not one read per (array, shard): a done flag's chunk is stored only once it is set
+    (its fill value 0 is never written), so a re-run of a finished extraction costs one round of listings."""
     if not arrays:
         return {}
     some = next(iter(arrays.values()))
-    prefix = posixpath.commonpath([a.path for a in arrays.values()])
-
-    async def listing():
-        return {k async for k in some.group.store.list_prefix(prefix)}
-
-    present = sync(listing())
     chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
-    return {k: np.array([f"{a.path}/done/{chunk_key((i,))}" in present for i in range(a.n_shards)]) for k, a in arrays.items()}
+    folder = posixpath.dirname(chunk_key((0,)))  # "c"
+
+    async def listing(a):
+        return {k async for k in a.group.store.list_dir(f"{a.path}/done/{folder}")}
+
+    async def every():
+        return await asyncio.gather(*(listing(a) for a in arrays.values()))
+
+    present = dict(zip(arrays, sync(every())))
+    return {k: np.array([posixpath.basename(chunk_key((i,))) in present[k] for i in range(a.n_shards)])
+            for k, a in arrays.items()}
 
 
 def pending(plan: Plan) -> list[tuple[int, int]]:

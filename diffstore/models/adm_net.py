@@ -163,13 +163,14 @@ def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool, sdpa: bool = F
     """
     b, width, n = qkv.shape
     ch = width // (3 * heads)
+    if sdpa:  # [B, heads, T, ch] with the channels contiguous: the layout the fused (flash) kernels take
+        split = (b, 3, heads, ch, n) if new_order else (b, heads, 3, ch, n)
+        q, k, v = qkv.reshape(split).permute((1, 0, 2, 4, 3) if new_order else (2, 0, 1, 4, 3)).contiguous().unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, heads * ch, n)
     if new_order:
         q, k, v = (z.reshape(b * heads, ch, n) for z in qkv.chunk(3, dim=1))
     else:
         q, k, v = qkv.reshape(b * heads, 3 * ch, n).split(ch, dim=1)
-    if sdpa:  # [B*heads, T, ch]: positions as the sequence, channels as the head dimension
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(b, heads * ch, n)
     scale = 1 / math.sqrt(math.sqrt(ch))  # on q and k both rather than 1/sqrt(ch) after: fp16 logits stay in range
     w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     w = torch.softmax(w.float(), dim=-1).to(w.dtype)

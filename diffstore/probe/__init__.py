@@ -4,6 +4,7 @@
     feed.py    rows from RAM or streamed from the store, batched for side-by-side heads
     train.py   iterative training of heads
     select.py  the --select ridge proxy ranking keys without training
+    fusion.py  the fusion head over several keys, --fuse auto, its comparison table
     report.py  tables, grids and plots
     stage.py   the `diffstore probe` command: which keys, the results cache
 """

@@ -6,6 +6,7 @@
                zero-padded right/bottom so it keeps the map size and a 4x4 map survives both pools
     attention  adaptive avg pool to at most 8x8 tokens, project to dim, learned CLS + position embeddings,
                N pre-LayerNorm Transformer blocks (multi-head attention + MLP), classify from CLS
+    fusion     the attention head over the tokens of several keys (t, block) at once: fusion.py
 
 Every head starts with a Standardize layer holding the per-channel mean/std of its training features, so a
 saved head carries its own normalisation and heads on very different blocks train with one learning rate.
@@ -21,8 +22,10 @@ from torch import nn
 from ..errors import DiffstoreError
 
 HEADS = ("linear", "mlp", "cnn", "attention")
-# The smallest stored map side each head can use: conv+pool twice needs 4x4, attention needs several tokens.
-MIN_SIDE = {"linear": 1, "mlp": 1, "cnn": 4, "attention": 2}
+FUSION = "fusion"  # a head over several keys (fusion.py): not one of the paper's single-key heads
+# The smallest stored map side each head can use: conv+pool twice needs 4x4, attention needs several tokens;
+# fusion reads a 1x1 key as one token.
+MIN_SIDE = {"linear": 1, "mlp": 1, "cnn": 4, "attention": 2, FUSION: 1}
 MAX_TOKENS_SIDE = 8
 
 
@@ -33,24 +36,26 @@ class HeadSpec:
     batchnorm: bool = False  # linear: BatchNorm1d (no affine) before the linear layer, as MAE's linear probe
     hidden: tuple[int, ...] = (512,)  # mlp
     channels: tuple[int, ...] = (64, 64)  # cnn: the two conv blocks
-    dim: int = 128  # attention: token width
-    depth: int = 1  # attention: Transformer blocks
-    n_heads: int = 4  # attention
+    dim: int = 128  # attention, fusion: token width
+    depth: int = 1  # attention, fusion: Transformer blocks
+    n_heads: int = 4  # attention, fusion
+    keys: tuple = ()  # fusion: (channels, token side, t, block) of each fused key, in token order
 
     def __post_init__(self):
-        if self.kind not in HEADS:
-            raise DiffstoreError(f"unknown head {self.kind!r}: choose one of {', '.join(HEADS)}")
+        if self.kind not in (*HEADS, FUSION):
+            raise DiffstoreError(f"unknown head {self.kind!r}: choose one of {', '.join((*HEADS, FUSION))}")
         if self.kind == "cnn" and len(self.channels) != 2:
             raise DiffstoreError(f"the cnn head has 2 conv blocks: pass 2 channel counts, got {self.channels}")
-        if self.kind == "attention" and self.dim % self.n_heads:
+        if self.kind in ("attention", FUSION) and self.dim % self.n_heads:
             raise DiffstoreError(f"attention dim {self.dim} must be divisible by the number of heads {self.n_heads}")
 
     def to_dict(self) -> dict:
         """Only the fields this kind of head uses: the dict names a result, so unused options must not split it."""
         used = {"linear": ("pool", "batchnorm"), "mlp": ("pool", "hidden"), "cnn": ("channels",),
-                "attention": ("dim", "depth", "n_heads")}[self.kind]
+                "attention": ("dim", "depth", "n_heads"), FUSION: ("pool", "dim", "depth", "n_heads", "keys")}[self.kind]
         d = asdict(self)
-        return {"kind": self.kind, **{k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in used}}
+        return {"kind": self.kind, **{k: [list(v) if isinstance(v, tuple) else v for v in d[k]]
+                                      if isinstance(d[k], tuple) else d[k] for k in used}}
 
     def label(self) -> str:
         return self.kind + ("+bn" if self.kind == "linear" and self.batchnorm else "")
@@ -86,6 +91,13 @@ class CNNHead(nn.Module):
         return self.body(x)
 
 
+def transformer(dim: int, depth: int, n_heads: int) -> nn.TransformerEncoder:
+    """`depth` pre-LayerNorm Transformer blocks (attention + 4x MLP, GELU, no dropout) over [B, tokens, dim]."""
+    layer = nn.TransformerEncoderLayer(dim, n_heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
 class AttentionHead(nn.Module):
     def __init__(self, c: int, side: int, n_classes: int, dim: int, depth: int, n_heads: int):
         super().__init__()
@@ -93,9 +105,7 @@ class AttentionHead(nn.Module):
         self.proj = nn.Linear(c, dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 1 + self.side ** 2, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, n_heads, 4 * dim, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.blocks = transformer(dim, depth, n_heads)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, n_classes)
 
@@ -134,8 +144,12 @@ def build_head(spec: HeadSpec, row_shape: tuple, n_classes: int, mean: torch.Ten
         head = nn.Sequential(*layers, nn.Linear(d, n_classes))
     elif spec.kind == "cnn":
         head = CNNHead(c, n_classes, spec.channels)
-    else:
+    elif spec.kind == "attention":
         head = AttentionHead(c, side, n_classes, spec.dim, spec.depth, spec.n_heads)
+    else:
+        from .fusion import FusionHead
+
+        head = FusionHead(spec.keys, n_classes, spec.dim, spec.depth, spec.n_heads)
     return nn.Sequential(Standardize(mean, std), head)
 
 

@@ -1,4 +1,9 @@
-"""What `diffstore probe` shows: result and ranking tables, t x block grids, heatmaps and accuracy-vs-t curves."""
+"""What `diffstore probe` shows: the summary (best key per head, its margins with paired intervals), result and
+ranking tables, t x block grids, heatmaps and accuracy-vs-t curves with intervals.
+
+Selection never sees test: "best" is the best validation top-1; the test top-1 shown is that key's, with its 95%
+bootstrap interval. Margins are paired differences on the same test samples (intervals.difference).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,66 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from .intervals import difference, result_hits, seeds_summary
+
+
 def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def with_ci(r: dict) -> str:
+    """'93.3 [90.8, 95.6]', or 'mean +- std (K seeds)' when several seeds were run."""
+    if r.get("seeds", {}).get("n_seeds", 1) > 1:
+        s = r["seeds"]
+        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} ({s['n_seeds']} seeds)"
+    ci = r.get("ci95")
+    return pct(r["top1"]) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
+
+
+def signed(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def block_label(r: dict) -> str:
+    name = r.get("block_name")
+    return str(r["block"]) if name in (None, "-", str(r["block"])) else f"{r['block']} {name}"
+
+
+def recipe_label(r: dict) -> str:
+    return r.get("recipe", {}).get("name", "paper")
+
+
+def fit_note(r: dict) -> str:
+    """What the recipe chose and whether it converged: 'C=0.1', 'lr=0.003 wd=0', 'not converged'."""
+    if recipe_label(r) == "paper":
+        return f"{r.get('epochs_used', '')} ep"
+    chosen = f"C={r['C']:g}" if "C" in r else f"lr={r['lr']:g} wd={r['weight_decay']:g}"
+    return chosen + ("" if r.get("converged", True) else " NOT CONVERGED")
+
+
+def collapse_seeds(results: list[dict]) -> list[dict]:
+    """Results of several seeds of the same (arrays, head, recipe) -> one row each (the first seed's, for paired
+    comparisons) carrying mean +- std of test top-1 over the seeds."""
+    groups: dict = {}
+    for r in results:
+        ident = (tuple(r["fingerprints"]), repr(r["head"]), repr({k: v for k, v in r["recipe"].items() if k != "seed"}))
+        groups.setdefault(ident, []).append(r)
+    return [{**g[0], "seeds": seeds_summary([r["top1"] for r in g])} if len(g) > 1 else g[0] for g in groups.values()]
+
+
 def results_table(results: list[dict], title: str = "probe results") -> Table:
     top5 = any(r.get("top5") is not None for r in results)
-    table = Table(title=title)
-    for col in ("dataset", "model", "t", "block", "pool", "head", "params", "top-1", *(["top-5"] if top5 else []),
-                "val top-1", "train time"):
-        table.add_column(col, justify="right" if col in ("params", "top-1", "top-5", "val top-1", "train time") else "left")
+    table = Table(title=title, caption="top-1 with its 95% bootstrap interval over test samples")
+    cols = ("dataset", "model", "t", "block", "pool", "head", "recipe", "params", "top-1 [95% CI]",
+            *(["top-5"] if top5 else []), "val top-1", "fit", "time")
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("params", "top-5", "val top-1", "time") else "left")
     for r in results:
         when = "cached" if r.get("cached") else f"{r['train_time_s']:.1f}s"
-        table.add_row(r["dataset"], r["model"], str(r["t"]), str(r["block"]), str(r["pool"]), r["head_label"],
-                      f"{r['params']:,}", pct(r["top1"]), *([pct(r.get("top5"))] if top5 else []), pct(r["val_top1"]), when)
+        table.add_row(r["dataset"], r["model"], str(r["t"]), block_label(r), str(r["pool"]), r["head_label"],
+                      recipe_label(r), f"{r['params']:,}", with_ci(r), *([pct(r.get("top5"))] if top5 else []),
+                      pct(r["val_top1"]), fit_note(r), when)
     return table
 
 
@@ -37,49 +88,123 @@ def ranking_table(ranking: list[dict], rho: dict) -> Table:
     return table
 
 
+# --- the summary ------------------------------------------------------------------------------------------------
+
+
+def is_twin(r: dict) -> bool:
+    return ".random-init-" in r["model"]
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """Per (dataset, head, recipe): the trained model's key with the best validation top-1, its test top-1 with
+    interval, and its paired margins over the random-init twin at the same (t, block, pool) and over pixels."""
+    out = []
+    results = [r for r in results if "test_hits" in r]  # results stored by older releases carry no hits
+    heads = dict.fromkeys((r["dataset"], r["head_label"], recipe_label(r)) for r in results)
+    for dataset, head, recipe in heads:
+        mine = [r for r in results if (r["dataset"], r["head_label"], recipe_label(r)) == (dataset, head, recipe)]
+        candidates = [r for r in mine if r["kind"] != "pixels" and not is_twin(r) and r["val_top1"] is not None]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: r["val_top1"])
+        line = {"dataset": dataset, "head": head, "recipe": recipe, "best": best, "n_keys": len(candidates)}
+        twin = [r for r in mine if is_twin(r) and r["model"].startswith(best["model"] + ".random-init-")
+                and (r["t"], r["block"], r["pool"], r["input"]) == (best["t"], best["block"], best["pool"], best["input"])]
+        pixels = [r for r in mine if r["kind"] == "pixels"]
+        for name, other in (("twin", twin), ("pixels", pixels)):
+            if other:
+                line[name] = {"result": other[0], **difference(result_hits(best), result_hits(other[0]))}
+        out.append(line)
+    return out
+
+
+def summary_lines(lines: list[dict], plots: list[str]) -> list[str]:
+    text = []
+    for s in lines:
+        b = s["best"]
+        text.append(f"{s['dataset']}, {s['head']} head ({s['recipe']} recipe): best of {s['n_keys']} keys by validation "
+                    f"is {b['model']} t={b['t']} block {block_label(b)} pool {b['pool']}: test top-1 {with_ci(b)}")
+        for name, what in (("twin", "its random-init twin"), ("pixels", "pixels")):
+            if name in s:
+                text.append(f"    vs {what} ({with_ci(s[name]['result'])}): {signed(s[name])} points (paired 95% CI)")
+            else:
+                text.append(f"    vs {what}: not in this run ("
+                            + ("extract `--random-init 1` keys and probe with --model" if name == "twin"
+                               else "add --baseline pixels") + ")")
+    if plots:
+        text.append(f"plots: {Path(plots[0]).parent}/ ({len(plots)} PNGs)")
+    return text
+
+
+# --- grids and plots --------------------------------------------------------------------------------------------
+
+
 def grids(results: list[dict]) -> dict[tuple, dict]:
-    """(dataset, model, input, pool, head) -> {(t, block): top-1} over single-key store results."""
+    """(dataset, model, input, pool, head, recipe) -> {(t, block): result} over single-key store results."""
     out: dict = {}
     for r in results:
         if r["kind"] == "store":
-            cells = out.setdefault((r["dataset"], r["model"], r["input"], r["pool"], r["head_label"]), {})
-            cells[(r["t"], r["block"])] = r["top1"]
+            cells = out.setdefault((r["dataset"], r["model"], r["input"], r["pool"], r["head_label"], recipe_label(r)), {})
+            cells[(r["t"], r["block"])] = r
     return out
 
 
 def grid_matrix(cells: dict) -> tuple[list, list, np.ndarray]:
+    """t values, block labels ('7 mid') and the top-1 (%) matrix t x block (NaN where missing)."""
     ts, bs = sorted({t for t, _ in cells}), sorted({b for _, b in cells})
+    names = {b: block_label(r) for (_, b), r in cells.items()}
     m = np.full((len(ts), len(bs)), np.nan)
-    for (t, b), v in cells.items():
-        m[ts.index(t), bs.index(b)] = 100 * v
-    return ts, bs, m
+    for (t, b), r in cells.items():
+        m[ts.index(t), bs.index(b)] = 100 * r["top1"]
+    return ts, [names[b] for b in bs], m
+
+
+def best_cell(cells: dict, ts: list, bs: list) -> tuple[tuple, list]:
+    """(row, col) of the best validation top-1 and the cells whose test top-1 lies in its 95% interval."""
+    (t, b), best = max(cells.items(), key=lambda kv: kv[1]["val_top1"] if kv[1]["val_top1"] is not None else -1)
+    order = sorted({bb for _, bb in cells})
+    lo, hi = best.get("ci95") or (best["top1"], best["top1"])
+    near = [(ts.index(tt), order.index(bb)) for (tt, bb), r in cells.items() if lo <= r["top1"] <= hi]
+    return (ts.index(t), order.index(b)), near
 
 
 def grid_tables(results: list[dict]) -> list[Table]:
     tables = []
-    for (dataset, model, input_, pool, head), cells in grids(results).items():
+    for (dataset, model, input_, pool, head, recipe), cells in grids(results).items():
         ts, bs, m = grid_matrix(cells)
-        table = Table(title=f"{dataset} {model} ({input_}) p={pool} {head}: top-1 (%), t x block")
+        table = Table(title=f"{dataset} {model} ({input_}) p={pool} {head} ({recipe}): test top-1 (%), t x block",
+                      caption="* best validation top-1; + test top-1 inside the best cell's 95% interval")
+        (bi, bj), near = best_cell(cells, ts, bs)
         table.add_column("t")
         for b in bs:
             table.add_column(f"b{b}", justify="right")
-        for t, row in zip(ts, m):
-            table.add_row(str(t), *("-" if np.isnan(v) else f"{v:.1f}" for v in row))
+        for i, (t, row) in enumerate(zip(ts, m)):
+            table.add_row(str(t), *("-" if np.isnan(v) else f"{v:.1f}" + ("*" if (i, j) == (bi, bj) else
+                                    "+" if (i, j) in near else "") for j, v in enumerate(row)))
         tables.append(table)
     return tables
 
 
 def write_plots(results: list[dict], out_dir: str) -> list[str]:
-    """Per (dataset, model, input, pool, head): a t x block heatmap and top-1 vs t curves per block (Fig. 2)."""
+    """Per (dataset, model, input, pool, head, recipe): a t x block heatmap (best cell and the cells within its
+    interval marked) and top-1 vs t curves per block with 95% interval error bars (the paper's Figure 2)."""
     from ..plots import curves, heatmap
 
     paths = []
-    for (dataset, model, input_, pool, head), cells in grids(results).items():
+    for (dataset, model, input_, pool, head, recipe), cells in grids(results).items():
         ts, bs, m = grid_matrix(cells)
-        stem = Path(out_dir) / "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head))
-        title = f"{dataset} {model} ({input_}) p={pool}, {head} head"
-        paths.append(heatmap(m, ts, [f"b{b}" for b in bs], f"{title}: top-1 (%), t x block", f"{stem}_heatmap.png",
-                             "top-1 (%)"))
-        paths.append(curves(ts, {f"block {b}": m[:, j] for j, b in enumerate(bs)}, "t", "top-1 (%)", title,
-                            f"{stem}_vs_t.png"))
+        lo, hi = np.full_like(m, np.nan), np.full_like(m, np.nan)
+        order = sorted({b for _, b in cells})
+        for (t, b), r in cells.items():
+            if r.get("ci95"):
+                lo[ts.index(t), order.index(b)], hi[ts.index(t), order.index(b)] = (100 * v for v in r["ci95"])
+        stem = Path(out_dir) / "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head, recipe))
+        title = f"{dataset}, {model} ({input_}), pool {pool}: {head} head, {recipe} recipe"
+        best, near = best_cell(cells, ts, bs)
+        paths.append(heatmap(m, ts, bs, f"{title}\n★ best by validation; ○ test top-1 within its 95% interval",
+                             f"{stem}_heatmap.png", "test top-1 (%)", best=best, near=near, xlabel="block",
+                             ylabel="diffusion time step t"))
+        paths.append(curves(ts, {f"b{b}": m[:, j] for j, b in enumerate(bs)}, "diffusion time step t",
+                            "test top-1 (%), 95% CI", title, f"{stem}_vs_t.png",
+                            errors={f"b{b}": (m[:, j] - lo[:, j], hi[:, j] - m[:, j]) for j, b in enumerate(bs)}))
     return [str(p) for p in paths]

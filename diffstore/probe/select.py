@@ -14,7 +14,7 @@ from ..extract import pick_device
 from ..progress import progress
 from ..store import Store
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
-from .train import ProbeRecipe
+from .recipe import ProbeRecipe
 
 PROXY_DIM = 1024  # the proxy fits on maps pooled down to at most this many values per row (at least 1x1)
 PROXY_FIT = 4000  # training rows it fits on (a seeded subsample of the train part)
@@ -57,14 +57,14 @@ def proxy_scores(sources: list[Rows], y_train: np.ndarray, n_classes: int, recip
     return out
 
 
-def linear_top1(stored: list[dict], source: Source) -> float | None:
+def linear_top1(stored: list[dict], source) -> float | None:
     """Test top-1 of a stored linear probe on exactly this array (any recipe; the latest stored), if any."""
     found = [r["top1"] for r in stored if r["kind"] == "store" and r["head"]["kind"] == "linear"
              and r["fingerprints"] == source.fingerprints]
     return found[-1] if found else None
 
 
-def rank_keys(store: Store, sources: list[Source], recipe: ProbeRecipe, device=None, budget=DEFAULT_BUDGET,
+def rank_keys(store: Store, sources: list, recipe: ProbeRecipe, device=None, budget=DEFAULT_BUDGET,
               show_progress=True) -> tuple[list[dict], dict]:
     """Proxy ranking per dataset (best first) and, where >= 3 keys have stored linear probes, Spearman's rho."""
     from scipy.stats import spearmanr

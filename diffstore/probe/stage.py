@@ -4,7 +4,8 @@ show the results as a table (or JSON) and store them next to the features.
 Which keys: every train array matching the filters (--dataset/--model/--input/--t/--blocks/--pools), each paired
 with its test twin; --model M also keeps M's random-init twins (M.random-init-sN) as the baseline they are.
 --baseline pixels adds the same head on the preprocessed images; --fuse trains one head on several keys'
-features concatenated; --select K ranks the keys by the ridge proxy (probe.select.rank_keys) and trains the top K.
+features concatenated; --select K ranks the keys by the ridge proxy (probe.select.rank_keys) and trains the top K;
+--fuse auto --select K fuses the top K; --head fusion trains the fusion head over the fused keys (fusion.py).
 
 Results cache: a result is stored as results/probe/{name}, name = head + a fingerprint of (the arrays'
 fingerprints, the head, the recipe with its seed). Running the same recipe again shows the stored result,
@@ -28,10 +29,14 @@ from ..preprocess import Preprocess
 from ..progress import stderr
 from ..store import ShardedArray, Store
 from .feed import DEFAULT_BUDGET, Rows, fuse_rows
+from .fusion import auto_keys, compare, comparison_table, fusion_runs
 from .heads import HeadSpec
-from .report import grid_tables, ranking_table, results_table, write_plots
+from .intervals import bootstrap_interval, pack
+from .report import collapse_seeds, grid_tables, ranking_table, results_table, summary, summary_lines, write_plots
 from .select import rank_keys
-from .train import Job, ProbeRecipe, train_many
+from .recipe import ProbeRecipe
+from .solve import solve_many
+from .train import Job, train_many
 
 DEFAULT_STORE = "data/default.zarr"
 ROW_FIELDS = ("dataset", "model", "input", "t", "block", "pool")
@@ -82,7 +87,8 @@ def key_source(store: Store, key: FeatureKey) -> Source:
         raise DiffstoreError(f"{key.path} has no test twin {test_key.path}; extract it with:\n  "
                              f"{extract_command(store.url, test_key, train.attrs)}") from None
     test = open_complete(store, test_key)
-    row = {"dataset": key.dataset, "model": key.model, "input": key.input, "t": key.t, "block": key.block, "pool": key.pool}
+    row = {"dataset": key.dataset, "model": key.model, "input": key.input, "t": key.t, "block": key.block,
+           "block_name": train.attrs.get("block", {}).get("name", str(key.block)), "pool": key.pool}
     fix = (f"Extract spatial maps with `{extract_command(store.url, key, train.attrs, 'full')}` (and the same for "
            "--split test), or use a larger pool.")
     return Source(row, "store", [key], [train.attrs["fingerprint"], test.attrs["fingerprint"]],
@@ -98,7 +104,7 @@ def fuse_source(sources: list[Source]) -> Source:
     """One source of several keys' features (same samples), channels concatenated (feed.fuse_rows)."""
     if len({s.row["dataset"] for s in sources}) > 1:
         raise DiffstoreError("--fuse needs keys of one dataset (the same samples): pass --dataset")
-    row = {f: joined([s.row[f] for s in sources]) for f in ROW_FIELDS}
+    row = {f: joined([s.row[f] for s in sources]) for f in (*ROW_FIELDS, "block_name")}
     return Source(row, "fuse", [k for s in sources for k in s.keys], [f for s in sources for f in s.fingerprints],
                   fuse_rows([s.train for s in sources]), fuse_rows([s.test for s in sources]), sources[0].fix)
 
@@ -133,17 +139,30 @@ def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None)
         rows[split] = Rows.of(x)
         fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,
                                 "source": data.source, "preprocess": pre.to_dict()}))
-    row = {"dataset": dataset, "model": "pixels", "input": "-", "t": "-", "block": "-", "pool": f"{pre.size}"}
+    row = {"dataset": dataset, "model": "pixels", "input": "-", "t": "-", "block": "-", "block_name": "-",
+           "pool": f"{pre.size}"}
     return Source(row, "pixels", [], fps, rows["train"], rows["test"], "")
 
 
+def block_names(store: Store, keys: list[FeatureKey]) -> dict[FeatureKey, str]:
+    """Each key's block name, as its array recorded it (the model's block table: 'mid', 'down1.0', ...)."""
+    return {k: store.features(k).attrs.get("block", {}).get("name", str(k.block)) for k in keys}
+
+
 def select_keys(store: Store, dataset=None, model=None, input=None, ts=None, blocks=None, pools=None) -> list[FeatureKey]:
-    """Train keys matching the filters; a model filter also keeps its random-init twins (the baseline)."""
+    """Train keys matching the filters; a model filter also keeps its random-init twins (the baseline). Blocks
+    are indices or the names `extract --blocks` accepts ('mid', 'down1.0')."""
     every = [k for k in store.feature_keys() if k.split == "train"]
     keys = [k for k in every if (dataset is None or k.dataset == dataset)
             and (model is None or k.model == model or k.model.startswith(f"{model}.random-init-"))
-            and (input is None or k.input == input) and (ts is None or k.t in ts)
-            and (blocks is None or k.block in blocks) and (pools is None or k.pool in pools)]
+            and (input is None or k.input == input) and (ts is None or k.t in ts) and (pools is None or k.pool in pools)]
+    if blocks is not None:
+        names = block_names(store, keys)
+        unknown = [b for b in blocks if not b.isdigit() and b not in names.values()]
+        if unknown and keys:
+            raise DiffstoreError(f"--blocks {','.join(unknown)}: no such block among the matching arrays; they hold "
+                                 + ", ".join(f"{i} {n}" for i, n in sorted({(k.block, names[k]) for k in keys})))
+        keys = [k for k in keys if str(k.block) in blocks or names[k] in blocks]
     if not keys:
         asked = {"dataset": dataset, "model": model, "input": input, "t": ts, "block": blocks, "pool": pools}
         given = {f: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in asked.items()}
@@ -162,14 +181,15 @@ def select_keys(store: Store, dataset=None, model=None, input=None, ts=None, blo
 
 
 def result_name(source: Source, spec: HeadSpec, recipe: ProbeRecipe) -> str:
-    fp = fingerprint({"arrays": source.fingerprints, "head": spec.to_dict(), "recipe": recipe.to_dict()})
+    fp = fingerprint({"arrays": source.fingerprints, "head": spec.to_dict(), "recipe": recipe.to_dict(spec.kind)})
     return f"{spec.kind}-{fp[:24]}"
 
 
 def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recipe: ProbeRecipe, retrain: bool = False,
                device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
-    """One result per (source, head), in that order: stored ones reused unless `retrain`; the rest trained side
-    by side per dataset (one pass over the shared samples per epoch) and stored."""
+    """One result per (source, head), in that order: stored ones reused unless `retrain`; the rest side by side
+    per dataset (linear heads of the converged recipe solved, solve.py; others trained, train.py) and stored,
+    each with its test hits (packed) and the bootstrap interval of its top-1."""
     cached = {} if retrain else {r["name"]: r for r in store.results("probe")}
     results: list = [None] * (len(sources) * len(specs))
     todo: dict[str, list] = {}
@@ -188,14 +208,29 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
                     raise DiffstoreError(f"{dataset} {source.row['model']} t={source.row['t']}/b={source.row['block']}/"
                                          f"p={source.row['pool']}: {rows.n_rows} feature rows but the {split.split} split "
                                          f"has {len(split.labels)} labels; re-extract the array into this store")
-        stderr.print(f"{dataset}: training {len(items)} head(s) side by side")
+        solved = [it for it in items if it[3].kind == "linear" and recipe.name == "converged"]
+        trained = [it for it in items if it not in solved]
+        n_classes = len(train.class_names)
+        stderr.print(f"{dataset}: {len(solved)} linear probe(s) to solve, {len(trained)} head(s) to train "
+                     f"({recipe.name} recipe, seed {recipe.seed})")
+        metrics = solve_many([s.train for _, _, s, _ in solved], [s.test for _, _, s, _ in solved],
+                             [spec.pool for *_, spec in solved], train.labels, test.labels, n_classes, recipe, device,
+                             budget, show_progress) if solved else []
         jobs = [Job(s.train, s.test, spec, what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}",
-                    fix=s.fix) for _, _, s, spec in items]
-        metrics = train_many(jobs, train.labels, test.labels, len(train.class_names), recipe, device, budget, show_progress)
-        for (i, name, source, spec), m in zip(items, metrics):
+                    fix=s.fix) for _, _, s, spec in trained]
+        metrics += train_many(jobs, train.labels, test.labels, n_classes, recipe, device, budget,
+                              show_progress) if trained else []
+        for (i, name, source, spec), m in zip(solved + trained, metrics):
+            hits = m.pop("hits")
             results[i] = {"name": name, **source.row, "kind": source.kind, "keys": [k.to_dict() for k in source.keys],
                           "fingerprints": source.fingerprints, "head": spec.to_dict(), "head_label": spec.label(),
-                          "recipe": recipe.to_dict(), "seed": recipe.seed, **m}
+                          "recipe": recipe.to_dict(spec.kind), "seed": recipe.seed, **m,
+                          "ci95": bootstrap_interval(hits), "test_hits": pack(hits)}
+            if m.get("converged") is False:
+                stderr.print(f"[yellow]warning[/]: the {spec.label()} head on {results[i]['model']} t={source.row['t']}/"
+                             f"b={source.row['block']}/p={source.row['pool']} did not converge "
+                             + ("(validation loss still falling at the step budget: raise --steps)" if spec.kind != "linear"
+                                else "(L-BFGS hit --max-iter before its gradient test)"))
             writer.put_result("probe", name, results[i])
     return results
 
@@ -216,55 +251,73 @@ def parse_list(text, name: str, cast=str) -> list | None:
 def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model: str | None = None,
                   input: str | None = None, t: str | None = None, blocks: str | None = None, pools: str | None = None,
                   head: str = "linear", head_pool: int | None = None, batchnorm: bool = False, hidden: str = "512",
-                  channels: str = "64,64", dim: int = 128, depth: int = 1, n_heads: int = 4,
-                  epochs: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 128,
+                  channels: str = "64,64", dim: int = 128, depth: int = 1, n_heads: int = 4, recipe: str = "converged",
+                  steps: int = 3000, epochs: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 128,
                   step_every: int = 8, gamma: float = 0.1, val_frac: float = 0.1, early_stop: bool = False, seed: int = 0,
-                  baseline: str | None = None, data_root: str | None = None, select: int = 0, fuse: str | None = None,
-                  grid: bool = False, plot: str | None = None, json_out: bool = False, list_results: bool = False,
-                  retrain: bool = False, device: str | None = None, memory_gb: float = DEFAULT_BUDGET / 2**30,
-                  show_progress: bool = True, workers: int | None = None, scheduler: str | None = None) -> dict:
-    """`diffstore probe`: results table (or JSON) on stdout, progress on stderr; returns what it printed."""
+                  seeds: int = 1, baseline: str | None = None, data_root: str | None = None, select: int = 0,
+                  fuse: str | None = None, grid: bool = False, plot: str | None = None, show_all: bool = False,
+                  json_out: bool = False, list_results: bool = False, retrain: bool = False, device: str | None = None,
+                  memory_gb: float = DEFAULT_BUDGET / 2**30, show_progress: bool = True, workers: int | None = None,
+                  scheduler: str | None = None) -> dict:
+    """`diffstore probe`: a summary (or, with --all, every result; with --json, all of it as JSON) on stdout,
+    progress on stderr; returns what it printed."""
     st = Store.open(store, "r")
     ranking, rho, plots = [], {}, []
     if list_results:
         results = st.results("probe")
     else:
-        recipe = ProbeRecipe(epochs, lr, weight_decay, batch_size, step_every, gamma, val_frac, early_stop, seed)
+        base = ProbeRecipe(recipe, epochs, lr, weight_decay, step_every, gamma, early_stop, steps=steps,
+                           min_steps=min(steps, ProbeRecipe.min_steps), batch_size=batch_size, val_frac=val_frac, seed=seed)
         specs = [HeadSpec(k, head_pool, batchnorm, tuple(parse_list(hidden, "hidden", int) or ()),
                           tuple(parse_list(channels, "channels", int) or ()), dim, depth, n_heads)
                  for k in parse_list(head, "head") or ["linear"]]
-        if select and fuse:
-            raise DiffstoreError("--select ranks single keys; use it without --fuse")
+        if seeds < 1:
+            raise DiffstoreError(f"--seeds must be >= 1, got {seeds}")
+        if select and fuse and fuse != "auto":
+            raise DiffstoreError("--select ranks single keys; use it without --fuse (or --fuse auto: fuse the top K)")
         if baseline not in (None, "", "none", "pixels"):
             raise DiffstoreError(f"--baseline takes 'pixels' (random-init models are keys: extract them), got {baseline!r}")
-        keys = select_keys(st, dataset, model, input, parse_list(t, "t", int), parse_list(blocks, "blocks", int),
+        keys = select_keys(st, dataset, model, input, parse_list(t, "t", int), parse_list(blocks, "blocks"),
                            parse_list(pools, "pools"))
+        budget, singles = int(memory_gb * 2**30), None
         if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
-            fused = parse_fuse(fuse, [k for k in keys if model is None or k.model == model])
-            sources = [fuse_source([key_source(st, k) for k in fused])]
+            mine = [k for k in keys if model is None or k.model == model]
+            if fuse == "auto":
+                ranking, rho = rank_keys(st, [key_source(st, k) for k in mine], base, device, budget, show_progress)
+            singles = [key_source(st, k) for k in (auto_keys(ranking, select) if fuse == "auto" else parse_fuse(fuse, mine))]
+            sources = [fuse_source(singles)]
         else:
             sources = [key_source(st, k) for k in keys]
-        budget = int(memory_gb * 2**30)
-        if select:
-            ranking, rho = rank_keys(st, sources, recipe, device, budget, show_progress)
+        if select and not fuse:
+            ranking, rho = rank_keys(st, sources, base, device, budget, show_progress)
             sources = [r["source"] for r in ranking if r["rank"] <= select]
         if baseline == "pixels":
             for ds in dict.fromkeys(s.row["dataset"] for s in sources):
                 attrs = st.features(next(k for s in sources for k in s.keys if k.dataset == ds)).attrs
                 sources.append(pixel_source(st, ds, attrs, data_root))
-        if workers or scheduler:  # one task per (key, head) on a dask cluster; same rows as in-process
-            from .distributed import probe_distributed
+        fusion = any(sp.kind == "fusion" for sp in specs)
+        if fusion and baseline == "pixels":
+            raise DiffstoreError("--baseline pixels is a single-key comparison: run it without --head fusion")
+        runs = fusion_runs(singles, sources[0] if singles else None, specs) if fusion else [(sources, specs)]
+        results = []
+        for s, (group, group_specs) in ((s, run) for s in range(seed, seed + seeds) for run in runs):
+            run = replace(base, seed=s)
+            if workers or scheduler:  # one task per (key, head) on a dask cluster; same rows as in-process
+                from ..distributed import probe_distributed
 
-            results = probe_distributed(st, sources, specs, recipe, retrain, device, budget, show_progress,
-                                        workers=workers, scheduler=scheduler)
-        else:
-            results = run_probes(st, sources, specs, recipe, retrain, device, budget, show_progress)
+                results += probe_distributed(st, group, group_specs, run, retrain, device, budget, show_progress,
+                                             workers=workers, scheduler=scheduler)
+            else:
+                results += run_probes(st, group, group_specs, run, retrain, device, budget, show_progress)
+    shown = collapse_seeds(results)
     if plot:
-        plots = write_plots(results, plot)
+        plots = write_plots(shown, plot)
         stderr.print(f"wrote {len(plots)} plots to {plot}")
     ranking = [{k: v for k, v in r.items() if k != "source"} for r in ranking]
-    out = {"results": results, **({"ranking": ranking, "spearman": rho} if select else {}),
-           **({"plots": plots} if plots else {})}
+    lines, fusions = summary(shown), compare(shown)
+    out = {"results": results, "summary": [summary_json(s) for s in lines],
+           **({"fusion": [fusion_json(f) for f in fusions]} if fusions else {}),
+           **({"ranking": ranking, "spearman": rho} if select else {}), **({"plots": plots} if plots else {})}
     if json_out:
         print(json.dumps(out, indent=1))
         return out
@@ -273,7 +326,32 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
         console = Console(width=200)
     if ranking:
         console.print(ranking_table(ranking, rho))
-    console.print(results_table(results, "stored probe results" if list_results else "probe results"))
-    for table in grid_tables(results) if grid else []:
+    if show_all or list_results or not lines:
+        console.print(results_table(shown, "stored probe results" if list_results else "probe results"))
+    for table in grid_tables(shown) if grid else []:
         console.print(table)
+    for line in fusions:
+        console.print(comparison_table(line))
+    for line in summary_lines(lines, plots):
+        console.print(line, highlight=False, markup=False)
+    if not (show_all or list_results) and lines:
+        console.print(f"({len(shown)} results; every one with --all, or as JSON with --json)", highlight=False)
     return out
+
+
+def fusion_json(line: dict) -> dict:
+    """A fusion comparison with results named (not embedded)."""
+    return {"fusion": line["fusion"]["name"],
+            "rows": [{"features": r["features"], "result": r["result"]["name"], "head": r["result"]["head_label"],
+                      "top1": r["result"]["top1"], "ci95": r["result"]["ci95"], "fusion_minus": r["fusion_minus"]}
+                     for r in line["rows"]]}
+
+
+def summary_json(line: dict) -> dict:
+    """A summary line with results named (not embedded) and no packed hits."""
+    best = line["best"]
+    return {"dataset": line["dataset"], "head": line["head"], "recipe": line["recipe"], "n_keys": line["n_keys"],
+            "best": {k: best.get(k) for k in ("name", "model", "t", "block", "block_name", "pool", "top1", "ci95",
+                                               "val_top1", "seeds")},
+            **{name: {"result": line[name]["result"]["name"], "diff": line[name]["diff"], "ci95": line[name]["ci95"]}
+               for name in ("twin", "pixels") if name in line}}

@@ -1,14 +1,20 @@
-"""Train classification heads on cached features: the paper's probes, never running the U-Net.
+"""Train classification heads on cached features by gradient steps, many side by side, never running the U-Net.
 
 Follow `diffstore probe`: stage.probe_command -> key_source (a key's train/test arrays, checked complete)
--> run_probes (stored results reused, the rest grouped per dataset) -> train_many here (one pass per epoch over
-the shared sample order feeds every head: DDAE's per-key linear heads) -> feed.Feed (rows from RAM or streamed
-chunk-wise from the store) -> heads.py.
+-> run_probes (stored results reused, the rest grouped per dataset) -> train_many here (one pass over the shared
+sample order feeds every head: DDAE's per-key heads) -> feed.Feed (rows from RAM or streamed chunk-wise from the
+store) -> heads.py. The converged linear probe does not come here: solve.py solves it.
+
+Two recipes (recipe.py). paper: Adam, epochs, StepLR, exactly as the paper (and earlier diffstore releases).
+converged: AdamW for a budget of optimizer steps whatever the dataset size; every (lr, weight decay) of the grid
+is one more head in the same pass; validation top-1 is measured every eval_every steps, each head keeps its best
+state and stops after `patience` evaluations without a better one (never before min_steps); per job the grid point
+with the best validation top-1 is reported, with its final train loss and whether its validation loss was still
+falling over the last fifth of training (then the result says converged: false and the stage warns).
 
 Data: features are stored float16 and cast to float32. Each head standardises its input per channel with the
 mean/std of its own training rows (heads.Standardize), so one learning rate fits every block and t.
-Splits: a seeded validation split (recipe.val_frac of train, never test) serves --select, early stopping and
-the reported val accuracy; test accuracy is over every test sample (no dropped last batch).
+Splits: a seeded validation split (recipe.val_frac of train, never test); test accuracy counts every test row.
 Reproducibility: a head's init is seeded by recipe.seed and the batch order by (seed, epoch), so a key gets the
 same accuracy whether it trains alone or side by side with others, as long as both runs hold the rows in RAM
 (streaming shuffles in another order) and up to GPU non-determinism.
@@ -17,43 +23,19 @@ same accuracy whether it trains alone or side by side with others, as long as bo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DiffstoreError
 from ..extract import pick_device
 from ..progress import progress
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
 from .heads import HeadSpec, build_head, n_params
+from .recipe import ProbeRecipe
 
-
-@dataclass(frozen=True)
-class ProbeRecipe:
-    """The paper's linear-probe recipe (Adam, 28 epochs, StepLR x0.1 every 8), all of it configurable."""
-
-    epochs: int = 28
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    step_every: int = 8
-    gamma: float = 0.1
-    val_frac: float = 0.1
-    early_stop: bool = False  # keep the weights of the epoch with the best validation top-1
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.step_every < 1:
-            raise DiffstoreError("--epochs, --batch-size and --step-every must be >= 1")
-        if not 0 <= self.val_frac < 1:
-            raise DiffstoreError(f"--val-frac must be in [0, 1), got {self.val_frac}")
-        if self.early_stop and self.val_frac == 0:
-            raise DiffstoreError("--early-stop selects on the validation split: pass --val-frac > 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+LATE = 0.2  # the last fifth of the evaluations: validation loss still falling there means not converged
 
 
 @dataclass
@@ -69,22 +51,115 @@ class Job:
 
 @torch.no_grad()
 def evaluate(heads: list, feed: Feed, n_classes: int) -> list[dict]:
-    """top-1 (and top-5 when there are more than 5 classes) of each head over every row of the feed."""
+    """Per head over every row the feed yields, in order: top-1 and top-5 hit vectors, mean cross-entropy, and n,
+    the number of rows actually evaluated."""
     for h in heads:
         h.eval()
-    hit1, hit5 = [0] * len(heads), [0] * len(heads)
+    hit1, hit5, loss = [[] for _ in heads], [[] for _ in heads], [0.0] * len(heads)
     for xs, y in feed.batches():
         for i, h in enumerate(heads):
-            top = h(xs[h.source_index]).topk(min(5, n_classes), 1).indices
-            hit1[i] += int((top[:, 0] == y).sum())
-            hit5[i] += int((top == y[:, None]).any(1).sum())
-    n = max(len(feed), 1)
-    return [{"top1": hit1[i] / n, "top5": hit5[i] / n if n_classes > 5 else None, "n": len(feed)} for i in range(len(heads))]
+            logits = h(xs[h.source_index])
+            top = logits.topk(min(5, n_classes), 1).indices
+            hit1[i].append((top[:, 0] == y).cpu())
+            hit5[i].append((top == y[:, None]).any(1).cpu())
+            loss[i] += float(F.cross_entropy(logits, y, reduction="sum"))
+    out = []
+    for i in range(len(heads)):
+        h1, h5 = torch.cat(hit1[i]).numpy(), torch.cat(hit5[i]).numpy()
+        n = len(h1)
+        out.append({"top1": h1.mean() if n else 0.0, "top5": h5.mean() if n and n_classes > 5 else None, "n": n,
+                    "hits": h1, "loss": loss[i] / max(n, 1)})
+    return out
+
+
+def snapshot(head) -> dict:
+    return {n: v.detach().clone() for n, v in head.state_dict().items()}
+
+
+def fit_paper(heads, feed: Feed, val_feed, recipe: ProbeRecipe, n_classes: int, bar) -> list[dict]:
+    """The paper's recipe: Adam, epochs, StepLR; with --early-stop the epoch of best validation top-1."""
+    # One optimizer and one backward for all heads: their parameters are disjoint, so the summed loss gives each
+    # head exactly its own gradient and Adam's per-parameter update is unchanged; Python overhead is paid once.
+    opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, recipe.step_every, recipe.gamma)
+    best = [(-1.0, recipe.epochs, None)] * len(heads)  # (val top-1, epoch, state) per head
+    history = [[] for _ in heads]  # val top-1 per epoch, with early stopping
+    task = bar.add_task(f"train {len(heads)} head(s)", total=recipe.epochs)
+    for epoch in range(recipe.epochs):
+        for h in heads:
+            h.train()
+        for xs, y in feed.batches(np.random.default_rng([recipe.seed, epoch])):
+            if len(y) < 2:  # BatchNorm cannot train on one row
+                continue
+            loss = sum(F.cross_entropy(h(xs[h.source_index]), y) for h in heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if recipe.early_stop:
+            for k, m in enumerate(evaluate(heads, val_feed, n_classes)):
+                history[k].append(float(m["top1"]))
+                if m["top1"] > best[k][0]:
+                    best[k] = (m["top1"], epoch + 1, snapshot(heads[k]))
+        bar.advance(task)
+    for h, (_, _, state) in zip(heads, best):
+        if state is not None:
+            h.load_state_dict(state)
+    return [{"epochs_used": b[1], "val_history": hist} for b, hist in zip(best, history)]
+
+
+def fit_steps(heads, grid: list[tuple], feed: Feed, val_feed: Feed, recipe: ProbeRecipe, n_classes: int,
+              bar) -> list[dict]:
+    """The converged recipe: AdamW, a step budget, every head its own (lr, weight decay), early stopping on
+    validation top-1 (ties: lower validation loss); each head ends holding its best state."""
+    opt = torch.optim.AdamW([{"params": list(h.parameters()), "lr": lr, "weight_decay": wd}
+                             for h, (lr, wd) in zip(heads, grid)])
+    best = [(-1.0, float("inf"), 0, None)] * len(heads)  # (val top-1, val loss, step, state)
+    evals = [[] for _ in heads]  # (step, val loss, val top-1, mean train loss since the last evaluation)
+    active, running = [True] * len(heads), [[] for _ in heads]
+    step, epoch = 0, 0
+    task = bar.add_task(f"train {len(heads)} head(s)", total=recipe.steps)
+    while step < recipe.steps and any(active):
+        for xs, y in feed.batches(np.random.default_rng([recipe.seed, epoch])):
+            if len(y) < 2:  # BatchNorm cannot train on one row
+                continue
+            live = [k for k in range(len(heads)) if active[k]]
+            for k in live:
+                heads[k].train()
+            losses = [F.cross_entropy(heads[k](xs[heads[k].source_index]), y) for k in live]
+            opt.zero_grad(set_to_none=True)  # stopped heads get no gradient, so AdamW leaves them alone
+            sum(losses).backward()
+            opt.step()
+            for k, v in zip(live, losses):
+                running[k].append(float(v.detach()))
+            step += 1
+            bar.advance(task)
+            if step % recipe.eval_every == 0 or step == recipe.steps:
+                for k, m in zip(live, evaluate([heads[k] for k in live], val_feed, n_classes)):
+                    evals[k].append((step, m["loss"], float(m["top1"]), float(np.mean(running[k]))))
+                    running[k] = []
+                    if (m["top1"], -m["loss"]) > (best[k][0], -best[k][1]):
+                        best[k] = (float(m["top1"]), m["loss"], step, snapshot(heads[k]))
+                    stale = sum(1 for e in evals[k] if e[0] > best[k][2]) >= recipe.patience
+                    active[k] = not (stale and step >= recipe.min_steps)
+            if step >= recipe.steps or not any(active):
+                break
+        epoch += 1
+    out = []
+    for h, b, ev, still in zip(heads, best, evals, active):
+        h.load_state_dict(b[3])
+        late = ev[int(len(ev) * (1 - LATE)):] if len(ev) >= 5 else ev
+        early_min = min((e[1] for e in ev[:len(ev) - len(late)]), default=float("inf"))
+        falling = bool(still) and min(e[1] for e in late) < early_min  # ran out of budget, val loss still dropping
+        out.append({"steps": ev[-1][0], "best_step": b[2], "early_stopped": not still, "final_train_loss": ev[-1][3],
+                    "val_loss_falling_late": falling, "converged": not falling,
+                    "val_history": [[e[0], round(e[1], 5), round(e[2], 5)] for e in ev]})
+    return out
 
 
 def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_classes: int, recipe: ProbeRecipe,
                device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
-    """Train every job's head with one pass per epoch over the shared sample order; metrics per job."""
+    """Train every job's head(s) side by side over the shared sample order; metrics per job."""
     dev = pick_device(device)
     train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
     sources, source_index = [], {}  # several heads on one array share its rows
@@ -94,56 +169,53 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
             sources.append((j.train, j.test))
     feed = Feed([s[0] for s in sources], y_train, train_pos, recipe.batch_size, dev, budget)
     stats = feed.channel_stats()
-    heads = []
-    for j in jobs:
-        i = source_index[id(j.train)]
-        torch.manual_seed(recipe.seed)
-        h = build_head(j.spec, j.train.row_shape, n_classes, *stats[i], what=j.what, fix=j.fix).to(dev)
-        h.source_index = i
-        heads.append(h)
-    # One optimizer and one backward for all heads: their parameters are disjoint, so the summed loss gives each
-    # head exactly its own gradient and Adam's per-parameter update is unchanged; Python overhead is paid once.
-    opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, recipe.step_every, recipe.gamma)
+    paper = recipe.name == "paper"
+    grid = [(recipe.lr, recipe.weight_decay)] if paper else [(lr, wd) for lr in recipe.lrs for wd in recipe.weight_decays]
+    heads, owner = [], []  # one head per (job, grid point)
+    for j_index, j in enumerate(jobs):
+        for _ in grid:
+            torch.manual_seed(recipe.seed)
+            h = build_head(j.spec, j.train.row_shape, n_classes, *stats[source_index[id(j.train)]], what=j.what,
+                           fix=j.fix).to(dev)
+            h.source_index = source_index[id(j.train)]
+            heads.append(h)
+            owner.append(j_index)
     val_feed = Feed([s[0] for s in sources], y_train, val_pos, 1024, dev, budget) if len(val_pos) else None
-    best = [(-1.0, recipe.epochs, None)] * len(heads)  # (val top-1, epoch, state) per head
-    history = [[] for _ in heads]  # val top-1 per epoch, with early stopping
     start = time.perf_counter()
-    with progress("epoch", disable=not show_progress) as bar:
-        task = bar.add_task(f"train {len(heads)} head(s)", total=recipe.epochs)
-        for epoch in range(recipe.epochs):
-            for h in heads:
-                h.train()
-            for xs, y in feed.batches(np.random.default_rng([recipe.seed, epoch])):
-                if len(y) < 2:  # BatchNorm cannot train on one row
-                    continue
-                loss = sum(F.cross_entropy(h(xs[h.source_index]), y) for h in heads)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
-            if recipe.early_stop:
-                for k, m in enumerate(evaluate(heads, val_feed, n_classes)):
-                    history[k].append(m["top1"])
-                    if m["top1"] > best[k][0]:
-                        best[k] = (m["top1"], epoch + 1, {n: v.clone() for n, v in heads[k].state_dict().items()})
-            bar.advance(task)
+    with progress("epoch" if paper else "step", disable=not show_progress) as bar:
+        fits = (fit_paper(heads, feed, val_feed, recipe, n_classes, bar) if paper
+                else fit_steps(heads, grid * len(jobs), feed, val_feed, recipe, n_classes, bar))
     train_time = time.perf_counter() - start
     del feed  # the train rows leave RAM before the test rows come in
-    for h, (_, _, state) in zip(heads, best):
-        if state is not None:
-            h.load_state_dict(state)
-    test = evaluate(heads, Feed([s[1] for s in sources], y_test, np.arange(len(y_test)), 1024, dev, budget), n_classes)
-    val = evaluate(heads, val_feed, n_classes) if val_feed else [{"top1": None}] * len(heads)
-    return [{"params": n_params(h), "top1": te["top1"], "top5": te["top5"], "n_test": te["n"], "val_top1": va["top1"],
-             "n_train": len(train_pos), "n_val": len(val_pos), "epochs_used": b[1], "val_history": hist,
-             # side-by-side heads share one wall clock: each is charged an equal part
-             "train_time_s": train_time / len(heads), "trained_with": len(heads), "device": str(dev)}
-            for h, te, va, b, hist in zip(heads, test, val, best, history)]
+    val = evaluate(heads, val_feed, n_classes) if val_feed else [{"top1": None, "loss": None}] * len(heads)
+    chosen = []  # per job: the grid point with the best validation top-1 (ties: lower validation loss)
+    for j_index in range(len(jobs)):
+        mine = [k for k in range(len(heads)) if owner[k] == j_index]
+        chosen.append(mine[0] if paper else max(mine, key=lambda k: (val[k]["top1"], -val[k]["loss"])))
+    test = evaluate([heads[k] for k in chosen], Feed([s[1] for s in sources], y_test, np.arange(len(y_test)), 1024,
+                                                      dev, budget), n_classes)
+    out = []
+    for k, te in zip(chosen, test):
+        lr, wd = grid[k % len(grid)]
+        out.append({"params": n_params(heads[k]), "top1": float(te["top1"]), "top5": te["top5"] and float(te["top5"]),
+                    "n_test": te["n"], "hits": te["hits"], "val_top1": val[k]["top1"] and float(val[k]["top1"]),
+                    "n_train": len(train_pos), "n_val": len(val_pos), "lr": lr, "weight_decay": wd,
+                    **({} if paper else {"val_top1_per_lr_wd": {"lr={:g},wd={:g}".format(*grid[i % len(grid)]): float(val[i]["top1"])
+                                                                for i in range(len(heads)) if owner[i] == owner[k]}}),
+                    **fits[k],
+                    # side-by-side heads share one wall clock: each job is charged an equal part
+                    "train_time_s": train_time / len(jobs), "trained_with": len(jobs), "device": str(dev)})
+    return out
 
 
 def train_probe(x_train, y_train, x_test, y_test, spec: HeadSpec = HeadSpec(), recipe: ProbeRecipe = ProbeRecipe(),
                 n_classes: int | None = None, **kw) -> dict:
-    """One head on plain arrays (numpy, or store ShardedArrays): the smallest entry point."""
+    """One head on plain arrays (numpy, or store ShardedArrays): the smallest entry point. A linear head under
+    the converged recipe is solved (solve.py), any other head trained here."""
     n_classes = n_classes or int(max(y_train.max(), y_test.max())) + 1
+    if spec.kind == "linear" and recipe.name == "converged":
+        from .solve import solve_many
+
+        return solve_many([Rows.of(x_train)], [Rows.of(x_test)], [spec.pool], y_train, y_test, n_classes, recipe,
+                          **kw)[0]
     return train_many([Job(Rows.of(x_train), Rows.of(x_test), spec)], y_train, y_test, n_classes, recipe, **kw)[0]

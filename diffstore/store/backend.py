@@ -35,34 +35,39 @@ def chain(e: BaseException) -> list[BaseException]:
     return out
 
 
-def describe_failure(url: str, e: BaseException, file: str = "") -> str:
-    """A message naming why `url` (or its `file`) could not be read or written, and what to do."""
+def storage_failure(url: str, e: BaseException) -> str | None:
+    """A message for a failure of the storage itself (credentials, network, permissions), None for others."""
     names = {type(x).__name__ for x in chain(e)}
-    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+    text = " ".join(str(x) for x in chain(e))
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
         return (f"no credentials to reach {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
                 "and AWS_ENDPOINT_URL for a non-AWS server")
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
-                "ServerDisconnectedError", "ReadTimeoutError"}:
-        return f"cannot reach the server of {url} ({e}); check the endpoint (AWS_ENDPOINT_URL) and the network, then re-run"
-    if names & {"ClientError", "PermissionError"} and ("AccessDenied" in str(e) or "Forbidden" in str(e)
-                                                       or isinstance(e, PermissionError)):
+                "ServerDisconnectedError", "ReadTimeoutError", "ConnectionClosedError"}:
+        return (f"cannot reach the server of {url} ({e}); check the endpoint (AWS_ENDPOINT_URL) and the network, "
+                "then re-run: finished shards are kept and skipped")
+    if "AccessDenied" in text or "Forbidden" in text:
         return f"access to {url} was denied ({e}); use credentials that may read (and write) it"
-    if "NoSuchBucket" in str(e):
+    if "NoSuchBucket" in text:
         return f"the bucket of {url} does not exist; create it, or pass another --store"
-    os_error = next((x for x in chain(e) if isinstance(x, OSError) and x.errno), None)
-    if os_error is not None:
-        return os_message(url, os_error)
+    os_error = next((x for x in chain(e) if isinstance(x, OSError) and x.errno in OS_FIXES), None)
+    return os_message(url, os_error) if os_error is not None else None
+
+
+def describe_failure(url: str, e: BaseException, file: str = "") -> str:
+    """Why `url` (or its `file`) could not be opened, and what to do."""
     where = f"{url.rstrip('/')}/{file}" if file else url
-    return f"{where} is not a readable diffstore store ({type(e).__name__}: {e}); pass another --store path"
+    return storage_failure(url, e) or f"{where} is not a readable diffstore store ({type(e).__name__}: {e}); pass another --store path"
+
+
+OS_FIXES = {errno.ENOSPC: "the disk is full: free space (or pass a --store on another disk) and re-run; "
+                          "finished shards are kept",
+            errno.EDQUOT: "the disk quota is exceeded: free space and re-run; finished shards are kept",
+            errno.EROFS: "the file system is read-only: pass a writable --store path (reading commands still work)",
+            errno.EACCES: "permission denied: pass a --store path you may write, or fix its permissions",
+            errno.EPERM: "operation not permitted: pass a --store path you may write"}
 
 
 def os_message(url: str, e: OSError) -> str:
     """Disk full, read-only file system, no permission: name the file and the fix."""
-    what = e.filename or url
-    fixes = {errno.ENOSPC: "the disk is full: free space (or pass a --store on another disk) and re-run; "
-                           "finished shards are kept",
-             errno.EDQUOT: "the disk quota is exceeded: free space and re-run; finished shards are kept",
-             errno.EROFS: "the file system is read-only: pass a writable --store path (reading commands still work)",
-             errno.EACCES: "permission denied: pass a --store path you may write, or fix its permissions",
-             errno.EPERM: "operation not permitted: pass a --store path you may write"}
-    return f"cannot write {what}: {fixes.get(e.errno, e.strerror)}"
+    return f"cannot write {e.filename or url}: {OS_FIXES.get(e.errno, e.strerror)}"

@@ -14,8 +14,9 @@ SAMPLE = "sample"
 ROW_DIMS = {3: ("channel", "height", "width")}  # named dims of a row, by rank (others: d0, d1, ...)
 
 
-def row_dims(rank: int) -> tuple[str, ...]:
-    return ROW_DIMS.get(rank, tuple(f"d{i}" for i in range(rank)))
+def row_dims(rank: int, features: bool = True) -> tuple[str, ...]:
+    """Names of a row's dims: (channel, height, width) for a feature map; d0, d1, ... otherwise (targets)."""
+    return ROW_DIMS[rank] if features and rank in ROW_DIMS else tuple(f"d{i}" for i in range(rank))
 
 
 def to_xarray(array, lazy: bool = True):
@@ -33,5 +34,6 @@ def to_xarray(array, lazy: bool = True):
         if split is not None:
             coords = {SAMPLE: split["ids"][:], "label": (SAMPLE, split["labels"][:])}
     attrs = {k: array.attrs[k] for k in ("fingerprint",) if k in array.attrs}
-    return xr.DataArray(array.to_dask() if lazy else array.read(), dims=(SAMPLE, *row_dims(array.ndim - 1)),
+    dims = (SAMPLE, *row_dims(array.ndim - 1, features=key is not None))  # format 1 stored d0..d2 for features
+    return xr.DataArray(array.to_dask() if lazy else array.read(), dims=dims,
                         coords=coords, name=array.path, attrs=attrs)

@@ -201,8 +201,14 @@ class Store:
         g = self._group(path)
         if g is None:
             raise DiffstoreError(f"no array at {path} in {self.url}")
+        try:
+            return ShardedArray(g, self.url)
+        except DiffstoreError:
+            raise
+        except Exception:  # noqa: BLE001 - find out which part is missing or broken, and name it
+            pass
         for name in ("x", "done"):
-            self._node(f"{path}/{name}")  # names a broken zarr.json
+            self._node(f"{path}/{name}")  # raises, naming a broken zarr.json
             if name not in g:
                 raise DiffstoreError(f"{self.url.rstrip('/')}/{path} has no {name} array (a run was stopped while "
                                      f"creating it): re-run the command that wrote it, or `diffstore repair --store "
@@ -254,7 +260,7 @@ class Store:
         chunk_rows = max(1, min(shard_rows, CHUNK_BYTES // max(row_bytes, 1)))
         while shard_rows % chunk_rows:
             chunk_rows -= 1
-        dims = row_dims(len(row_shape))
+        dims = row_dims(len(row_shape), features=path.startswith("features/"))
         coords = stored is not None and split is not None  # format 2: labelled for xarray
         self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
                            shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],

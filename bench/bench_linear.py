@@ -1,0 +1,153 @@
+"""The linear probe: time and accuracy of the converged default vs the paper recipe vs scikit-learn, side by side.
+
+(a) accuracy  for each --key (a stored train array with its test twin): the converged default (probe.solve),
+              the paper recipe (Adam, 28 epochs, StepLR; probe.train) and scikit-learn's multinomial
+              LogisticRegression (lbfgs, tol 1e-8) on the same features, standardised on the same fit rows, C chosen
+              on the same validation carve from the same grid (ties to the smaller C). Test top-1 with its 95%
+              bootstrap interval, the chosen C, seconds, and ours minus scikit-learn paired on the test samples.
+(b) speed     every train key of --speed-store: the converged linear probe vs the paper recipe, all keys side by
+              side in each, timed in one run (the ratio is what to read; absolute seconds depend on the load).
+
+Usage: python bench/bench_linear.py [--key data/default.zarr:t=50/b=7/p=2 ...] [--speed-store data/default.zarr]
+                                    [--threads 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from diffstore.key import select
+from diffstore.probe.feed import Rows, split_val
+from diffstore.probe.heads import HeadSpec
+from diffstore.probe.intervals import bootstrap_interval, difference
+from diffstore.probe.recipe import ProbeRecipe
+from diffstore.probe.solve import solve_many
+from diffstore.probe.train import Job, train_many
+from diffstore.progress import stderr
+from diffstore.store import Store
+
+
+def sklearn_probe(x, y, x_test, y_test, recipe: ProbeRecipe) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    fit, val = split_val(len(y), recipe.val_frac, recipe.seed)
+    scaler = StandardScaler().fit(x[fit])
+    xf, xv, xt = (scaler.transform(a) for a in (x[fit], x[val], x_test))
+    best = None
+    for C in sorted(recipe.Cs):
+        model = LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(xf, y[fit])
+        score = model.score(xv, y[val])
+        if best is None or score > best[0]:
+            best = (score, C, model.predict(xt) == y_test, int(model.n_iter_[0]))
+    return {"val_top1": best[0], "C": best[1], "hits": best[2], "iterations": best[3]}
+
+
+def accuracy_rows(spec: str, recipe: ProbeRecipe) -> list[dict]:
+    url, _, selector = spec.partition(":")
+    store = Store.open(url, "r")
+    (key,) = select([k for k in store.feature_keys() if k.split == "train"], selector)
+    train, test = store.features(key), store.features(replace(key, split="test"))
+    y, y_test = store.split(key.dataset, "train").labels, store.split(key.dataset, "test").labels
+    n_classes = len(store.split(key.dataset, "train").class_names)
+    what = f"{key.dataset} {key.model} {key.short()} (N={len(y):,}, D={int(np.prod(train.shape[1:]))})"
+    stderr.print(f"{what}: converged")
+    t0 = time.perf_counter()
+    ours = solve_many([Rows.of(train)], [Rows.of(test)], [None], y, y_test, n_classes, recipe, show_progress=False)[0]
+    ours_s = time.perf_counter() - t0
+    stderr.print(f"{what}: paper recipe")
+    t0 = time.perf_counter()
+    paper = train_many([Job(Rows.of(train), Rows.of(test), HeadSpec())], y, y_test, n_classes,
+                       replace(recipe, name="paper"), show_progress=False)[0]
+    paper_s = time.perf_counter() - t0
+    stderr.print(f"{what}: scikit-learn")
+    t0 = time.perf_counter()
+    x = train.read().reshape(len(y), -1).astype(np.float64)
+    sk = sklearn_probe(x, y, test.read().reshape(len(y_test), -1).astype(np.float64), y_test, recipe)
+    sk_s = time.perf_counter() - t0
+    rows = []
+    for name, m, s in (("converged (default)", ours, ours_s), ("paper recipe", paper, paper_s), ("scikit-learn", sk, sk_s)):
+        vs = difference(ours["hits"], m["hits"]) if m is not ours else None
+        rows.append({"features": what, "method": name, "top1": float(np.mean(m["hits"])),
+                     "ci95": bootstrap_interval(m["hits"]), "val_top1": m["val_top1"], "C": m.get("C"),
+                     "seconds": s, "seconds_over_converged": s / ours_s,
+                     "converged_minus_this": vs})
+    return rows
+
+
+def speed_rows(url: str, recipe: ProbeRecipe) -> list[dict]:
+    store = Store.open(url, "r")
+    keys = [k for k in store.feature_keys() if k.split == "train"]
+    dataset = keys[0].dataset
+    y, y_test = store.split(dataset, "train").labels, store.split(dataset, "test").labels
+    n_classes = len(store.split(dataset, "train").class_names)
+    trains = [Rows.of(store.features(k)) for k in keys]
+    tests = [Rows.of(store.features(replace(k, split="test"))) for k in keys]
+    stderr.print(f"speed: {len(keys)} keys of {url}, converged")
+    t0 = time.perf_counter()
+    ours = solve_many(trains, tests, [None] * len(keys), y, y_test, n_classes, recipe, show_progress=False)
+    ours_s = time.perf_counter() - t0
+    stderr.print(f"speed: {len(keys)} keys of {url}, paper recipe")
+    t0 = time.perf_counter()
+    paper = train_many([Job(a, b, HeadSpec()) for a, b in zip(trains, tests)], y, y_test, n_classes,
+                       replace(recipe, name="paper"), show_progress=False)
+    paper_s = time.perf_counter() - t0
+    gain = np.array([o["top1"] - p["top1"] for o, p in zip(ours, paper)])
+    return [{"store": url, "keys": len(keys), "method": name, "seconds": s, "seconds_over_converged": s / ours_s,
+             "mean_top1": float(np.mean([m["top1"] for m in ms])), "converged_keys": sum(m["converged"] for m in ms) if ms is ours else None,
+             "converged_minus_paper_mean": float(gain.mean()), "keys_where_paper_higher": int((gain < 0).sum())}
+            for name, ms, s in (("converged (default)", ours, ours_s), ("paper recipe", paper, paper_s))]
+
+
+def pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--key", action="append", help="STORE:selector of one train array (repeatable)")
+    ap.add_argument("--speed-store", default="data/default.zarr", help="'' to skip the speed check")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = ProbeRecipe()
+    acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe)]
+    speed = speed_rows(args.speed_store, recipe) if args.speed_store else []
+    if args.json:
+        print(json.dumps({"accuracy": acc, "speed": speed, "threads": args.threads}, indent=1))
+        return
+    console = Console(width=200)
+    table = Table(title=f"linear probe on stored features ({args.threads} thread(s)): test top-1 [95% CI]")
+    for col in ("features", "method", "top-1 [95% CI]", "val top-1", "C", "seconds", "x converged time",
+                "converged minus this [paired 95% CI]"):
+        table.add_column(col)
+    for r in acc:
+        d = r["converged_minus_this"]
+        table.add_row(r["features"], r["method"], f"{pct(r['top1'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}]",
+                      pct(r["val_top1"]), "-" if r["C"] is None else f"{r['C']:g}", f"{r['seconds']:.1f}",
+                      f"{r['seconds_over_converged']:.2f}",
+                      "-" if d is None else f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
+    console.print(table)
+    if speed:
+        table = Table(title="speed: every key of the store, side by side in one run")
+        for col in ("store", "keys", "method", "seconds", "x converged time", "mean top-1", "converged keys",
+                    "converged minus paper (mean)", "keys where paper higher"):
+            table.add_column(col)
+        for r in speed:
+            table.add_row(r["store"], str(r["keys"]), r["method"], f"{r['seconds']:.1f}", f"{r['seconds_over_converged']:.2f}",
+                          pct(r["mean_top1"]), "-" if r["converged_keys"] is None else str(r["converged_keys"]), f"{100 * r['converged_minus_paper_mean']:+.2f}",
+                          str(r["keys_where_paper_higher"]))
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""How a head is trained: one recipe record, stored with every result it produced.
+
+    converged (default)  linear: logistic regression solved to convergence, C picked on validation (solve.py);
+                         mlp/cnn/attention: AdamW for a budget of optimizer steps, lr and weight decay picked on
+                         validation from a small grid, early stopping on validation (train.py)
+    paper                the paper's linear-probe recipe for every head: Adam lr 1e-3, 28 epochs, StepLR x0.1
+                         every 8 epochs, batch 128 (today's numbers; it underfits small datasets)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import DiffstoreError
+
+RECIPES = ("converged", "paper")
+COMMON = ("name", "val_frac", "seed")
+USED = {  # the fields each recipe reads: only they name a result, so unused options never split a cache entry
+    "paper": (*COMMON, "epochs", "lr", "weight_decay", "batch_size", "step_every", "gamma", "early_stop"),
+    "linear": (*COMMON, "Cs", "tol", "max_iter"),
+    "iterative": (*COMMON, "steps", "min_steps", "lrs", "weight_decays", "batch_size", "eval_every", "patience"),
+}
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    name: str = "converged"
+    # paper: Adam, epochs, StepLR
+    epochs: int = 28
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    step_every: int = 8
+    gamma: float = 0.1
+    early_stop: bool = False  # keep the weights of the epoch with the best validation top-1
+    # converged linear: the C grid (scikit-learn's C = 1 / (lam * n)), the convergence test and its cap
+    Cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    tol: float = 0.1  # converged when max |gradient| <= tol * lam, clamped to [1e-5, 1e-4]
+    max_iter: int = 1000
+    # converged iterative heads: optimizer steps (early stopping never before min_steps), the lr x wd grid
+    steps: int = 3000
+    min_steps: int = 500
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    weight_decays: tuple[float, ...] = (0.0, 0.05)
+    eval_every: int = 100
+    patience: int = 5  # evaluations without a better validation top-1 before a head stops
+    # both
+    batch_size: int = 128
+    val_frac: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.name not in RECIPES:
+            raise DiffstoreError(f"unknown recipe {self.name!r}: choose one of {', '.join(RECIPES)}")
+        if min(self.epochs, self.batch_size, self.step_every, self.steps, self.eval_every, self.max_iter) < 1:
+            raise DiffstoreError("--epochs, --steps, --batch-size and --step-every must be >= 1")
+        if not 0 <= self.val_frac < 1:
+            raise DiffstoreError(f"--val-frac must be in [0, 1), got {self.val_frac}")
+        if (self.early_stop or self.name == "converged") and self.val_frac == 0:
+            raise DiffstoreError(f"the {self.name} recipe{' with --early-stop' * self.early_stop} selects on the "
+                                 "validation split: pass --val-frac > 0")
+
+    def to_dict(self, head: str = "linear") -> dict:
+        """The fields this recipe reads for this kind of head."""
+        part = "paper" if self.name == "paper" else "linear" if head == "linear" else "iterative"
+        d = asdict(self)
+        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in USED[part]}

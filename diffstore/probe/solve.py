@@ -1,0 +1,252 @@
+"""The default linear probe: multinomial logistic regression on standardised features, solved to convergence.
+
+The protocol of most linear-evaluation studies of frozen features:
+- each feature is z-scored with the mean/std of the fit rows (the train split minus a seeded validation carve);
+- the objective is mean cross-entropy + lam/2 ||W||^2 (bias not penalised), with lam = 1 / (C * n_fit), so C means
+  what it means in scikit-learn's LogisticRegression;
+- it is solved by L-BFGS until the gradient's largest entry is below tol * lam, clamped to [1e-5, 1e-4] (the
+  convergence test: a weak penalty has a flat optimum, where the predictions need a finer solve; float32 sums
+  over the rows set the floor);
+- C is chosen on the validation split from a log grid (best val top-1, ties to the smaller C: stronger
+  regularisation), walking the grid from small to large C with warm starts;
+- the reported head is the fit on the train part at the chosen C (no refit on train+val: val stays held out).
+
+Many keys solve side by side: arrays of one width are stacked into one [G, n, D+1] tensor (last column 1, the bias)
+and a batched L-BFGS (per-key curvature pairs, step sizes and convergence) runs them in one matmul per step, on the
+GPU when there is one. Rows are held in RAM up to the memory budget, else every step streams them from the store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..extract import pick_device
+from ..progress import progress
+from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
+
+STREAM_ROWS = 4096  # rows per block when the design streams from the store
+
+
+def flat(x: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """[n, C, H, W] -> [n, D], average-pooled to pool x pool first when the head asks for it."""
+    if pool is not None and pool < min(x.shape[2:]):
+        x = F.adaptive_avg_pool2d(x, pool)
+    return x.flatten(1)
+
+
+class Design:
+    """Rows of several sources of one width as [G, n, D+1] blocks: standardised, rotated onto the eigenvectors of
+    the fit rows' correlation matrix (an orthogonal change of basis: the L2 penalty and the optimum are unchanged,
+    but L-BFGS, preconditioned by the eigenvalues, no longer crawls along correlated channels), then a column of
+    ones for the bias. Held on the device when they fit the budget, else re-read block by block at every pass."""
+
+    def __init__(self, sources: list[Rows], labels: np.ndarray, positions: np.ndarray, pool: int | None,
+                 device: torch.device, budget: int = DEFAULT_BUDGET, stats: tuple | None = None):
+        self.feed = Feed(sources, labels, positions, STREAM_ROWS, device, budget)
+        self.pool, self.n = pool, len(positions)
+        self.stats = stats or self.moments()
+        self.held = list(self.prepared()) if self.feed.cache is not None else None
+        self.subset = None  # (indices, held blocks of those sources): the copy the still-moving problems read
+        if self.held is not None:
+            self.feed = None  # the prepared copy is all that is needed
+
+    def raw(self):
+        if self.feed.cache is not None:
+            yield [flat(x, self.pool) for x in self.feed.cache], self.feed.cache_y
+            return
+        for xs, y in self.feed.batches():
+            yield [flat(x, self.pool) for x in xs], y
+
+    def moments(self) -> tuple[torch.Tensor, ...]:
+        """Per-feature mean and std [G, D], eigenvectors [G, D, D] and eigenvalues [G, D] of the correlation
+        matrix, over these rows (float64 sums)."""
+        s = xtx = 0.0
+        for xs, _ in self.raw():
+            x = torch.stack(xs).double()
+            s, xtx = s + x.sum(1), xtx + x.transpose(1, 2) @ x
+        mean = s / self.n
+        cov = xtx / self.n - mean[:, :, None] * mean[:, None, :]
+        std = cov.diagonal(dim1=1, dim2=2).clamp_min(1e-12).sqrt()
+        eig, rot = torch.linalg.eigh(cov / (std[:, :, None] * std[:, None, :]))
+        return mean.float(), std.float(), rot.float(), eig.clamp_min(0).float()
+
+    def prepared(self):
+        mean, std, rot, _ = self.stats
+        for xs, y in self.raw():
+            x = torch.bmm((torch.stack(xs) - mean[:, None]) / std[:, None], rot)
+            yield torch.cat([x, x.new_ones(*x.shape[:2], 1)], 2), y
+
+    def blocks(self, idx: torch.Tensor | None = None):
+        """The blocks of every source, or of the sources idx (held copies are kept while idx stays the same)."""
+        if idx is None:
+            return self.held if self.held is not None else self.prepared()
+        if self.held is None:
+            return ((x[idx], y) for x, y in self.prepared())
+        if self.subset is None or not torch.equal(self.subset[0], idx):
+            self.subset = (idx.clone(), [(x[idx], y) for x, y in self.held])
+        return self.subset[1]
+
+
+def weights(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weights [G, D+1, K] (rotated basis; bias last) of the solver's variables: u = W / scale row-wise."""
+    return torch.cat([u[:, :-1] * scale[..., None], u[:, -1:]], 1)
+
+
+def objective(design: Design, u: torch.Tensor, lam: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor | None = None):
+    """Per-key mean cross-entropy + lam/2 |W|^2 (bias row free) and its gradient in u; u [G, D+1, K], lam [G]
+    (of the design's sources idx, or all). W = scale * u row-wise with scale = 1/sqrt(eigenvalue + lam): the
+    diagonal preconditioner."""
+    w = weights(u, scale)
+    f = w.new_zeros(len(w))
+    g = torch.zeros_like(w)
+    for x, y in design.blocks(idx):
+        logp = torch.log_softmax(torch.bmm(x, w), 2)  # [G, n, K]
+        f -= logp.gather(2, y.view(1, -1, 1).expand(len(w), -1, 1)).sum((1, 2))
+        p = logp.exp_()
+        p[:, torch.arange(len(y), device=y.device), y] -= 1
+        g += torch.bmm(x.transpose(1, 2), p)
+    reg = w[:, :-1]
+    f = f / design.n + lam / 2 * (reg * reg).sum((1, 2))
+    g /= design.n
+    g[:, :-1] += lam[:, None, None] * reg
+    g[:, :-1] *= scale[..., None]
+    return f, g
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum((1, 2))
+
+
+def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[torch.Tensor, dict]:
+    """Batched L-BFGS: G independent problems stacked on dim 0, each with its own curvature pairs, Armijo
+    backtracking step and convergence test (gap(g) <= 1). fun(w[sel], sel) evaluates the problems sel only:
+    converged problems stop moving, and once they are a quarter of those evaluated they are no longer computed."""
+    sel = torch.arange(len(w), device=w.device)
+    f, g = fun(w, sel)
+    hist: list[tuple] = []  # (s, y, rho) with rho = 0 where a pair lacks positive curvature (a no-op pair)
+    gamma = torch.ones_like(f)
+    done = gap(g) <= 1
+    iters = torch.zeros(len(w), dtype=torch.long, device=w.device)
+    it = 0
+    while it < max_iter and not bool(done.all()):
+        it += 1
+        iters += ~done
+        live = (~done).nonzero().flatten()
+        if len(live) <= 0.75 * len(sel):
+            sel = live
+        q, alphas = g.clone(), []
+        for s, y, rho in reversed(hist):
+            a = rho * dot(s, q)
+            q -= a[:, None, None] * y
+            alphas.append(a)
+        d = gamma[:, None, None] * q
+        for (s, y, rho), a in zip(hist, reversed(alphas)):
+            d += (a - rho * dot(y, d))[:, None, None] * s
+        d = -d
+        slope = dot(g, d)
+        bad = slope >= 0  # not a descent direction: restart that problem from steepest descent
+        d[bad], slope[bad] = -g[bad], -dot(g, g)[bad]
+        d[done], slope[done] = 0, 0
+        # the first step is scaled down to a unit-sized move; later ones start at 1 (L-BFGS's natural step)
+        step = (1 / g.abs().sum((1, 2)).clamp_min(1e-12)).clamp(max=1.0) if not hist else torch.ones_like(f)
+        pending = ~done
+        w_new, f_new, g_new = w.clone(), f.clone(), g.clone()
+        for _ in range(30):  # backtracking until every moving problem accepts its step
+            trial = w + step[:, None, None] * d
+            ft, gt = f.clone(), g.clone()
+            ft[sel], gt[sel] = fun(trial[sel], sel)
+            # Armijo's sufficient decrease; or, near the optimum where float32 losses cannot resolve a decrease,
+            # Hager-Zhang's approximate Wolfe test: the slope did not overshoot and the loss did not grow visibly
+            approx = (dot(gt, d) <= -0.8 * slope) & (ft <= f + 1e-6 * f.abs())
+            ok = pending & ((ft <= f + 1e-4 * step * slope) | approx)
+            w_new[ok], f_new[ok], g_new[ok] = trial[ok], ft[ok], gt[ok]
+            pending &= ~ok
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending, step / 2, step)
+        s, y = w_new - w, g_new - g
+        sy = dot(s, y)
+        good = sy > 1e-10 * dot(y, y).clamp_min(1e-30).sqrt() * dot(s, s).sqrt()
+        hist.append((s, y, torch.where(good, 1 / sy.clamp_min(1e-30), torch.zeros_like(sy))))
+        hist = hist[-memory:]
+        gamma = torch.where(good, sy / dot(y, y).clamp_min(1e-30), gamma)
+        w, f, g = w_new, f_new, g_new
+        done |= (gap(g) <= 1) | pending  # pending: no step length helps any more (float32's floor)
+    left = gap(g)
+    return w, {"iterations": iters.tolist(), "grad_over_tol": left.tolist(), "converged": (left <= 1).tolist(),
+               "loss": f.tolist()}
+
+
+@torch.no_grad()
+def predict_hits(design: Design, w: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-key hit vectors (top-1, top-5) over every row of the design, in row order: [G, n] bools each."""
+    top1, top5 = [], []
+    for x, y in design.blocks():
+        top = torch.bmm(x, w).topk(min(5, n_classes), 2).indices
+        top1.append(top[..., 0] == y)
+        top5.append((top == y[None, :, None]).any(2))
+    return torch.cat(top1, 1), torch.cat(top5, 1)
+
+
+def solve_group(sources: list[Rows], tests: list[Rows], pool: int | None, y_train: np.ndarray, y_test: np.ndarray, n_classes: int,
+                recipe, dev: torch.device, budget: int) -> list[dict]:
+    """Every source of one width: the C path on train/val, then test hits of the chosen C's fit."""
+    fit_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
+    fit = Design(sources, y_train, fit_pos, pool, dev, budget)
+    val = Design(sources, y_train, val_pos, pool, dev, budget, fit.stats) if len(val_pos) else None
+    width, eig = fit.stats[0].shape[1], fit.stats[3]
+    u = torch.zeros(len(sources), width + 1, n_classes, device=dev)
+    scale = torch.ones_like(eig)
+    best = (torch.full((len(sources),), -1.0, device=dev), u.clone(), [None] * len(sources), [{}] * len(sources))
+    Cs = sorted(recipe.Cs) if val else [1.0]  # nothing to choose on: scikit-learn's default C
+    curve: list[list] = [[] for _ in sources]
+    for C in Cs:  # small C first: each solve warm-starts the next, weaker-regularised one
+        lam = torch.full((len(sources),), 1 / (C * fit.n), device=dev)
+        u[:, :-1] *= (scale / (scale := (eig + lam[:, None]).rsqrt()))[..., None]  # the same W: a warm start
+        # converged: every entry of the gradient in W (not u) within min(tol * lam, 1e-4): weak penalties solve
+        # finer, down to 1e-5, where float32 sums over the rows stop resolving it
+        bound = (recipe.tol * lam).clamp(1e-5, 1e-4)
+        gap = lambda g: torch.cat([g[:, :-1] / scale[..., None], g[:, -1:]], 1).abs().amax((1, 2)) / bound  # noqa: E731
+        u, info = lbfgs(lambda v, sel: objective(fit, v, lam[sel], scale[sel], sel), u, gap, recipe.max_iter)
+        w = weights(u, scale)
+        score = predict_hits(val, w, n_classes)[0].float().mean(1) if val else torch.ones(len(sources), device=dev)
+        for i in range(len(sources)):
+            curve[i].append(float(score[i]))
+            if score[i] > best[0][i]:  # strictly: ties keep the smaller C
+                best[0][i], best[1][i], best[2][i] = score[i], w[i], C
+                best[3][i] = {name: v[i] for name, v in info.items()}
+    test = Design(tests, y_test, np.arange(len(y_test)), pool, dev, budget, fit.stats)
+    hit1, hit5 = predict_hits(test, best[1], n_classes)
+    return [{"top1": float(hit1[i].float().mean()), "top5": float(hit5[i].float().mean()) if n_classes > 5 else None,
+             "n_test": int(hit1.shape[1]), "hits": hit1[i].cpu().numpy(), "val_top1": float(best[0][i]) if val else None,
+             "C": best[2][i], "val_top1_per_C": dict(zip(map(str, Cs), curve[i])) if val else None,
+             "train_loss": best[3][i]["loss"], "iterations": best[3][i]["iterations"],
+             "grad_over_tol": best[3][i]["grad_over_tol"], "converged": best[3][i]["converged"],
+             "n_train": len(fit_pos), "n_val": len(val_pos), "params": (width + 1) * n_classes}
+            for i in range(len(sources))]
+
+
+def solve_many(sources: list[Rows], tests: list[Rows], pools: list[int | None], y_train: np.ndarray, y_test: np.ndarray, n_classes: int,
+               recipe, device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
+    """Converged linear probes of every (train source, its test rows, head pool), side by side per width;
+    metrics in input order."""
+    dev = pick_device(device)
+    widths = [flat(torch.zeros(1, *r.row_shape), p).shape[1] for r, p in zip(sources, pools)]
+    groups: dict = {}
+    for i, key in enumerate(zip(widths, pools)):
+        groups.setdefault(key, []).append(i)
+    out: list = [None] * len(sources)
+    with progress("width", disable=not show_progress) as bar:
+        task = bar.add_task(f"solve {len(sources)} linear probe(s)", total=len(groups))
+        for (width, pool), idx in groups.items():
+            start = time.perf_counter()
+            metrics = solve_group([sources[i] for i in idx], [tests[i] for i in idx], pool, y_train, y_test, n_classes, recipe, dev, budget)
+            spent = time.perf_counter() - start
+            for i, m in zip(idx, metrics):
+                out[i] = {**m, "train_time_s": spent / len(idx), "trained_with": len(idx), "device": str(dev)}
+            bar.advance(task)
+    return out
