@@ -423,9 +423,6 @@ def main():
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, no traceback; done shards stay done
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

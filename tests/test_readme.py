@@ -1,8 +1,9 @@
 """Every command in README.md runs as printed: each indented code block's `diffstore ...` lines (and the From
 Python block) run in order in a fresh folder, as a reader would paste them, and must exit 0.
 
-Not run: `make ...` and `python pipelines/...` lines (long recipes with their own docs; `make test` is this suite),
-and lines that address a cluster you run yourself (`tcp://HOST`).
+Not run: `make ...` and `python pipelines/...` lines (long recipes with their own docs; `make test` is this suite);
+lines that need something you provide first, a cluster (`tcp://HOST`) or a downloaded dataset (`--data-root`),
+and the later lines that read the store such a line writes.
 """
 
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DS = str(Path(sys.executable).with_name("diffstore"))
-SKIP = ("tcp://HOST",)
+SKIP = ("tcp://HOST", "--data-root")
 
 
 def code_blocks(text: str) -> list[list[str]]:
@@ -35,16 +36,26 @@ def code_blocks(text: str) -> list[list[str]]:
     return [[ln for ln in "\n".join(b).replace("\\\n", " ").splitlines()] for b in blocks]
 
 
+def store_of(args: list[str]) -> str | None:
+    return next((b for a, b in zip(args, args[1:]) if a in ("--store", "-s")), None)
+
+
 def readme_steps() -> list[tuple[str, str]]:
     """("cli", command line) and ("python", code) in README order."""
-    steps = []
+    steps, unavailable = [], set()  # stores written by skipped lines
     for block in code_blocks(README.read_text()):
         if block and block[0].startswith("import diffstore"):
             steps.append(("python", "\n".join(block)))
             continue
         for line in block:
-            if line.startswith("diffstore ") and not any(s in line for s in SKIP):
-                steps.append(("cli", re.sub(r"\s+#\s.*$", "", line).strip()))
+            if not line.startswith("diffstore "):
+                continue
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            store = store_of(shlex.split(line))
+            if any(s in line for s in SKIP) or (store and store in unavailable):
+                unavailable.add(store)
+                continue
+            steps.append(("cli", line))
     return steps
 
 
