@@ -233,7 +233,7 @@ def repair(keys: Optional[list[str]] = typer.Argument(None, help="Arrays to repa
 
 @app.command()
 def rm(keys: list[str] = typer.Argument(..., help="Arrays to remove: store paths or selectors like t=90/b=5/p=2."),
-       store: str = StoreOpt, yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+       store: str = StoreOpt, yes: bool = typer.Option(False, "--yes/--no-yes", "-y", help="Remove without asking (--no-yes: ask, the default)."),
        as_json: bool = JsonOpt):
     """Remove feature (or target) arrays and the stored results computed from them."""
     from .store import Store

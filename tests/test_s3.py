@@ -14,6 +14,7 @@ from conftest import digests, subset
 from diffstore.cli import app
 from diffstore.datasets import load_split
 from diffstore.extract import extract_features, plan_extraction
+from diffstore.models import load_model
 from diffstore.store import Store
 from diffstore.store.verify import verify_findings
 

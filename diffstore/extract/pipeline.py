@@ -144,6 +144,12 @@ def default_workers() -> int:
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
 
 
+def share_by_file(_worker_id: int) -> None:
+    """Loader workers hand batches over by shared-memory file name rather than by passing descriptors through a
+    helper thread: that thread prints a traceback when Ctrl-C stops the run in the middle of a handover."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_batch=None) -> None:
     """Compute every unit and hand its shards to the writer. on_batch(t, n) after each batch's forward at t."""
     model, r = plan.model, plan.recipe
@@ -156,7 +162,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
     data = Batches(plan, units, batch_size, x0_shape)
     workers = min(workers, len(data) - 1) if len(data) > 1 else 0
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=PREFETCH if workers else None, multiprocessing_context="fork" if workers else None)
+                        prefetch_factor=PREFETCH if workers else None, multiprocessing_context="fork" if workers else None,
+                        worker_init_fn=share_by_file if workers else None)
     storage = getattr(torch, r.storage_dtype)
     buffers: list = [None] * len(units)  # a unit's buffers exist from its first batch until the writer has them
     left = [len(u.rows) for u in units]
