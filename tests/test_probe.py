@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from conftest import save_tiny_unet
 from diffstore.datasets import Split, load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
@@ -29,16 +30,8 @@ SMALL_HEADS = dict(hidden="32", channels="8,8", dim=16, n_heads=2)
 
 @pytest.fixture(scope="module")
 def tiny_unet(tmp_path_factory):
-    """A real diffusers UNet2DModel (8x8 grey, seeded weights) saved as a model folder."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
-    folder = tmp_path_factory.mktemp("tiny-unet")
-    unet.save_pretrained(folder)
-    return folder
+    """A real diffusers UNet2DModel (8x8 grey, two levels, no attention, seeded weights) saved as a model folder."""
+    return save_tiny_unet(tmp_path_factory.mktemp("tiny-unet"), size=8, widths=(8, 16), attention=False)
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,6 @@ X = "features/digits/test/tiny-unet/noised/t10/b2/p1"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_unet_dir):
-    return load_model(str(tiny_unet_dir))
-
-
-@pytest.fixture(scope="module")
 def split():
     return subset(load_split("digits", "test"), 40)
 
