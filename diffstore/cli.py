@@ -285,6 +285,7 @@ def probe(
     early_stop: bool = typer.Option(False, help="paper recipe: keep the epoch with the best validation accuracy."),
     seed: int = typer.Option(0, help="Seed of the validation carve, inits and batch order."),
     seeds: int = typer.Option(1, help="Run seeds seed..seed+K-1 and report mean +- std."),
+    limit: Optional[int] = LimitOpt,
     baseline: Optional[str] = typer.Option(None, help="pixels: the same head on raw preprocessed pixels."),
     data_root: Optional[str] = typer.Option(None, help="Dataset directory for --baseline pixels."),
     select: int = typer.Option(0, help="Rank every key by a closed-form ridge proxy; train the top K."),

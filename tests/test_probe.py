@@ -334,3 +334,15 @@ def test_paired_interval_of_a_difference_is_narrower_than_unpaired():
     assert d["ci95"][1] - d["ci95"][0] < (hi_a - lo_a) / 2  # pairing removes the shared sampling noise
     assert difference(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0]}
     assert np.array_equal(unpack(pack(a), len(a)), a)
+
+
+def test_limit_probes_the_first_rows_of_each_split_and_names_its_results(store_url, capsys):
+    """probe --limit N reads the first N rows of train and test (as extract --limit), and its results are stored
+    under other names than the full splits' (the limit is part of the recipe)."""
+    full = probe(store_url, t="0", blocks="3", pools="1", capsys=capsys)["results"][0]
+    cut = probe(store_url, t="0", blocks="3", pools="1", limit=300, capsys=capsys)["results"][0]
+    assert (cut["n_train"] + cut["n_val"], cut["n_test"]) == (300, 300)
+    assert (full["n_train"] + full["n_val"], full["n_test"]) == (1437, 360)
+    assert cut["name"] != full["name"] and cut["recipe"]["limit"] == 300
+    with pytest.raises(DiffstoreError, match="--limit must be >= 1"):
+        probe(store_url, t="0", blocks="3", pools="1", limit=0, capsys=capsys)

@@ -9,7 +9,7 @@ every batch but the epoch's last is full.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -39,6 +39,18 @@ class Rows:
 
     def nbytes(self, n: int | None = None) -> int:
         return (self.n_rows if n is None else n) * int(np.prod(self.row_shape)) * 4
+
+
+def first_rows(rows: Rows, n: int | None) -> Rows:
+    """The first n rows (probe --limit); all of them when n is None or not smaller."""
+    if n is None or n >= rows.n_rows:
+        return rows
+    return Rows(n, rows.row_shape, rows.chunk_rows, rows.read)  # readers never slice past n_rows
+
+
+def first_labels(record, n: int | None):
+    """A split record (ids, labels) cut to its first n rows, to match first_rows."""
+    return record if n is None else replace(record, ids=record.ids[:n], labels=record.labels[:n])
 
 
 def fuse_rows(parts: list[Rows]) -> Rows:

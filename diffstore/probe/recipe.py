@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from ..errors import DiffstoreError
 
 RECIPES = ("converged", "paper")
-COMMON = ("name", "val_frac", "seed")
+COMMON = ("name", "val_frac", "seed", "limit")
 USED = {  # the fields each recipe reads: only they name a result, so unused options never split a cache entry
     "paper": (*COMMON, "epochs", "lr", "weight_decay", "batch_size", "step_every", "gamma", "early_stop"),
     "linear": (*COMMON, "Cs", "tol", "max_iter"),
@@ -47,12 +47,15 @@ class ProbeRecipe:
     batch_size: int = 128
     val_frac: float = 0.1
     seed: int = 0
+    limit: int | None = None  # only the first N rows of each split (as extract --limit): part of a result's name
 
     def __post_init__(self):
         if self.name not in RECIPES:
             raise DiffstoreError(f"unknown recipe {self.name!r}: choose one of {', '.join(RECIPES)}")
         if min(self.epochs, self.batch_size, self.step_every, self.steps, self.eval_every, self.max_iter) < 1:
             raise DiffstoreError("--epochs, --steps, --batch-size and --step-every must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise DiffstoreError(f"--limit must be >= 1, got {self.limit}")
         if not 0 <= self.val_frac < 1:
             raise DiffstoreError(f"--val-frac must be in [0, 1), got {self.val_frac}")
         if (self.early_stop or self.name == "converged") and self.val_frac == 0:

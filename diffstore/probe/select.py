@@ -13,7 +13,7 @@ from ..errors import DiffstoreError
 from ..extract import pick_device
 from ..progress import progress
 from ..store import Store
-from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
+from .feed import DEFAULT_BUDGET, Feed, Rows, first_labels, split_val
 from .recipe import ProbeRecipe
 
 PROXY_DIM = 1024  # the proxy fits on maps pooled down to at most this many values per row (at least 1x1)
@@ -72,7 +72,7 @@ def rank_keys(store: Store, sources: list, recipe: ProbeRecipe, device=None, bud
     ranking, rho, stored = [], {}, store.results("probe")
     for dataset in dict.fromkeys(s.row["dataset"] for s in sources):
         group = [s for s in sources if s.row["dataset"] == dataset]
-        split = store.split(dataset, "train")
+        split = first_labels(store.split(dataset, "train"), recipe.limit)
         scores = proxy_scores([s.train for s in group], split.labels, len(split.class_names), recipe, device, budget,
                               show_progress)
         rows = sorted(({**s.row, "proxy_val_top1": sc, "linear_top1": linear_top1(stored, s), "source": s}

@@ -28,7 +28,7 @@ from ..key import select as match_selector
 from ..preprocess import Preprocess
 from ..progress import stderr
 from ..store import ShardedArray, Store
-from .feed import DEFAULT_BUDGET, Rows, fuse_rows
+from .feed import DEFAULT_BUDGET, Rows, first_labels, first_rows, fuse_rows
 from .fusion import auto_keys, compare, comparison_table, fusion_runs
 from .heads import HeadSpec
 from .intervals import bootstrap_interval, pack
@@ -78,7 +78,7 @@ def open_complete(store: Store, key: FeatureKey) -> ShardedArray:
     return arr
 
 
-def key_source(store: Store, key: FeatureKey) -> Source:
+def key_source(store: Store, key: FeatureKey, limit: int | None = None) -> Source:
     """A train key and its test twin, both complete."""
     train, test_key = open_complete(store, key), replace(key, split="test")
     try:
@@ -92,7 +92,7 @@ def key_source(store: Store, key: FeatureKey) -> Source:
     fix = (f"Extract spatial maps with `{extract_command(store.url, key, train.attrs, 'full')}` (and the same for "
            "--split test), or use a larger pool.")
     return Source(row, "store", [key], [train.attrs["fingerprint"], test.attrs["fingerprint"]],
-                  Rows.of(train), Rows.of(test), fix)
+                  first_rows(Rows.of(train), limit), first_rows(Rows.of(test), limit), fix)
 
 
 def joined(values: list) -> str:
@@ -127,7 +127,7 @@ def parse_fuse(spec: str, keys: list[FeatureKey]) -> list[FeatureKey]:
     return out
 
 
-def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None) -> Source:
+def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None, limit: int | None = None) -> Source:
     """The raw images, preprocessed exactly as the features' extraction did (attrs['preprocess'])."""
     pre = Preprocess(**attrs["preprocess"])
     root = data_root or attrs.get("dataset", {}).get("source", {}).get("root")
@@ -136,7 +136,7 @@ def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None)
         record = store.split(dataset, split)
         data = load_split(dataset, split, root).take(record.ids, f"pass --data-root of the data it was extracted from (tried {root})")
         x = np.concatenate([pre(data.load(np.arange(i, min(i + 1024, len(data))))).numpy() for i in range(0, len(data), 1024)])
-        rows[split] = Rows.of(x)
+        rows[split] = first_rows(Rows.of(x), limit)
         fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,
                                 "source": data.source, "preprocess": pre.to_dict()}))
     row = {"dataset": dataset, "model": "pixels", "input": "-", "t": "-", "block": "-", "block_name": "-",
@@ -201,7 +201,7 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
             todo.setdefault(source.row["dataset"], []).append((i, name, source, spec))
     writer = Store.open(store.url, "a") if todo else None
     for dataset, items in todo.items():
-        train, test = store.split(dataset, "train"), store.split(dataset, "test")
+        train, test = (first_labels(store.split(dataset, s), recipe.limit) for s in ("train", "test"))
         for _, _, source, _ in items:
             for rows, split in ((source.train, train), (source.test, test)):
                 if rows.n_rows != len(split.labels):
@@ -254,8 +254,8 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
                   channels: str = "64,64", dim: int = 128, depth: int = 1, n_heads: int = 4, recipe: str = "converged",
                   steps: int = 3000, epochs: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 128,
                   step_every: int = 8, gamma: float = 0.1, val_frac: float = 0.1, early_stop: bool = False, seed: int = 0,
-                  seeds: int = 1, baseline: str | None = None, data_root: str | None = None, select: int = 0,
-                  fuse: str | None = None, grid: bool = False, plot: str | None = None, show_all: bool = False,
+                  seeds: int = 1, limit: int | None = None, baseline: str | None = None, data_root: str | None = None,
+                  select: int = 0, fuse: str | None = None, grid: bool = False, plot: str | None = None, show_all: bool = False,
                   json_out: bool = False, list_results: bool = False, retrain: bool = False, device: str | None = None,
                   memory_gb: float = DEFAULT_BUDGET / 2**30, show_progress: bool = True, workers: int | None = None,
                   scheduler: str | None = None) -> dict:
@@ -267,7 +267,8 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
         results = st.results("probe")
     else:
         base = ProbeRecipe(recipe, epochs, lr, weight_decay, step_every, gamma, early_stop, steps=steps,
-                           min_steps=min(steps, ProbeRecipe.min_steps), batch_size=batch_size, val_frac=val_frac, seed=seed)
+                           min_steps=min(steps, ProbeRecipe.min_steps), batch_size=batch_size, val_frac=val_frac, seed=seed,
+                           limit=limit)
         specs = [HeadSpec(k, head_pool, batchnorm, tuple(parse_list(hidden, "hidden", int) or ()),
                           tuple(parse_list(channels, "channels", int) or ()), dim, depth, n_heads)
                  for k in parse_list(head, "head") or ["linear"]]
@@ -283,18 +284,18 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
         if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
             mine = [k for k in keys if model is None or k.model == model]
             if fuse == "auto":
-                ranking, rho = rank_keys(st, [key_source(st, k) for k in mine], base, device, budget, show_progress)
-            singles = [key_source(st, k) for k in (auto_keys(ranking, select) if fuse == "auto" else parse_fuse(fuse, mine))]
+                ranking, rho = rank_keys(st, [key_source(st, k, limit) for k in mine], base, device, budget, show_progress)
+            singles = [key_source(st, k, limit) for k in (auto_keys(ranking, select) if fuse == "auto" else parse_fuse(fuse, mine))]
             sources = [fuse_source(singles)]
         else:
-            sources = [key_source(st, k) for k in keys]
+            sources = [key_source(st, k, limit) for k in keys]
         if select and not fuse:
             ranking, rho = rank_keys(st, sources, base, device, budget, show_progress)
             sources = [r["source"] for r in ranking if r["rank"] <= select]
         if baseline == "pixels":
             for ds in dict.fromkeys(s.row["dataset"] for s in sources):
                 attrs = st.features(next(k for s in sources for k in s.keys if k.dataset == ds)).attrs
-                sources.append(pixel_source(st, ds, attrs, data_root))
+                sources.append(pixel_source(st, ds, attrs, data_root, limit))
         fusion = any(sp.kind == "fusion" for sp in specs)
         if fusion and baseline == "pixels":
             raise DiffstoreError("--baseline pixels is a single-key comparison: run it without --head fusion")
