@@ -16,7 +16,7 @@ def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
     """A zarr Store for a local path or an fsspec URL; a missing filesystem library is named."""
     if "://" not in url or url.startswith("file://"):
         path = Path(url.removeprefix("file://")).expanduser()
-        if path.exists() and not path.is_dir():
+        if path.is_file():  # (not "exists and not a dir": another writer may remove an empty folder meanwhile)
             raise DiffstoreError(f"{url} is a file, not a diffstore store: pass a directory path (e.g. data/f.zarr)")
         return zarr.storage.LocalStore(path, read_only=read_only)
     protocol = url.split("://")[0]

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import difflib
 import platform
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -90,6 +92,14 @@ def ids_sha256(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
+def entries(folder: Path) -> list[str]:
+    """Names in a local folder; none when it is absent, or removed meanwhile by another writer's open (above)."""
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 class Store:
     def __init__(self, url: str, zs, root: zarr.Group | None):
         self.url = url
@@ -110,9 +120,12 @@ class Store:
                 local.rmdir()  # (unless another writer already wrote into it)
         if root is None and mode == "r":
             raise DiffstoreError(f"no diffstore store at {url}: run `diffstore extract --store {url}` first")
-        if root is None and local is not None and local.is_dir() and any(not p.name.startswith("zarr.json")
-                                                                          for p in local.iterdir()):
-            root = cls._open_root(url, zs, mode)  # another writer may have just created it
+        if root is None and local is not None and any(not name.startswith("zarr.json") for name in entries(local)):
+            for _ in range(40):  # another writer may be creating it right now: give its zarr.json time to land
+                root = cls._open_root(url, zs, mode)
+                if root is not None:
+                    break
+                time.sleep(0.05)
             if root is None:
                 raise DiffstoreError(f"{url} is a non-empty directory without a store in it; refusing to write there. "
                                      "Pass a new or empty path (e.g. data/f.zarr)")
@@ -138,11 +151,17 @@ class Store:
     @property
     def root(self) -> zarr.Group:
         """The root group, created on first use (by a write); a concurrent creator wins harmlessly."""
-        if self._root is None:
+        for attempt in range(20):
+            if self._root is not None:
+                break
             try:
                 self._root = zarr.open_group(self.zs, mode="w-", attributes={"diffstore": {"format": FORMAT}})
             except (ContainsGroupError, ContainsArrayError, FileExistsError):
                 self._root = self._open_root(self.url, self.zs, "a")
+            except FileNotFoundError:  # another writer's open removed the empty folder meanwhile: try again
+                if attempt == 19:
+                    raise
+                time.sleep(0.01)
         return self._root
 
     @property
