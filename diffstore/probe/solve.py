@@ -50,7 +50,7 @@ class Design:
         self.pool, self.n = pool, len(positions)
         self.stats = stats or self.moments()
         self.held = list(self.prepared()) if self.feed.cache is not None else None
-        self.subset = None  # (indices, held blocks of those sources): the copy the still-moving problems read
+        self.subsets: dict = {}  # indices -> held blocks of those sources: copies the still-moving problems read
         if self.held is not None:
             self.feed = None  # the prepared copy is all that is needed
 
@@ -86,9 +86,12 @@ class Design:
             return self.held if self.held is not None else self.prepared()
         if self.held is None:
             return ((x[idx], y) for x, y in self.prepared())
-        if self.subset is None or not torch.equal(self.subset[0], idx):
-            self.subset = (idx.clone(), [(x[idx], y) for x, y in self.held])
-        return self.subset[1]
+        key = tuple(idx.tolist())
+        if key not in self.subsets:
+            if len(self.subsets) >= 2:  # the moving set and the set still backtracking: the two read in turn
+                self.subsets.pop(next(iter(self.subsets)))
+            self.subsets[key] = [(x[idx], y) for x, y in self.held]
+        return self.subsets[key]
 
 
 def weights(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -108,7 +111,7 @@ def objective(design: Design, u: torch.Tensor, lam: torch.Tensor, scale: torch.T
         f -= logp.gather(2, y.view(1, -1, 1).expand(len(w), -1, 1)).sum((1, 2))
         p = logp.exp_()
         p[:, torch.arange(len(y), device=y.device), y] -= 1
-        g += torch.bmm(x.transpose(1, 2), p)
+        g += torch.bmm(p.transpose(1, 2), x).transpose(1, 2)  # (p^T x)^T: 2-3x faster than x^T p on CPU BLAS
     reg = w[:, :-1]
     f = f / design.n + lam / 2 * (reg * reg).sum((1, 2))
     g /= design.n
@@ -123,10 +126,10 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[torch.Tensor, dict]:
     """Batched L-BFGS: G independent problems stacked on dim 0, each with its own curvature pairs, Armijo
-    backtracking step and convergence test (gap(g) <= 1). fun(w[sel], sel) evaluates the problems sel only:
-    converged problems stop moving, and once they are a quarter of those evaluated they are no longer computed."""
-    sel = torch.arange(len(w), device=w.device)
-    f, g = fun(w, sel)
+    backtracking step and convergence test (gap(g) <= 1). fun(w[sel], sel) evaluates the problems sel only, so
+    converged problems cost nothing and a backtracking step re-evaluates only the problems that rejected theirs."""
+    everyone = torch.arange(len(w), device=w.device)
+    f, g = fun(w, everyone)
     hist: list[tuple] = []  # (s, y, rho) with rho = 0 where a pair lacks positive curvature (a no-op pair)
     gamma = torch.ones_like(f)
     done = gap(g) <= 1
@@ -135,9 +138,6 @@ def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[t
     while it < max_iter and not bool(done.all()):
         it += 1
         iters += ~done
-        live = (~done).nonzero().flatten()
-        if len(live) <= 0.75 * len(sel):
-            sel = live
         q, alphas = g.clone(), []
         for s, y, rho in reversed(hist):
             a = rho * dot(s, q)
@@ -156,15 +156,17 @@ def lbfgs(fun, w: torch.Tensor, gap, max_iter: int, memory: int = 10) -> tuple[t
         pending = ~done
         w_new, f_new, g_new = w.clone(), f.clone(), g.clone()
         for _ in range(30):  # backtracking until every moving problem accepts its step
-            trial = w + step[:, None, None] * d
-            ft, gt = f.clone(), g.clone()
-            ft[sel], gt[sel] = fun(trial[sel], sel)
+            sel = pending.nonzero().flatten()
+            trial = w[sel] + step[sel, None, None] * d[sel]
+            ft, gt = fun(trial, sel)
+            f0, d0, slope0 = f[sel], d[sel], slope[sel]
             # Armijo's sufficient decrease; or, near the optimum where float32 losses cannot resolve a decrease,
             # Hager-Zhang's approximate Wolfe test: the slope did not overshoot and the loss did not grow visibly
-            approx = (dot(gt, d) <= -0.8 * slope) & (ft <= f + 1e-6 * f.abs())
-            ok = pending & ((ft <= f + 1e-4 * step * slope) | approx)
-            w_new[ok], f_new[ok], g_new[ok] = trial[ok], ft[ok], gt[ok]
-            pending &= ~ok
+            approx = (dot(gt, d0) <= -0.8 * slope0) & (ft <= f0 + 1e-6 * f0.abs())
+            ok = (ft <= f0 + 1e-4 * step[sel] * slope0) | approx
+            acc = sel[ok]
+            w_new[acc], f_new[acc], g_new[acc] = trial[ok], ft[ok], gt[ok]
+            pending[acc] = False
             if not bool(pending.any()):
                 break
             step = torch.where(pending, step / 2, step)
