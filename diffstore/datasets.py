@@ -229,7 +229,8 @@ def decode(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L" if im.mode in ("1", "L", "LA") else "RGB"))
+            mode = "L" if im.mode in ("1", "L", "LA") else "RGB"
+            return np.asarray(im if im.mode == mode else im.convert(mode))  # convert() to its own mode is a copy
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DiffstoreError(f"cannot decode image {path} ({e}); {SKIP_HINT}") from None
 

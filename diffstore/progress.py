@@ -7,7 +7,7 @@ finishes:
     [progress] t=50: 512/1437 img (35.6%), 41.2 img/s, elapsed 12s, ETA 22s
 
 Both have the same interface (`with progress(unit) as bar: task = bar.add_task(desc, total=n);
-bar.advance(task, k)`), so a stage never asks which one it got.
+bar.advance(task, k)`, `bar.update(task, advance=k, description=...)`), so a stage never asks which one it got.
 """
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ class LogProgress:
             self.line(task)
         elif now - task.last_line >= self.every:
             self.line(task)
+
+    def update(self, task_id: int, advance: float = 0, description: str | None = None, **_) -> None:
+        """rich's Progress.update, the part stages use: a new description (e.g. the current loss), an advance."""
+        if description is not None:
+            self.tasks[task_id].description = description
+        if advance:
+            self.advance(task_id, advance)
 
     def line(self, task: LogTask) -> None:
         now = self.clock()

@@ -49,6 +49,22 @@ def test_unfinished_task_reports_where_it_stopped_and_disable_prints_nothing():
     assert quiet.getvalue() == ""
 
 
+def test_update_renames_and_advances_a_task_as_rich_does():
+    """pipelines/train_ddpm.py shows its loss through update(description=...): in a log too."""
+    clock, out = Clock(), io.StringIO()
+    with LogProgress(unit="step", every=10, stream=out, clock=clock) as bar:
+        task = bar.add_task("train", total=100)
+        clock.now += 10
+        bar.update(task, advance=50, description="train loss 0.0500")
+        bar.update(task, description="train loss 0.0400")
+        clock.now += 10
+        bar.update(task, advance=50)
+    assert out.getvalue().splitlines() == [
+        "[progress] train loss 0.0500: 50/100 step (50.0%), 5.0 step/s, elapsed 10s, ETA 10s",
+        "[done] train loss 0.0400: 100/100 step (100.0%), 5.0 step/s, elapsed 20s",
+    ]
+
+
 def test_durations_read_as_a_person_would():
     assert [duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]
 
