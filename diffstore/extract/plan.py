@@ -164,40 +164,41 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
                                  f"use pools <= {min(info.height, info.width)} or 'full'")
     pre = Preprocess(size=model.image_size, channels=model.image_channels)
     paths = [FeatureKey(split.name, split.split, model.name, input_mode, tt, b, p).path for tt in ts for b in bs for p in ps]
-    forward = forward_options(store, paths, model, compute_dtype, micro_batch, attention, compile)
-    recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
-    mb = recipe.micro_batch
-    if shard_rows is not None and (shard_rows <= 0 or shard_rows % mb):  # shards start on the micro-batch partition
-        raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {shard_rows}")
-    plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
-    # Refuse before writing anything: sample ids, then every key's fingerprint.
-    store.check_split(split)
-    for tt in ts:
-        for b in bs:
-            for p in ps:
-                store.check(plan.key(tt, b, p).path, recipe.fingerprint(plan.key(tt, b, p)), plan.attrs(tt, b, p))
-    stored = {path: store.stored_shard_rows(path) for path in (plan.key(tt, b, p).path for tt in ts for b in bs for p in ps)}
-    existing = sorted({n for n in stored.values() if n is not None})
-    if len(existing) > 1:
-        raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
-    if existing and shard_rows is not None and shard_rows != existing[0]:
-        raise DiffstoreError(f"--shard-rows {shard_rows}: the stored arrays of these keys have {existing[0]} rows per "
-                             f"shard. Drop --shard-rows (or pass {existing[0]}) to resume them; nothing was written")
-    if existing:
-        plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
-    elif not plan.shard_rows:
-        row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
-        plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
-    plan.created = [path for path, n in stored.items() if n is None and store._group(path) is None]
-    record = store.put_split(split)
-    for tt in ts:
-        for b in bs:
-            for p in ps:
-                key = plan.key(tt, b, p)
-                plan.arrays[(tt, b, p)] = store.create(key.path, recipe.fingerprint(key), plan.attrs(tt, b, p),
-                                                       plan.row_shape(b, p), len(split), plan.shard_rows, storage_dtype,
-                                                       split=record)
-    return plan
+    with store.prefetched(paths):  # planning reads each array's group several times: read them all once, at once
+        forward = forward_options(store, paths, model, compute_dtype, micro_batch, attention, compile)
+        recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
+        mb = recipe.micro_batch
+        if shard_rows is not None and (shard_rows <= 0 or shard_rows % mb):  # shards start on the micro-batch partition
+            raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {shard_rows}")
+        plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
+        # Refuse before writing anything: sample ids, then every key's fingerprint.
+        store.check_split(split)
+        for tt in ts:
+            for b in bs:
+                for p in ps:
+                    store.check(plan.key(tt, b, p).path, recipe.fingerprint(plan.key(tt, b, p)), plan.attrs(tt, b, p))
+        stored = {path: store.stored_shard_rows(path) for path in (plan.key(tt, b, p).path for tt in ts for b in bs for p in ps)}
+        existing = sorted({n for n in stored.values() if n is not None})
+        if len(existing) > 1:
+            raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
+        if existing and shard_rows is not None and shard_rows != existing[0]:
+            raise DiffstoreError(f"--shard-rows {shard_rows}: the stored arrays of these keys have {existing[0]} rows per "
+                                 f"shard. Drop --shard-rows (or pass {existing[0]}) to resume them; nothing was written")
+        if existing:
+            plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
+        elif not plan.shard_rows:
+            row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
+            plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
+        plan.created = [path for path, n in stored.items() if n is None and store._group(path) is None]
+        record = store.put_split(split)
+        for tt in ts:
+            for b in bs:
+                for p in ps:
+                    key = plan.key(tt, b, p)
+                    plan.arrays[(tt, b, p)] = store.create(key.path, recipe.fingerprint(key), plan.attrs(tt, b, p),
+                                                           plan.row_shape(b, p), len(split), plan.shard_rows, storage_dtype,
+                                                           split=record)
+        return plan
 
 
 def done_masks(arrays: dict) -> dict:

@@ -26,6 +26,7 @@ group without its arrays (a killed run) is completed. Sharing on S3: see README 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import os
@@ -106,6 +107,7 @@ class Store:
         self.zs = zs
         self._root = root  # None until the first write creates it (mode "a" on a new path)
         self.created_here = root is None
+        self._prefetched: dict | None = None  # path -> node or None, inside prefetched()
 
     @classmethod
     def open(cls, url: str, mode: str = "a", storage_options: dict | None = None) -> "Store":
@@ -172,9 +174,35 @@ class Store:
     def _exists(self, key: str) -> bool:
         return bool(sync(self.zs.exists(key)))
 
+    @contextlib.contextmanager
+    def prefetched(self, paths: list[str]):
+        """Within: nodes at `paths` come from one concurrent read of their zarr.json instead of one round trip per
+        read (planning reads each array's group several times). Unreadable nodes are left to _node, which names
+        them; nodes created within are recorded by create()."""
+        async def one(path):
+            try:
+                return await self._root._async_group.getitem(path)
+            except KeyError:
+                return None
+            except Exception:  # noqa: BLE001 - read again outside, where the failure is named
+                return KeyError
+
+        async def every():
+            return await asyncio.gather(*(one(p) for p in paths))
+
+        nodes = sync(every()) if self._root is not None else [None] * len(paths)
+        wrap = {zarr.AsyncGroup: zarr.Group, zarr.AsyncArray: zarr.Array}
+        self._prefetched = {p: wrap[type(n)](n) if type(n) in wrap else n for p, n in zip(paths, nodes) if n is not KeyError}
+        try:
+            yield
+        finally:
+            self._prefetched = None
+
     def _node(self, path: str):
         if self._root is None:
             return None
+        if self._prefetched is not None and path in self._prefetched:
+            return self._prefetched[path]
         for attempt in range(2):  # a node another writer creates between our read and our check: read again
             try:
                 return self._root[path]
@@ -268,13 +296,20 @@ class Store:
             try:
                 g = self.root.create_group(path, attributes={**attrs, "fingerprint": fingerprint, "layout": layout,
                                                              "provenance": provenance()})
-            except (ContainsGroupError, ContainsArrayError):  # another writer was first
+            except (ContainsGroupError, ContainsArrayError):  # another writer was first: read what it made
+                if self._prefetched is not None:
+                    self._prefetched.pop(path, None)
                 self.check(path, fingerprint, attrs)
                 g = self._group(path)
+        if self._prefetched is not None:
+            self._prefetched[path] = g
         stored = g.attrs.get("layout")
         if stored is not None and stored != layout:
             raise DiffstoreError(f"{path} in {self.url} is laid out as {stored}, not {layout}; nothing was written. "
                                  f"Keep --shard-rows {stored['shard_rows']} for this key, or use another --store")
+        if stored is not None:  # done is made last (below): when it opens, so does everything before it
+            with contextlib.suppress(Exception):
+                return ShardedArray(g, self.url)
         row_bytes = int(np.prod(row_shape)) * np.dtype(dtype).itemsize
         chunk_rows = max(1, min(shard_rows, CHUNK_BYTES // max(row_bytes, 1)))
         while shard_rows % chunk_rows:
@@ -285,11 +320,11 @@ class Store:
                            shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
                            fill_value=np.nan, dimension_names=(SAMPLE, *dims),
                            attributes={"coordinates": "done label" if coords else "done"})
-        self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
-                           compressors=None, dimension_names=("shard",))
         if coords:
             self._put_values(g, SAMPLE, split.ids)
             self._put_values(g, "label", split.labels, {"class_names": list(split.class_names)})
+        self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
+                           compressors=None, dimension_names=("shard",))
         return self.open_array(path)
 
     def _create_array(self, g: zarr.Group, name: str, **kw) -> None:
