@@ -7,9 +7,13 @@
               bootstrap interval, the chosen C, seconds, and ours minus scikit-learn paired on the test samples.
 (b) speed     every train key of --speed-store: the converged linear probe vs the paper recipe, all keys side by
               side in each, timed in one run (the ratio is what to read; absolute seconds depend on the load).
+(c) agreement every train key of --agree-store (of models matching --agree-model): the converged default vs
+              scikit-learn (as in (a), tol --sk-tol), key by key: how many within 0.5 points, the lowest and
+              largest difference, keys where the chosen C differs; --agree-out FILE keeps the per-key rows.
 
-Usage: python bench/bench_linear.py [--key data/default.zarr:t=50/b=7/p=2 ...] [--speed-store data/default.zarr]
-                                    [--threads 1] [--json]
+Usage: python bench/bench_linear.py [--parts accuracy,speed,agreement] [--key data/default.zarr:t=50/b=7/p=2 ...]
+                                    [--speed-store data/default.zarr] [--agree-store data/default.zarr
+                                    --agree-model digits-ddpm --agree-out FILE] [--threads 1] [--json]
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +40,7 @@ from diffstore.progress import stderr
 from diffstore.store import Store
 
 
-def sklearn_probe(x, y, x_test, y_test, recipe: ProbeRecipe) -> dict:
+def sklearn_probe(x, y, x_test, y_test, recipe: ProbeRecipe, tol: float = 1e-8) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -44,7 +49,7 @@ def sklearn_probe(x, y, x_test, y_test, recipe: ProbeRecipe) -> dict:
     xf, xv, xt = (scaler.transform(a) for a in (x[fit], x[val], x_test))
     best = None
     for C in sorted(recipe.Cs):
-        model = LogisticRegression(C=C, tol=1e-8, max_iter=10000).fit(xf, y[fit])
+        model = LogisticRegression(C=C, tol=tol, max_iter=10000).fit(xf, y[fit])
         score = model.score(xv, y[val])
         if best is None or score > best[0]:
             best = (score, C, model.predict(xt) == y_test, int(model.n_iter_[0]))
@@ -107,6 +112,33 @@ def speed_rows(url: str, recipe: ProbeRecipe) -> list[dict]:
             for name, ms, s in (("converged (default)", ours, ours_s), ("paper recipe", paper, paper_s))]
 
 
+def agree_rows(url: str, model: str, recipe: ProbeRecipe, tol: float) -> list[dict]:
+    store = Store.open(url, "r")
+    keys = [k for k in store.feature_keys() if k.split == "train" and (not model or k.model == model)]
+    y, y_test = store.split(keys[0].dataset, "train").labels, store.split(keys[0].dataset, "test").labels
+    n_classes = len(store.split(keys[0].dataset, "train").class_names)
+    tests = [store.features(replace(k, split="test")) for k in keys]
+    ours = solve_many([Rows.of(store.features(k)) for k in keys], [Rows.of(a) for a in tests], [None] * len(keys),
+                      y, y_test, n_classes, recipe, show_progress=False)
+    rows = []
+    for i, (key, test, o) in enumerate(zip(keys, tests, ours)):
+        stderr.print(f"agreement: scikit-learn on {key.model} {key.short()} ({i + 1}/{len(keys)})")
+        x = store.features(key).read().reshape(len(y), -1).astype(np.float64)
+        sk = sklearn_probe(x, y, test.read().reshape(len(y_test), -1).astype(np.float64), y_test, recipe, tol)
+        rows.append({"key": f"{key.model} {key.short()}", "ours": o["top1"], "sklearn": float(np.mean(sk["hits"])),
+                     "diff": o["top1"] - float(np.mean(sk["hits"])), "C_ours": o["C"], "C_sklearn": sk["C"],
+                     "converged": o["converged"]})
+    return rows
+
+
+def agree_summary(rows: list[dict]) -> str:
+    d = np.array([r["diff"] for r in rows])
+    return (f"{len(rows)} keys: converged default minus scikit-learn, test top-1 points: within 0.5 on "
+            f"{int((np.abs(d) <= 0.005 + 1e-12).sum())}/{len(rows)}, lowest {100 * d.min():+.2f}, highest "
+            f"{100 * d.max():+.2f}, mean |diff| {100 * np.abs(d).mean():.2f}; chosen C differs on "
+            f"{sum(r['C_ours'] != r['C_sklearn'] for r in rows)} keys; converged {sum(r['converged'] for r in rows)}")
+
+
 def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -114,19 +146,29 @@ def pct(v) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--key", action="append", help="STORE:selector of one train array (repeatable)")
-    ap.add_argument("--speed-store", default="data/default.zarr", help="'' to skip the speed check")
+    ap.add_argument("--parts", default="accuracy,speed", help="which of accuracy, speed, agreement to run")
+    ap.add_argument("--speed-store", default="data/default.zarr")
+    ap.add_argument("--agree-store", default="data/default.zarr", help="its every train key is checked against scikit-learn")
+    ap.add_argument("--agree-model", default="", help="only this model's keys (e.g. digits-ddpm: not its twin)")
+    ap.add_argument("--agree-out", help="write the per-key agreement rows (JSON) here")
+    ap.add_argument("--sk-tol", type=float, default=1e-6, help="scikit-learn's tol in the agreement check")
+    ap.add_argument("--tol", type=float, default=ProbeRecipe.tol, help="the converged probe's tolerance (recipe)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = ProbeRecipe()
-    acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe)]
-    speed = speed_rows(args.speed_store, recipe) if args.speed_store else []
+    recipe = ProbeRecipe(tol=args.tol)
+    parts = args.parts.split(",")
+    acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe)] if "accuracy" in parts else []
+    speed = speed_rows(args.speed_store, recipe) if "speed" in parts else []
+    agree = agree_rows(args.agree_store, args.agree_model, recipe, args.sk_tol) if "agreement" in parts else []
+    if args.agree_out:
+        Path(args.agree_out).write_text(json.dumps(agree, indent=1))
     if args.json:
-        print(json.dumps({"accuracy": acc, "speed": speed, "threads": args.threads}, indent=1))
+        print(json.dumps({"accuracy": acc, "speed": speed, "agreement": agree, "threads": args.threads}, indent=1))
         return
     console = Console(width=200)
-    table = Table(title=f"linear probe on stored features ({args.threads} thread(s)): test top-1 [95% CI]")
+    table = Table(title=f"linear probe on stored features ({args.threads} thread(s)): test top-1 [95% CI]", show_edge=bool(acc))
     for col in ("features", "method", "top-1 [95% CI]", "val top-1", "C", "seconds", "x converged time",
                 "converged minus this [paired 95% CI]"):
         table.add_column(col)
@@ -147,6 +189,8 @@ def main(argv=None):
                           pct(r["mean_top1"]), "-" if r["converged_keys"] is None else str(r["converged_keys"]), f"{100 * r['converged_minus_paper_mean']:+.2f}",
                           str(r["keys_where_paper_higher"]))
         console.print(table)
+    if agree:
+        console.print(f"agreement with scikit-learn (tol {args.sk_tol:g}) on every key of {args.agree_store}: {agree_summary(agree)}")
 
 
 if __name__ == "__main__":

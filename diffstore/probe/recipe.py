@@ -34,7 +34,7 @@ class ProbeRecipe:
     early_stop: bool = False  # keep the weights of the epoch with the best validation top-1
     # converged linear: the C grid (scikit-learn's C = 1 / (lam * n)), the convergence test and its cap
     Cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-    tol: float = 0.1  # converged when max |gradient| <= tol * lam, clamped to [1e-5, 1e-4]
+    tol: float = 0.01  # converged when max |gradient| <= tol * lam, clamped to [1e-5, 1e-4]
     max_iter: int = 1000
     # converged iterative heads: optimizer steps (early stopping never before min_steps), the lr x wd grid
     steps: int = 3000
