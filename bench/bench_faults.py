@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import hashlib
 import io
-import json
 import os
 import random
 import shutil

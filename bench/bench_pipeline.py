@@ -202,7 +202,7 @@ def main() -> None:
                 line += f"{max(r['img_s'] for r in runs[:-1]) / runs[-1]['img_s']:>12.1f}x"
             print(line, flush=True)
         trees = ([ROOT] + ([Path(args.baseline)] if args.baseline else [])) if "noop" in chosen else []
-        print(f"\nno-op re-run of a finished extraction (shipped model, digits test, 4 t x 15 blocks x 2 pools = 120 arrays, s):")
+        print("\nno-op re-run of a finished extraction (shipped model, digits test, 4 t x 15 blocks x 2 pools = 120 arrays, s):")
         print(f"{'code':<22}{'model load':>12}{'plan':>8}{'done check':>12}")
         for tree in trees:
             noop(tmp, tree)  # the first run extracts

@@ -15,8 +15,6 @@ stage runs or `to_torch()` is called.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -284,9 +282,7 @@ def probe(store: str = DEFAULT_STORE, **options: Any) -> dict:
     `help(diffstore.probe.stage.probe_command)`); returns {"results": [...], ...} without printing."""
     from .probe.stage import probe_command
 
-    with contextlib.redirect_stdout(io.StringIO()) as out:  # the command prints its JSON; return it instead
-        probe_command(store, **{**options, "json_out": True})
-    return json.loads(out.getvalue())
+    return probe_command(store, **options, echo=False)
 
 
 def cka(store: str = DEFAULT_STORE, **options: Any) -> dict:

@@ -258,9 +258,9 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
                   select: int = 0, fuse: str | None = None, grid: bool = False, plot: str | None = None, show_all: bool = False,
                   json_out: bool = False, list_results: bool = False, retrain: bool = False, device: str | None = None,
                   memory_gb: float = DEFAULT_BUDGET / 2**30, show_progress: bool = True, workers: int | None = None,
-                  scheduler: str | None = None) -> dict:
+                  scheduler: str | None = None, echo: bool = True) -> dict:
     """`diffstore probe`: a summary (or, with --all, every result; with --json, all of it as JSON) on stdout,
-    progress on stderr; returns what it printed."""
+    progress on stderr; returns the results as the JSON holds them (echo=False: prints nothing on stdout)."""
     st = Store.open(store, "r")
     ranking, rho, plots = [], {}, []
     if list_results:
@@ -319,8 +319,9 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
     out = {"results": results, "summary": [summary_json(s) for s in lines],
            **({"fusion": [fusion_json(f) for f in fusions]} if fusions else {}),
            **({"ranking": ranking, "spearman": rho} if select else {}), **({"plots": plots} if plots else {})}
-    if json_out:
-        print(json.dumps(out, indent=1))
+    if json_out or not echo:
+        if echo:
+            print(json.dumps(out, indent=1))
         return out
     console = Console()
     if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
