@@ -31,6 +31,17 @@ def shared_path(name: str) -> Path:
     return path
 
 
+# The files that take longest (pytest --durations), run first: under xdist (--dist loadfile) each goes to a worker
+# at the start and the short files fill in around them, instead of one long file ending the run alone.
+SLOW_FIRST = ["test_distributed.py", "test_readme.py", "test_s3.py", "test_extract.py", "test_fusion.py",
+              "test_probe.py", "test_adm.py", "test_api.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread_per_xdist_worker():
     """Under pytest-xdist (`-n`), one torch/OpenMP thread per worker (the workers already fill the cores), restored
