@@ -362,7 +362,9 @@ def command_main(argv, code, cwd, env, out, err):
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
     sys.argv = ["diffstore", *argv] if code is None else ["-c"]
     try:
         if code is None:
@@ -382,11 +384,11 @@ class Command:
     def __init__(self, args, cwd=".", env=None, code=None):
         import tempfile
 
-        self.dir = Path(tempfile.mkdtemp(prefix="diffstore-command-"))
+        self.args, self.dir = list(args), Path(tempfile.mkdtemp(prefix="diffstore-command-"))
         self.out, self.err = str(self.dir / "stdout"), str(self.dir / "stderr")
         env = dict(os.environ if env is None else env)
         self.process = forkserver().Process(target=command_main,
-                                            args=(list(args), code, str(Path(cwd).resolve()), env, self.out, self.err))
+                                            args=(self.args, code, str(Path(cwd).resolve()), env, self.out, self.err))
         self.process.start()
         self.pid = self.process.pid
 
@@ -397,7 +399,7 @@ class Command:
         self.process.join(timeout)
         if self.process.exitcode is None:
             self.process.kill()
-            raise subprocess.TimeoutExpired(["diffstore", "..."], timeout)
+            raise subprocess.TimeoutExpired(["diffstore", *self.args], timeout)
         self.returncode = self.process.exitcode
         self.stdout, self.stderr = (Path(f).read_text() for f in (self.out, self.err))
         shutil.rmtree(self.dir)
