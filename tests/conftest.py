@@ -5,7 +5,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,37 @@ def shared_path(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs the real sample data at {path}")
     return path
+
+
+# The files that take longest (pytest --durations), run first: under xdist (--dist loadfile) each goes to a worker
+# at the start and the short files fill in around them, instead of one long file ending the run alone.
+SLOW_FIRST = ["test_distributed.py", "test_readme.py", "test_s3.py", "test_extract.py", "test_fusion.py",
+              "test_probe.py", "test_adm.py", "test_api.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_xdist_worker():
+    """Under pytest-xdist (`-n`), one torch/OpenMP thread per worker (the workers already fill the cores), restored
+    after; inherited by the processes the tests start."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")
@@ -186,8 +222,6 @@ PLUGINS = Path(__file__).parent / "plugins"
 def install_plugin(name: str, folder: Path, seed: int = 7) -> str:
     """Copy an example plugin (tests/plugins) into `folder` and write its weights file from its own seeded
     random init; returns the spec FILE.py:factory."""
-    import shutil
-
     from safetensors.torch import save_file
 
     from diffstore.models.plugin import load_plugin
@@ -298,3 +332,82 @@ def s3_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# --- diffstore commands in fresh processes, without re-importing torch each time ----------------------
+
+PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "distributed", "typer", "sklearn.linear_model", "matplotlib.pyplot"]
+
+
+@cache
+def forkserver():
+    """This test process's multiprocessing forkserver, started once with torch, diffusers and distributed imported
+    (~10 s here). Every process it forks (a diffstore command, a dask worker) is fresh, with its own state,
+    environment and exit code, but starts in a fraction of a second instead of importing those again."""
+    import multiprocessing
+    from multiprocessing import forkserver as server
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    server.ensure_running()  # now, with this list (a later set_forkserver_preload, e.g. dask's, changes nothing)
+    return ctx
+
+
+def command_main(argv, code, cwd, env, out, err):
+    """Body of a forked command: `diffstore ARGV...` (or `python -c CODE`) in `cwd` with exactly `env`, stdout and
+    stderr into files; SystemExit gives the exit code, an uncaught exception a traceback and exit 1, as python does."""
+    import atexit
+
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
+    sys.argv = ["diffstore", *argv] if code is None else ["-c"]
+    try:
+        if code is None:
+            from diffstore.cli import main
+
+            main()
+        else:
+            exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+    finally:
+        atexit._run_exitfuncs()  # what the interpreter runs at exit (multiprocessing then exits the process)
+
+
+class Command:
+    """`diffstore ARGS...` (or `python -c CODE`) as its own process, forked from the preloaded forkserver; Popen-like:
+    .pid, .send_signal, .wait, .returncode, and .stdout / .stderr once it has exited."""
+
+    def __init__(self, args, cwd=".", env=None, code=None):
+        import tempfile
+
+        self.args, self.dir = list(args), Path(tempfile.mkdtemp(prefix="diffstore-command-"))
+        self.out, self.err = str(self.dir / "stdout"), str(self.dir / "stderr")
+        env = dict(os.environ if env is None else env)
+        self.process = forkserver().Process(target=command_main,
+                                            args=(self.args, code, str(Path(cwd).resolve()), env, self.out, self.err))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout=600) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            raise subprocess.TimeoutExpired(["diffstore", *self.args], timeout)
+        self.returncode = self.process.exitcode
+        self.stdout, self.stderr = (Path(f).read_text() for f in (self.out, self.err))
+        shutil.rmtree(self.dir)
+        return self.returncode
+
+
+def run_command(args, cwd=".", env=None, code=None, timeout=600) -> Command:
+    """Run a diffstore command (or Python code) in a fresh forked process to completion; see Command."""
+    command = Command(args, cwd, env, code)
+    command.wait(timeout)
+    return command

@@ -72,7 +72,7 @@ def test_token_rows_hold_each_key_pooled_to_at_most_8x8_in_order():
 
 
 def test_keys_of_different_sizes_and_channels_fuse_and_beat_chance(store_url):
-    r = probe(store_url, fuse=MIXED, head="fusion", recipe="converged", steps=100)["results"]
+    r = probe(store_url, fuse=MIXED, head="fusion", recipe="converged", steps=40)["results"]
     assert len(r) == 1 and r[0]["kind"] == "fusion" and r[0]["t"] == "0+50+0" and r[0]["block"] == "2+5+5"
     # (channels, token side, t, block) per key: 16x16 maps become 8x8 tokens, a p=1 key one token
     assert r[0]["head"]["keys"] == [[16, 8, 0, 2], [32, 4, 50, 5], [32, 1, 0, 5]]

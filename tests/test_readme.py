@@ -1,5 +1,6 @@
 """Every command in README.md runs as printed: each indented code block's `diffstore ...` lines (and the From
-Python block) run in order in a fresh folder, as a reader would paste them, and must exit 0.
+Python block) run in order in a fresh folder, as a reader would paste them, each in its own fresh process (forked
+from one that imported torch and diffusers once: conftest.Command), and must exit 0.
 
 Not run: `make ...` and `python pipelines/...` lines (long recipes with their own docs; `make test` is this suite);
 lines that need something you provide first, a cluster (`tcp://HOST`) or a downloaded dataset (`--data-root`),
@@ -8,12 +9,11 @@ and the later lines that read the store such a line writes.
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import run_command
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-DS = str(Path(sys.executable).with_name("diffstore"))
 SKIP = ("tcp://HOST", "--data-root")
 
 
@@ -67,8 +67,8 @@ def test_readme_has_a_tour_and_a_python_block():
 def test_every_readme_command_runs_as_printed(tmp_path):
     for kind, step in readme_steps():
         if kind == "cli":
-            done = subprocess.run([DS, *shlex.split(step)[1:]], cwd=tmp_path, capture_output=True, text=True)
+            done = run_command(shlex.split(step)[1:], cwd=tmp_path)
         else:
-            done = subprocess.run([sys.executable, "-c", step], cwd=tmp_path, capture_output=True, text=True)
+            done = run_command([], cwd=tmp_path, code=step)
         assert done.returncode == 0, f"README step failed (exit {done.returncode}):\n{step}\n{done.stderr[-3000:]}"
     assert list((tmp_path / "data").glob("tour-repfusion/*/policy.png")), "analyze writes its PNGs beside the store"

@@ -1,16 +1,14 @@
 """Sharing a store through S3: write to s3:// (a real moto server on 127.0.0.1), read it from a second process."""
 
-import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import digests, subset
+from conftest import Command, digests, subset
 from diffstore.cli import app
 from diffstore.datasets import load_split
 from diffstore.extract import extract_features, plan_extraction
@@ -19,7 +17,6 @@ from diffstore.store import Store
 from diffstore.store.verify import verify_findings
 
 URL = "s3://team/shared.zarr"
-DS = [str(Path(sys.executable).parent / "diffstore")]
 READER = """
 import hashlib, json, sys
 from diffstore.store import Store
@@ -29,7 +26,7 @@ print(json.dumps({a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a i
 
 
 def fill(url, model, split) -> dict:
-    plan = plan_extraction(Store.open(url), model, split, "10,300", "2,mid", "1,full")
+    plan = plan_extraction(Store.open(url), model, split, "10,300", "2", "1,full")
     return extract_features(plan, batch_size=32, show_progress=False)
 
 
@@ -50,7 +47,7 @@ def test_s3_store_round_trip_matches_local_bytes(s3_env, s3_store, model, split,
     remote = subprocess.run([sys.executable, "-c", READER, s3_store], env=s3_env, capture_output=True, text=True)
     assert remote.returncode == 0, remote.stderr
     local = digests(Store.open(str(tmp_path / "local.zarr"), mode="r"))
-    assert len(local) == 8 and json.loads(remote.stdout) == local
+    assert len(local) == 4 and json.loads(remote.stdout) == local
 
 
 def test_colleague_reuses_what_is_on_s3(s3_store, model, split):
@@ -58,7 +55,7 @@ def test_colleague_reuses_what_is_on_s3(s3_store, model, split):
     ls = CliRunner().invoke(app, ["ls", "--store", s3_store, "--json"])
     assert ls.exit_code == 0, ls.output
     rows = json.loads(ls.stdout)
-    assert len(rows) == 8 and all(r["shards_done"] == r["shards"] for r in rows)
+    assert len(rows) == 4 and all(r["shards_done"] == r["shards"] for r in rows)
     np.testing.assert_equal(Store.open(s3_store, mode="r").split("digits", "test").ids, split.ids)
 
 
@@ -84,30 +81,29 @@ def test_s3_outage_mid_extraction_resumes_bit_identical(s3_env, tiny_unet_dir, t
     server.start()  # moto keeps its buckets in this process: a restarted server serves the same objects
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="outage")
-    args = ["extract", "--model", str(tiny_unet_dir), "--split", "test", "--t", "10", "--blocks", "2,mid",
-            "--pools", "1", "--shard-rows", "16", "--batch-size", "16", "-q"]
-    writer = subprocess.Popen(DS + args + ["--store", "s3://outage/s.zarr"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    args = ["extract", "--model", str(tiny_unet_dir), "--split", "test", "--limit", "160", "--t", "10",
+            "--blocks", "2,mid", "--pools", "1", "--shard-rows", "16", "--batch-size", "16", "-q"]
+    writer = Command(args + ["--store", "s3://outage/s.zarr"], env=env)  # its own process, forked (conftest)
     done = []
-    while writer.poll() is None and not done:  # stop the server at the first done shard (23 are to come)
+    while writer.process.is_alive() and not done:  # stop the server at the first done shard (10 are to come)
         listing = s3.list_objects_v2(Bucket="outage", Prefix="s.zarr/features/")
         done = [o["Key"] for o in listing.get("Contents", []) if "/done/c/" in o["Key"]]
         time.sleep(0.05)
     server.stop()
-    _, err = writer.communicate(timeout=300)
+    writer.wait(timeout=300)
+    err = writer.stderr
     assert writer.returncode == 2 and "cannot reach the server" in err and "Traceback" not in err, err
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:  # resume in-process (the same code the CLI runs) and compare with a clean local run
-        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test")
+        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test", limit=160)
         options = {"client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
         remote = Store.open("s3://outage/s.zarr", storage_options=options)
-        assert 0 < sum(a.done_mask().sum() for a in remote.arrays()) < 2 * 23
+        assert 0 < sum(a.done_mask().sum() for a in remote.arrays()) < 2 * 10
         for store in (remote, Store.open(str(tmp_path / "local.zarr"))):
             plan = plan_extraction(store, model, split, "10", "2,mid", "1", shard_rows=16)
             extract_features(plan, batch_size=16, show_progress=False)
-        hashes = [{a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a in store.arrays()}
-                  for store in (remote, Store.open(str(tmp_path / "local.zarr"), "r"))]
+        hashes = [digests(store) for store in (remote, Store.open(str(tmp_path / "local.zarr"), "r"))]
         assert len(hashes[0]) == 2 and hashes[0] == hashes[1]
         assert verify_findings(remote) == ([], 2)
     finally:
