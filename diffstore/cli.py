@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import sys
 import typing
 from typing import Optional
@@ -407,6 +408,9 @@ add_repfusion_commands()
 
 
 def main():
+    # When a storage server drops mid-run, its in-flight uploads fail in background tasks nobody awaits any more, and
+    # asyncio logs each with a traceback; the command reports the outage itself (below), once and without one.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         app()
     except DiffstoreError as e:
