@@ -86,12 +86,16 @@ class Design:
             return self.held if self.held is not None else self.prepared()
         if self.held is None:
             return ((x[idx], y) for x, y in self.prepared())
+        if len(idx) == len(self.held[0][0]):
+            return self.held
         key = tuple(idx.tolist())
-        if key not in self.subsets:
-            if len(self.subsets) >= 2:  # the moving set and the set still backtracking: the two read in turn
+        blocks = self.subsets.pop(key, None)
+        if blocks is None:
+            if len(self.subsets) >= 2:  # least recently used out: the moving set outlives each backtracking set
                 self.subsets.pop(next(iter(self.subsets)))
-            self.subsets[key] = [(x[idx], y) for x, y in self.held]
-        return self.subsets[key]
+            blocks = [(x[idx], y) for x, y in self.held]
+        self.subsets[key] = blocks
+        return blocks
 
 
 def weights(u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -107,7 +111,8 @@ def objective(design: Design, u: torch.Tensor, lam: torch.Tensor, scale: torch.T
     f = w.new_zeros(len(w))
     g = torch.zeros_like(w)
     for x, y in design.blocks(idx):
-        logp = torch.log_softmax(torch.bmm(x, w), 2)  # [G, n, K]
+        z = torch.bmm(x, w)  # [G, n, K]
+        logp = z - torch.logsumexp(z, 2, keepdim=True)  # = log_softmax, whose CPU kernel is ~4x slower for K ~ 10
         f -= logp.gather(2, y.view(1, -1, 1).expand(len(w), -1, 1)).sum((1, 2))
         p = logp.exp_()
         p[:, torch.arange(len(y), device=y.device), y] -= 1
