@@ -5,7 +5,6 @@ bench/bench_faults.py; here each mechanism is checked once on a tiny U-Net and a
 """
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
