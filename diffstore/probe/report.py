@@ -187,7 +187,8 @@ def grid_tables(results: list[dict]) -> list[Table]:
 
 def write_plots(results: list[dict], out_dir: str) -> list[str]:
     """Per (dataset, model, input, pool, head, recipe): a t x block heatmap (best cell and the cells within its
-    interval marked) and top-1 vs t curves per block with 95% interval error bars (the paper's Figure 2)."""
+    interval marked) and, given two t or more, top-1 vs t curves per block with 95% interval error bars (the paper's
+    Figure 2)."""
     from ..plots import curves, heatmap
 
     paths = []
@@ -204,7 +205,8 @@ def write_plots(results: list[dict], out_dir: str) -> list[str]:
         paths.append(heatmap(m, ts, bs, f"{title}\n★ best by validation; ○ test top-1 within its 95% interval",
                              f"{stem}_heatmap.png", "test top-1 (%)", best=best, near=near, xlabel="block",
                              ylabel="diffusion time step t"))
-        paths.append(curves(ts, {f"b{b}": m[:, j] for j, b in enumerate(bs)}, "diffusion time step t",
-                            "test top-1 (%), 95% CI", title, f"{stem}_vs_t.png",
-                            errors={f"b{b}": (m[:, j] - lo[:, j], hi[:, j] - m[:, j]) for j, b in enumerate(bs)}))
+        if len(ts) > 1:  # a curve over one t would only be dodged error bars on a meaningless axis
+            paths.append(curves(ts, {f"b{b}": m[:, j] for j, b in enumerate(bs)}, "diffusion time step t",
+                                "test top-1 (%), 95% CI", title, f"{stem}_vs_t.png",
+                                errors={f"b{b}": (m[:, j] - lo[:, j], hi[:, j] - m[:, j]) for j, b in enumerate(bs)}))
     return [str(p) for p in paths]
