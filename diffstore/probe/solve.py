@@ -86,7 +86,7 @@ class Design:
             return self.held if self.held is not None else self.prepared()
         if self.held is None:
             return ((x[idx], y) for x, y in self.prepared())
-        if len(idx) == len(self.held[0][0]):
+        if len(idx) == len(self.held[0][0]):  # every source: the held blocks themselves
             return self.held
         key = tuple(idx.tolist())
         blocks = self.subsets.pop(key, None)

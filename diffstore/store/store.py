@@ -101,6 +101,9 @@ def entries(folder: Path) -> list[str]:
         return []
 
 
+UNREAD = object()  # a node prefetched() could not read: _node reads it again and names the failure
+
+
 class Store:
     def __init__(self, url: str, zs, root: zarr.Group | None):
         self.url = url
@@ -185,14 +188,14 @@ class Store:
             except KeyError:
                 return None
             except Exception:  # noqa: BLE001 - read again outside, where the failure is named
-                return KeyError
+                return UNREAD
 
         async def every():
             return await asyncio.gather(*(one(p) for p in paths))
 
         nodes = sync(every()) if self._root is not None else [None] * len(paths)
         wrap = {zarr.AsyncGroup: zarr.Group, zarr.AsyncArray: zarr.Array}
-        self._prefetched = {p: wrap[type(n)](n) if type(n) in wrap else n for p, n in zip(paths, nodes) if n is not KeyError}
+        self._prefetched = {p: wrap[type(n)](n) if type(n) in wrap else n for p, n in zip(paths, nodes) if n is not UNREAD}
         try:
             yield
         finally:
