@@ -168,17 +168,18 @@ def main(argv=None):
         print(json.dumps({"accuracy": acc, "speed": speed, "agreement": agree, "threads": args.threads}, indent=1))
         return
     console = Console(width=200)
-    table = Table(title=f"linear probe on stored features ({args.threads} thread(s)): test top-1 [95% CI]", show_edge=bool(acc))
-    for col in ("features", "method", "top-1 [95% CI]", "val top-1", "C", "seconds", "x converged time",
-                "converged minus this [paired 95% CI]"):
-        table.add_column(col)
-    for r in acc:
-        d = r["converged_minus_this"]
-        table.add_row(r["features"], r["method"], f"{pct(r['top1'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}]",
-                      pct(r["val_top1"]), "-" if r["C"] is None else f"{r['C']:g}", f"{r['seconds']:.1f}",
-                      f"{r['seconds_over_converged']:.2f}",
-                      "-" if d is None else f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
-    console.print(table)
+    if acc:
+        table = Table(title=f"linear probe on stored features ({args.threads} thread(s)): test top-1 [95% CI]")
+        for col in ("features", "method", "top-1 [95% CI]", "val top-1", "C", "seconds", "x converged time",
+                    "converged minus this [paired 95% CI]"):
+            table.add_column(col)
+        for r in acc:
+            d = r["converged_minus_this"]
+            table.add_row(r["features"], r["method"], f"{pct(r['top1'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}]",
+                          pct(r["val_top1"]), "-" if r["C"] is None else f"{r['C']:g}", f"{r['seconds']:.1f}",
+                          f"{r['seconds_over_converged']:.2f}",
+                          "-" if d is None else f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
+        console.print(table)
     if speed:
         table = Table(title="speed: every key of the store, side by side in one run")
         for col in ("store", "keys", "method", "seconds", "x converged time", "mean top-1", "converged keys",
