@@ -12,6 +12,7 @@
               largest difference, keys where the chosen C differs; --agree-out FILE keeps the per-key rows.
 
 Usage: python bench/bench_linear.py [--parts accuracy,speed,agreement] [--key data/default.zarr:t=50/b=7/p=2 ...]
+                                    [--train-rows N]
                                     [--speed-store data/default.zarr] [--agree-store data/default.zarr
                                     --agree-model digits-ddpm --agree-out FILE] [--threads 1] [--json]
 """
@@ -56,12 +57,14 @@ def sklearn_probe(x, y, x_test, y_test, recipe: ProbeRecipe, tol: float = 1e-8) 
     return {"val_top1": best[0], "C": best[1], "hits": best[2], "iterations": best[3]}
 
 
-def accuracy_rows(spec: str, recipe: ProbeRecipe) -> list[dict]:
+def accuracy_rows(spec: str, recipe: ProbeRecipe, train_rows: int | None = None) -> list[dict]:
     url, _, selector = spec.partition(":")
     store = Store.open(url, "r")
     (key,) = select([k for k in store.feature_keys() if k.split == "train"], selector)
     train, test = store.features(key), store.features(replace(key, split="test"))
     y, y_test = store.split(key.dataset, "train").labels, store.split(key.dataset, "test").labels
+    if train_rows:  # a smaller training set from the same store; the test split stays whole
+        train, y = train.read()[:train_rows], y[:train_rows]
     n_classes = len(store.split(key.dataset, "train").class_names)
     what = f"{key.dataset} {key.model} {key.short()} (N={len(y):,}, D={int(np.prod(train.shape[1:]))})"
     stderr.print(f"{what}: converged")
@@ -75,7 +78,7 @@ def accuracy_rows(spec: str, recipe: ProbeRecipe) -> list[dict]:
     paper_s = time.perf_counter() - t0
     stderr.print(f"{what}: scikit-learn")
     t0 = time.perf_counter()
-    x = train.read().reshape(len(y), -1).astype(np.float64)
+    x = np.asarray(train[:]).reshape(len(y), -1).astype(np.float64)
     sk = sklearn_probe(x, y, test.read().reshape(len(y_test), -1).astype(np.float64), y_test, recipe)
     sk_s = time.perf_counter() - t0
     rows = []
@@ -146,6 +149,7 @@ def pct(v) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--key", action="append", help="STORE:selector of one train array (repeatable)")
+    ap.add_argument("--train-rows", type=int, help="accuracy: only the first N train rows (test stays whole)")
     ap.add_argument("--parts", default="accuracy,speed", help="which of accuracy, speed, agreement to run")
     ap.add_argument("--speed-store", default="data/default.zarr")
     ap.add_argument("--agree-store", default="data/default.zarr", help="its every train key is checked against scikit-learn")
@@ -159,7 +163,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     recipe = ProbeRecipe(tol=args.tol)
     parts = args.parts.split(",")
-    acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe)] if "accuracy" in parts else []
+    acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe, args.train_rows)] if "accuracy" in parts else []
     speed = speed_rows(args.speed_store, recipe) if "speed" in parts else []
     agree = agree_rows(args.agree_store, args.agree_model, recipe, args.sk_tol) if "agreement" in parts else []
     if args.agree_out:
