@@ -20,7 +20,7 @@ from diffstore.models import load_model
 from diffstore.probe.intervals import bootstrap_interval, difference, pack, result_hits, unpack
 from diffstore.probe.recipe import ProbeRecipe
 from diffstore.probe.report import grid_tables, write_plots
-from diffstore.probe.train import train_probe
+from diffstore.probe.train import convergence, train_probe
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 
@@ -307,6 +307,26 @@ def test_iterative_head_records_convergence_and_warns_when_the_budget_is_short(s
     assert r["early_stopped"] and r["converged"] and r["steps"] < 1500 and r["best_step"] <= r["steps"]
     assert r["val_top1"] == max(r["val_top1_per_lr_wd"].values())  # the grid point chosen on validation
     assert r["recipe"]["name"] == "converged" and "steps" in r["recipe"] and "epochs" not in r["recipe"]
+
+
+def evals(losses, top1s, every=100):
+    return [(every * (i + 1), loss, acc) for i, (loss, acc) in enumerate(zip(losses, top1s))]
+
+
+def test_a_head_still_improving_at_its_budget_is_never_called_converged():
+    flat = [1.0, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    plateau = evals(flat, [0.5, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8])
+    assert convergence(plateau, best_step=300, still_active=True)["converged"]  # flat over the last fifth
+    assert convergence(plateau, best_step=300, still_active=False)["converged"]
+    # the loss keeps falling at the budget
+    falling = convergence(evals([1.0 - 0.05 * i for i in range(10)], [0.8] * 10), best_step=100, still_active=True)
+    assert falling["val_loss_falling_late"] and not falling["converged"]
+    # the loss has turned (over-fitting) but the reported state is from the last evaluations: more budget may help
+    late_best = convergence(evals(flat, [0.5, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.81]), best_step=1000,
+                            still_active=True)
+    assert late_best["val_top1_best_late"] and not late_best["val_loss_falling_late"] and not late_best["converged"]
+    # early stopping ended it: the budget sufficed whatever the curves did
+    assert convergence(evals(flat, [0.8] * 10), best_step=1000, still_active=False)["converged"]
 
 
 def test_blocks_accept_the_names_extract_accepts(store_url):

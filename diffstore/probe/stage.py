@@ -229,7 +229,7 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
             if m.get("converged") is False:
                 stderr.print(f"[yellow]warning[/]: the {spec.label()} head on {results[i]['model']} t={source.row['t']}/"
                              f"b={source.row['block']}/p={source.row['pool']} did not converge "
-                             + ("(validation loss still falling at the step budget: raise --steps)" if spec.kind != "linear"
+                             + ("(still improving on validation at the step budget: raise --steps)" if spec.kind != "linear"
                                 else "(L-BFGS hit --max-iter before its gradient test)"))
             writer.put_result("probe", name, results[i])
     return results

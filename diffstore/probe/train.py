@@ -9,8 +9,8 @@ Two recipes (recipe.py). paper: Adam, epochs, StepLR, exactly as the paper (and 
 converged: AdamW for a budget of optimizer steps whatever the dataset size; every (lr, weight decay) of the grid
 is one more head in the same pass; validation top-1 is measured every eval_every steps, each head keeps its best
 state and stops after `patience` evaluations without a better one (never before min_steps); per job the grid point
-with the best validation top-1 is reported, with its final train loss and whether its validation loss was still
-falling over the last fifth of training (then the result says converged: false and the stage warns).
+with the best validation top-1 is reported, with its final train loss and whether the budget sufficed (convergence():
+otherwise the result says converged: false and the stage warns).
 
 Data: features are stored float16 and cast to float32. Each head standardises its input per channel with the
 mean/std of its own training rows (heads.Standardize), so one learning rate fits every block and t.
@@ -35,7 +35,7 @@ from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
 from .heads import HeadSpec, build_head, n_params
 from .recipe import ProbeRecipe
 
-LATE = 0.2  # the last fifth of the evaluations: validation loss still falling there means not converged
+LATE = 0.2  # the last fifth of the evaluations: still improving there at the budget means not converged
 
 
 @dataclass
@@ -148,13 +148,21 @@ def fit_steps(heads, grid: list[tuple], feed: Feed, val_feed: Feed, recipe: Prob
     out = []
     for h, b, ev, still in zip(heads, best, evals, active):
         h.load_state_dict(b[3])
-        late = ev[int(len(ev) * (1 - LATE)):] if len(ev) >= 5 else ev
-        early_min = min((e[1] for e in ev[:len(ev) - len(late)]), default=float("inf"))
-        falling = bool(still) and min(e[1] for e in late) < early_min  # ran out of budget, val loss still dropping
         out.append({"steps": ev[-1][0], "best_step": b[2], "early_stopped": not still, "final_train_loss": ev[-1][3],
-                    "val_loss_falling_late": falling, "converged": not falling,
+                    **convergence(ev, b[2], still),
                     "val_history": [[e[0], round(e[1], 5), round(e[2], 5)] for e in ev]})
     return out
+
+
+def convergence(evals: list[tuple], best_step: int, still_active: bool) -> dict:
+    """Did the step budget suffice? evals: (step, val loss, val top-1, ...) per evaluation. A head that early-stopped
+    did; one still training at the budget did not if, over the last fifth of its evaluations, its validation loss
+    reached a new low or its best validation top-1 (the state it reports) was found."""
+    late = evals[int(len(evals) * (1 - LATE)):] if len(evals) >= 5 else evals
+    early_min = min((e[1] for e in evals[:len(evals) - len(late)]), default=float("inf"))
+    falling = bool(still_active) and min(e[1] for e in late) < early_min
+    rising = bool(still_active) and best_step >= late[0][0]
+    return {"val_loss_falling_late": falling, "val_top1_best_late": rising, "converged": not (falling or rising)}
 
 
 def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_classes: int, recipe: ProbeRecipe,
