@@ -329,6 +329,21 @@ def test_a_head_still_improving_at_its_budget_is_never_called_converged():
     assert convergence(evals(flat, [0.8] * 10), best_step=1000, still_active=False)["converged"]
 
 
+def test_the_lr_and_weight_decay_grid_is_an_option_and_its_default_is_the_recipe_default(store_url):
+    import inspect
+
+    defaults = inspect.signature(probe_command).parameters
+    assert tuple(float(v) for v in defaults["lrs"].default.split(",")) == ProbeRecipe.lrs
+    assert tuple(float(v) for v in defaults["weight_decays"].default.split(",")) == ProbeRecipe.weight_decays
+    kw = dict(model="tiny", t="0", blocks="1", pools="1", head="mlp", hidden="16", steps=100, recipe="converged")
+    r = probe(store_url, lrs="0.003", weight_decays="0.5", **kw)["results"][0]
+    assert list(r["val_top1_per_lr_wd"]) == ["lr=0.003,wd=0.5"] and (r["lr"], r["weight_decay"]) == (0.003, 0.5)
+    assert r["recipe"]["lrs"] == [0.003] and r["recipe"]["weight_decays"] == [0.5]
+    for bad in (dict(lrs="0"), dict(weight_decays="-1"), dict(lrs="fast")):
+        with pytest.raises(DiffstoreError, match="--lrs|--weight-decays"):
+            probe(store_url, **bad, **kw)
+
+
 def test_blocks_accept_the_names_extract_accepts(store_url):
     r = probe(store_url, model="tiny", t="0", blocks="in", pools="1")["results"]
     assert {(x["block"], x["block_name"]) for x in r} == {(1, "in")}

@@ -54,6 +54,9 @@ class ProbeRecipe:
             raise DiffstoreError(f"unknown recipe {self.name!r}: choose one of {', '.join(RECIPES)}")
         if min(self.epochs, self.batch_size, self.step_every, self.steps, self.eval_every, self.max_iter) < 1:
             raise DiffstoreError("--epochs, --steps, --batch-size and --step-every must be >= 1")
+        if not self.lrs or min(self.lrs) <= 0 or not self.weight_decays or min(self.weight_decays) < 0:
+            raise DiffstoreError(f"--lrs takes learning rates > 0 and --weight-decays values >= 0 (at least one each), "
+                                 f"got {list(self.lrs)} and {list(self.weight_decays)}")
         if self.limit is not None and self.limit < 1:
             raise DiffstoreError(f"--limit must be >= 1, got {self.limit}")
         if not 0 <= self.val_frac < 1:

@@ -252,7 +252,7 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
                   input: str | None = None, t: str | None = None, blocks: str | None = None, pools: str | None = None,
                   head: str = "linear", head_pool: int | None = None, batchnorm: bool = False, hidden: str = "512",
                   channels: str = "64,64", dim: int = 128, depth: int = 1, n_heads: int = 4, recipe: str = "converged",
-                  steps: int = 3000, epochs: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 128,
+                  steps: int = 3000, lrs: str = "0.001,0.003,0.01", weight_decays: str = "0,0.05", epochs: int = 28, lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 128,
                   step_every: int = 8, gamma: float = 0.1, val_frac: float = 0.1, early_stop: bool = False, seed: int = 0,
                   seeds: int = 1, limit: int | None = None, baseline: str | None = None, data_root: str | None = None,
                   select: int = 0, fuse: str | None = None, grid: bool = False, plot: str | None = None, show_all: bool = False,
@@ -267,8 +267,9 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
         results = st.results("probe")
     else:
         base = ProbeRecipe(recipe, epochs, lr, weight_decay, step_every, gamma, early_stop, steps=steps,
-                           min_steps=min(steps, ProbeRecipe.min_steps), batch_size=batch_size, val_frac=val_frac, seed=seed,
-                           limit=limit)
+                           min_steps=min(steps, ProbeRecipe.min_steps), lrs=tuple(parse_list(lrs, "lrs", float) or ()),
+                           weight_decays=tuple(parse_list(weight_decays, "weight-decays", float) or ()),
+                           batch_size=batch_size, val_frac=val_frac, seed=seed, limit=limit)
         specs = [HeadSpec(k, head_pool, batchnorm, tuple(parse_list(hidden, "hidden", int) or ()),
                           tuple(parse_list(channels, "channels", int) or ()), dim, depth, n_heads)
                  for k in parse_list(head, "head") or ["linear"]]
