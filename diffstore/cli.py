@@ -278,7 +278,7 @@ def probe(
     steps: int = typer.Option(3000, help="converged recipe: optimizer-step budget of mlp/cnn/attention heads."),
     lrs: str = typer.Option("0.001,0.003,0.01", help="converged recipe: AdamW learning rates that mlp/cnn/attention "
                             "heads are tuned over (each paired with every --weight-decays value; picked on validation)."),
-    weight_decays: str = typer.Option("0,0.05", help="converged recipe: AdamW weight decays of that grid."),
+    weight_decays: str = typer.Option("0,0.05,0.5", help="converged recipe: AdamW weight decays of that grid."),
     epochs: int = typer.Option(28, help="paper recipe: epochs."),
     lr: float = typer.Option(1e-3, help="paper recipe: Adam learning rate."),
     weight_decay: float = typer.Option(0.0, help="paper recipe: Adam weight decay."),

@@ -17,6 +17,7 @@ from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
 from diffstore.probe.feed import Rows
 from diffstore.probe.fusion import token_rows
+from diffstore.probe.recipe import ProbeRecipe
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 
@@ -76,7 +77,8 @@ def test_keys_of_different_sizes_and_channels_fuse_and_beat_chance(store_url):
     assert len(r) == 1 and r[0]["kind"] == "fusion" and r[0]["t"] == "0+50+0" and r[0]["block"] == "2+5+5"
     # (channels, token side, t, block) per key: 16x16 maps become 8x8 tokens, a p=1 key one token
     assert r[0]["head"]["keys"] == [[16, 8, 0, 2], [32, 4, 50, 5], [32, 1, 0, 5]]
-    assert r[0]["recipe"]["name"] == "converged" and len(r[0]["val_top1_per_lr_wd"]) == 6  # the lr x wd grid
+    grid = len(ProbeRecipe.lrs) * len(ProbeRecipe.weight_decays)
+    assert r[0]["recipe"]["name"] == "converged" and len(r[0]["val_top1_per_lr_wd"]) == grid
     assert r[0]["top1"] > 3 * CHANCE and r[0]["n_test"] == 360
 
 

@@ -302,7 +302,8 @@ def test_iterative_head_records_convergence_and_warns_when_the_budget_is_short(s
     short = probe(store_url, steps=20, **kw)["results"][0]
     assert short["steps"] == 20 and not short["early_stopped"] and short["converged"] is False
     assert "did not converge" in capsys.readouterr().err
-    assert short["final_train_loss"] > 0 and len(short["val_top1_per_lr_wd"]) == 6  # the lr x wd grid
+    grid = len(ProbeRecipe.lrs) * len(ProbeRecipe.weight_decays)
+    assert short["final_train_loss"] > 0 and len(short["val_top1_per_lr_wd"]) == grid
     r = probe(store_url, steps=1500, **kw)["results"][0]
     assert r["early_stopped"] and r["converged"] and r["steps"] < 1500 and r["best_step"] <= r["steps"]
     assert r["val_top1"] == max(r["val_top1_per_lr_wd"].values())  # the grid point chosen on validation

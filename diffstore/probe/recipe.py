@@ -40,7 +40,7 @@ class ProbeRecipe:
     steps: int = 3000
     min_steps: int = 500
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    weight_decays: tuple[float, ...] = (0.0, 0.05)
+    weight_decays: tuple[float, ...] = (0.0, 0.05, 0.5)
     eval_every: int = 100
     patience: int = 5  # evaluations without a better validation top-1 before a head stops
     # both
