@@ -32,7 +32,8 @@ import time
 import traceback
 from pathlib import Path
 
-from diffstore.store.faults import CORRUPTIONS, done_flag_cleared
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test-only fault injection
+from faults import CORRUPTIONS, done_flag_cleared  # noqa: E402
 
 EXTRACT = ["extract", "--split", "test", "--t", "10", "--blocks", "2,mid", "--pools", "1,2", "--shard-rows", "16",
            "--batch-size", "16", "-q"]
@@ -133,7 +134,7 @@ def rerun(url: Path) -> str | None:
     global MODEL
     MODEL = MODEL or load_model("default")  # loaded once, before the writers are forked
     try:
-        plan = plan_extraction(Store.open(str(url)), MODEL, load_split("digits", "test"), "10", "2,mid", "1,2",
+        plan = plan_extraction(Store.open(str(url)), MODEL, load_split("digits", "test"), t="10", blocks="2,mid", pools="1,2",
                                shard_rows=16)
         extract_features(plan, batch_size=16, show_progress=False)
     except DiffstoreError as e:
@@ -185,7 +186,7 @@ def corruptions(work: Path, clean: Path, reference: dict) -> list[dict]:
         reader = cli("cka", "--store", str(url), "--by", "block", "--t", "10", "--pool", "1", "--split", "test", "-q")
         refused = reader.returncode == 2 and X in reader.stderr and "diffstore repair" in reader.stderr \
             and "Traceback" not in reader.stderr
-        fix = cli("repair", "--store", str(url), "-q")
+        fix = cli("repair", "--store", str(url), "-q")  # the shipped model wrote it: the default --model
         restored = fix.returncode == 0 and hashes(url) == reference and verified(url)
         rows.append({"corruption": corrupt.__name__, "caught by verify": caught, "refused by cka": refused,
                      "repaired bit-identical": restored})

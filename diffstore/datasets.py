@@ -267,6 +267,9 @@ def load_folder(name: str, kind: str, split: str, root: str | Path | None, skip_
         ok = np.array([readable(split_dir / f) for f in track(files, f"checking {name}/{split} images",
                                                               console=Console(stderr=True), transient=True)])
         skipped = [int(i) for i in ids[~ok]]
+        if not ok.any():
+            raise DiffstoreError(f"every one of the {len(files)} images in {split_dir} is unreadable; nothing to "
+                                 "extract. Check the folder (a failed download or copy?)")
         ids, labels, files = ids[ok], labels[ok], [f for f, good in zip(files, ok) if good]
     else:
         skipped = []

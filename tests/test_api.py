@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import diffstore as ds
-from diffstore import api, cli
+from diffstore import cli
 from diffstore.errors import DiffstoreError
 
 TRAIN, TEST = 256, 128
@@ -90,14 +90,6 @@ def test_cka_and_probe_from_python_return_results_without_printing(store_url, ca
     assert capsys.readouterr().out == ""
 
 
-def option_defaults(fn, rename: dict) -> dict:
-    out = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        default = getattr(p.default, "default", p.default)  # a typer.Option holds its default
-        out[rename.get(name, name)] = default
-    return out
-
-
 def test_stage_packages_are_callable_and_importable():
     import diffstore.cka.math
     from diffstore.cka import stage
@@ -106,22 +98,27 @@ def test_stage_packages_are_callable_and_importable():
     assert callable(ds.extract) and callable(ds.probe)
 
 
-def test_cli_and_api_share_defaults():
-    cli_extract = option_defaults(cli.extract, {"input_mode": "input"})
-    api_extract = option_defaults(api.extract, {})
-    shared = set(cli_extract) & set(api_extract)
-    assert len(shared) >= 25
-    assert {k: cli_extract[k] for k in shared} == {k: api_extract[k] for k in shared}
-    from diffstore.cka.stage import compute
-    cli_cka = option_defaults(cli.cka, {})
-    stage = option_defaults(compute, {})
-    shared = set(cli_cka) & set(stage) - {"input_mode"}
-    assert {k: cli_cka[k] for k in shared} == {k: stage[k] for k in shared} and "method" in shared
-    from diffstore.probe.stage import probe_command
-    cli_probe = option_defaults(cli.probe, {"input_mode": "input"})
-    stage = option_defaults(probe_command, {})
-    shared = set(cli_probe) & set(stage)
-    assert {k: cli_probe[k] for k in shared} == {k: stage[k] for k in shared} and "head" in shared
+def test_every_option_is_defined_once_and_reaches_cli_and_api():
+    """Options dataclass -> CLI command and API signature: same names, same defaults, help shows every option."""
+    import dataclasses
+
+    import typer.main
+
+    from diffstore.cka.options import CKAOptions
+    from diffstore.extract.options import ExtractOptions
+    from diffstore.probe.options import ProbeOptions
+
+    commands = typer.main.get_command(cli.app).commands
+    for name, cls, fn in (("extract", ExtractOptions, ds.extract), ("probe", ProbeOptions, ds.probe),
+                          ("cka", CKAOptions, ds.cka)):
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert dict((k, p.default) for k, p in inspect.signature(fn).parameters.items()) == fields
+        params = {p.name: p.default for p in commands[name].params if p.name != "as_json"}
+        assert set(params) == set(fields), name
+        for k, default in fields.items():
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            assert params[k] == (shown or None if isinstance(default, tuple) else shown), (name, k)
+        assert all(f.metadata["help"] in fn.function().__doc__ for f in dataclasses.fields(cls))
 
 
 def test_reading_a_store_never_imports_torch_or_matplotlib(store_url):

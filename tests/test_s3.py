@@ -26,7 +26,7 @@ print(json.dumps({a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a i
 
 
 def fill(url, model, split) -> dict:
-    plan = plan_extraction(Store.open(url), model, split, "10,300", "2", "1,full")
+    plan = plan_extraction(Store.open(url), model, split, t="10,300", blocks="2", pools="1,full")
     return extract_features(plan, batch_size=32, show_progress=False)
 
 
@@ -101,7 +101,7 @@ def test_s3_outage_mid_extraction_resumes_bit_identical(s3_env, tiny_unet_dir, t
         remote = Store.open("s3://outage/s.zarr", storage_options=options)
         assert 0 < sum(a.done_mask().sum() for a in remote.arrays()) < 2 * 10
         for store in (remote, Store.open(str(tmp_path / "local.zarr"))):
-            plan = plan_extraction(store, model, split, "10", "2,mid", "1", shard_rows=16)
+            plan = plan_extraction(store, model, split, t="10", blocks="2,mid", pools="1", shard_rows=16)
             extract_features(plan, batch_size=16, show_progress=False)
         hashes = [digests(store) for store in (remote, Store.open(str(tmp_path / "local.zarr"), "r"))]
         assert len(hashes[0]) == 2 and hashes[0] == hashes[1]

@@ -43,7 +43,7 @@ def test_batch_size_and_shard_size_change_neither_key_nor_values(tmp_path, model
     last micro-batch is padded and shards end mid-batch)."""
     def extract(name, batch_size, shard_rows):
         store = Store.open(str(tmp_path / name))
-        plan = plan_extraction(store, model, digits100, "10,300", "2,mid", "1,full", shard_rows=shard_rows)
+        plan = plan_extraction(store, model, digits100, t="10,300", blocks="2,mid", pools="1,full", shard_rows=shard_rows)
         extract_features(plan, batch_size=batch_size, show_progress=False)
         return {a.path: (a.attrs["fingerprint"], a.shard_rows, a.read()) for a in store.arrays()}
 

@@ -19,7 +19,7 @@ X = "features/digits/test/tiny-unet/noised/t10/b2/p2"
 def store_url(tmp_path_factory, tiny_unet_dir):
     url = str(tmp_path_factory.mktemp("xr") / "s.zarr")
     split = subset(load_split("digits", "test"), 40)
-    plan = plan_extraction(Store.open(url), load_model(str(tiny_unet_dir)), split, "10", "2,mid", "2,full", shard_rows=16)
+    plan = plan_extraction(Store.open(url), load_model(str(tiny_unet_dir)), split, t="10", blocks="2,mid", pools="2,full", shard_rows=16)
     extract_features(plan, batch_size=16, show_progress=False)
     return url, split
 

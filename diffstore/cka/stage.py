@@ -20,30 +20,22 @@ from pathlib import Path
 
 import numpy as np
 from ..errors import DiffstoreError
-from ..key import DEFAULT_STORE, FeatureKey, parse_selector
+from ..key import FeatureKey, check_name, parse_selector
+from ..options import api, check_folder
 from ..progress import progress
 from ..store import ShardedArray, Store
 from .math import CKAConfig, bias_floor, cka_matrix, width
+from .options import CKAOptions
 from .report import draw, label, render
 
 FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
-AXES = ("block", "t", "pool")
 
 
-def field_value(field: str, text: str):
-    text = text.strip()
-    if field in ("t", "block"):
-        if not text.lstrip("-").isdigit():
-            raise DiffstoreError(f"{field} takes integers (e.g. {field}=5), got {text!r}")
-        return int(text)
-    return text
-
-
-def parse_values(field: str, value) -> set | None:
-    """A CLI filter ("10,50,90", 90 or None) -> set of values, or None when not given."""
-    if value is None or value == "":
+def as_filter(value) -> set | None:
+    """An option's value as a key filter: None (no filter), or the set of values allowed."""
+    if value is None:
         return None
-    return {field_value(field, v) for v in str(value).split(",") if v.strip()}
+    return set(value) if isinstance(value, tuple) else {value}
 
 
 def parse_keyset(spec: str) -> list[dict]:
@@ -75,16 +67,6 @@ def select(store: Store, keys: list[FeatureKey], want: dict, free: str | None) -
             raise DiffstoreError(f"{store.url} holds several {f} values for {asked}: {', '.join(map(str, values))}. "
                                  f"Pick one with --{f} (or {f}= in a key set)")
     return sorted(matches, key=lambda k: axis_order(free, getattr(k, free)) if free else 0)
-
-
-def open_feature(store: Store, key: FeatureKey) -> ShardedArray:
-    arr = store.features(key)
-    missing = arr.missing()
-    if missing:
-        raise DiffstoreError(f"{key.path} in {store.url} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                             f"of {arr.n_shards} are not done. Finish it with `{arr.fix_command}` (or re-run the "
-                             "extract command: done shards are skipped)")
-    return arr
 
 
 def check_same_samples(entries: list[tuple[Store, ShardedArray]]) -> dict:
@@ -123,8 +105,6 @@ def choose(store: Store, store_b: Store | None, by: str | None, a: str | None, b
     if by:
         if a or b:
             raise DiffstoreError("pass either --by or --a/--b, not both")
-        if by not in AXES:
-            raise DiffstoreError(f"--by must be one of {', '.join(AXES)}, got {by!r}")
         rows = select(store, store.feature_keys(), filters, by)
         if store_b is None:
             return rows, store, rows
@@ -183,25 +163,24 @@ def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
             f"they say, run: {command} --method unbiased")
 
 
-def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
-            dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
-            a: str | None = None, b: str | None = None, store_b: str | None = None,
-            method: str = "unbiased", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
-            sigma_frac: float = 1.0, limit: int | None = None, name: str | None = None, save: bool = True,
-            show_progress: bool = True, workers: int | None = None, scheduler: str | None = None) -> dict:
+def compute(o: CKAOptions) -> dict:
     """One CKA matrix from the store(s), stored under results/cka/ (save=True); returns its payload (matrix,
     row and column keys with labels, estimator, N, sample fingerprints). Nothing is printed."""
-    cfg = CKAConfig(method=method, kernel=kernel, batch_size=batch_size, seed=seed, sigma_frac=sigma_frac)
-    if limit is not None and limit < 1:
-        raise DiffstoreError(f"--limit must be >= 1, got {limit}")
+    by, a, b, limit, workers, scheduler = o.by, o.a, o.b, o.limit, o.workers, o.scheduler
+    store, store_b, name, save, show_progress = o.store, o.store_b, o.name, o.save, o.show_progress
+    check_folder(o, "plot", "out")
+    if o.name is not None:
+        check_name("result", o.name)
+    cfg = CKAConfig(method=o.method, kernel=o.kernel, batch_size=o.batch_size, seed=o.seed, sigma_frac=o.sigma_frac)
     if limit and (workers or scheduler):
         raise DiffstoreError("--limit is not supported on a dask cluster yet: drop --limit or --workers/--scheduler")
-    filters = {f: parse_values(f, v) for f, v in zip(FIELDS, (dataset, split, model, input_mode, t, block, pool))}
+    filters = {f: as_filter(getattr(o, f)) for f in FIELDS}
     st = Store.open(store, mode="r")
     st_b = Store.open(store_b, mode="r") if store_b else None
     row_keys, col_store, col_keys = choose(st, st_b, by, a, b, default_split(st, filters))
-    row_arrays = [open_feature(st, k) for k in row_keys]
-    col_arrays = row_arrays if (col_store is st and col_keys == row_keys) else [open_feature(col_store, k) for k in col_keys]
+    row_arrays = [st.features(k).require_done(limit) for k in row_keys]
+    col_arrays = row_arrays if (col_store is st and col_keys == row_keys) else \
+        [col_store.features(k).require_done(limit) for k in col_keys]
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
@@ -211,7 +190,7 @@ def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=Non
     n = min(row_arrays[0].n_rows, limit or row_arrays[0].n_rows)
     started = time.perf_counter()
     if workers or scheduler:  # tiles of the matrix on a dask cluster
-        from ..distributed import cka_distributed
+        from .distributed import cka_distributed
 
         result = cka_distributed([(st.url, k) for k in row_keys], [(col_store.url, k) for k in col_keys], cfg,
                                  workers=workers, scheduler=scheduler, show_progress=show_progress)
@@ -248,16 +227,15 @@ def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=Non
     return payload
 
 
-def cka_command(store: str = DEFAULT_STORE, json_out: bool = False, plot: str | None = None, out: str | None = None,
-                command: str = "diffstore cka", **options) -> dict:
-    """`diffstore cka`: compute() (same options), then write JSON (--out) and PNG (--plot) and print the matrix
-    (or the payload as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""
-    payload = compute(store, **options)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
-    if plot:
-        draw(payload, Path(plot) / f"{payload['name']}.png")
+def cka_command(o: CKAOptions, json_out: bool = False, command: str = "diffstore cka") -> dict:
+    """`diffstore cka`: compute(), then write JSON (--out) and PNG (--plot) and print the matrix (or the payload
+    as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""
+    payload = compute(o)
+    if o.out:
+        Path(o.out).mkdir(parents=True, exist_ok=True)
+        (Path(o.out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
+    if o.plot:
+        draw(payload, Path(o.plot) / f"{payload['name']}.png")
     warning = bias_warning(payload, [e["width"] for e in payload["rows"] + payload["cols"]], command)
     if warning:
         print(warning, file=sys.stderr)
@@ -266,3 +244,6 @@ def cka_command(store: str = DEFAULT_STORE, json_out: bool = False, plot: str | 
     else:
         render(payload)
     return payload
+
+
+cka = api(CKAOptions)(compute)

@@ -1,5 +1,5 @@
 """One truncated forward per (micro-batch, t): hooks on the requested blocks, pooling on the device, noise draws
-averaged. Every forward runs on exactly `micro_batch` rows (the last micro-batch padded), see plan.MICRO_BATCH."""
+averaged. Every forward runs on exactly `micro_batch` rows (the last micro-batch padded), see options.MICRO_BATCH."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from ..blocks import first_tensor
 from ..key import Recipe
 from ..models.base import DiffusionModel
 from ..noise import add_noise, noise
-from .plan import COMPUTE_DTYPES, MICRO_BATCH
+from .options import MICRO_BATCH
+from .plan import AUTOCAST
 
 
 class StopForward(Exception):
@@ -107,7 +108,7 @@ def forward_blocks(model: DiffusionModel, x0: torch.Tensor, t: int, ids, labels,
     noised = input_mode == "noised" and t > 0
     n_draws = draws if noised else 1
     abar = float(model.alphas_cumprod[t])
-    amp = COMPUTE_DTYPES[compute_dtype]
+    amp = AUTOCAST[compute_dtype]
     tt = torch.full((micro_batch,), t, dtype=torch.long, device=device)
     parts = []
     for start in range(0, len(x0), micro_batch):

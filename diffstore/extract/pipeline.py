@@ -139,6 +139,25 @@ class ShardWriter:
             raise self.error
 
 
+def checked(out: torch.Tensor, array, plan: Plan, t: int, block: int, dtype: str) -> torch.Tensor:
+    """One (block, pool) output, flat in the storage dtype, refused before anything of it is written when its shape
+    is not the array's (a network whose map size depends on the batch size) or it holds NaN or inf: a stored NaN row
+    would read as missing data, and a reader could not tell a broken model from a broken disk."""
+    info = plan.model.blocks[block]
+    if tuple(out.shape[1:]) != tuple(array.shape[1:]):
+        raise DiffstoreError(f"model {plan.model.name} block {block} ({info.name}) gives maps of shape "
+                             f"{tuple(out.shape[1:])} in a batch of {plan.recipe.micro_batch}, but {tuple(array.shape[1:])}"
+                             " when traced on one image: its output shape depends on the batch size. diffstore "
+                             "stores one shape per block; fix the network (or its plugin's run function)")
+    x = out.flatten(1).to(getattr(torch, dtype))
+    if not bool(torch.isfinite(x).all()):
+        what = "NaN" if bool(torch.isnan(x).any()) else "values that overflow " + dtype
+        hint = " (pass --dtype float32)" if what != "NaN" and dtype == "float16" else ""
+        raise DiffstoreError(f"model {plan.model.name} block {block} ({info.name}) outputs {what} at t={t}{hint}; "
+                             "nothing of it was stored. Check the model (its weights, its run/encode functions)")
+    return x
+
+
 def default_workers() -> int:
     """Loader processes: every core but the one that drives the device (at most 8)."""
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
@@ -202,8 +221,9 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
                 out = forward_blocks(model, x0, t, plan.split.ids[rows], plan.split.labels[rows], r.noise_seed,
                                      r.noise_draws, plan.input_mode, unit.blocks, unit.pools, r.compute_dtype, mb,
                                      inputs=inputs or None)
-                pieces += [out[(b, p)].flatten(1) for (tt, b, p) in unit.arrays if tt == t]
-            flat = torch.cat(pieces, dim=1).to(storage)  # the cast is the one write_shard would do, bit for bit
+                pieces += [checked(out[(b, p)], unit.arrays[(t, b, p)], plan, t, b, r.storage_dtype)
+                           for (tt, b, p) in unit.arrays if tt == t]
+            flat = torch.cat(pieces, dim=1)  # cast as write_shard would, bit for bit
             if device.type == "cuda":  # one device-to-host copy per batch, overlapped with the next batch's forward
                 host, event = torch.empty(flat.shape, dtype=storage, pin_memory=True), torch.cuda.Event()
                 host.copy_(flat, non_blocking=True)

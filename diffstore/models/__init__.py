@@ -14,6 +14,7 @@ backend's default (ADM: the dataset's labels; DiT: its null class).
 from __future__ import annotations
 
 from ..errors import DiffstoreError
+from ..key import check_name
 from .base import DiffusionModel
 
 
@@ -29,7 +30,21 @@ def parse_class_label(value: int | str | None) -> int | str | None:
 def load_model(spec: str = "default", *, name: str | None = None, random_init: int | None = None,
                adm_config: str | None = None, class_label: int | str | None = None,
                prompt: str = "", resolution: int | None = None) -> DiffusionModel:
-    class_label = parse_class_label(class_label)
+    """The model `spec` names, checked: its name is a valid store path segment (key.check_name), and its source
+    records the spec as the user gave it (provenance, never reloaded from a store)."""
+    if name is not None:
+        check_name("--model-name", name, reserved_ok=False)  # before a load that may take minutes
+    model = load_backend(spec, name, random_init, adm_config, parse_class_label(class_label), prompt, resolution)
+    try:
+        check_name("model", model.name)
+    except DiffstoreError as e:
+        raise DiffstoreError(f"{e}; pass --model-name NAME") from None
+    model.source = {**model.source, "spec": spec}
+    return model
+
+
+def load_backend(spec: str, name: str | None, random_init: int | None, adm_config: str | None,
+                 class_label: int | str | None, prompt: str, resolution: int | None) -> DiffusionModel:
     if spec == "default":
         from .diffusers_unet import DEFAULT_DIR, load_unet2d
 

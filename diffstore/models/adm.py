@@ -22,7 +22,7 @@ from ..blocks import BlockTable, trace_blocks
 from ..errors import DiffstoreError
 from ..key import sha256_files
 from .adm_net import NUM_CLASSES, ADMNetConfig, ADMUNet
-from .base import DiffusionModel, class_labels, cosine_alphas_cumprod, linear_alphas_cumprod
+from .base import DiffusionModel, class_labels, cosine_alphas_cumprod, linear_alphas_cumprod, load_failure
 
 # guided_diffusion.script_util.model_and_diffusion_defaults()
 DEFAULT_FLAGS = {
@@ -123,8 +123,8 @@ def read_state_dict(path: str) -> dict:
             return load_file(p)
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DiffstoreError(f"could not read ADM checkpoint {path} ({type(e).__name__}: {e}); expected a "
-                             "guided-diffusion state_dict (.pt) or .safetensors") from e
+        raise load_failure(f"could not read ADM checkpoint {path} (a guided-diffusion state_dict, .pt or "
+                           ".safetensors)", e) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DiffstoreError(f"{path} is not a plain state_dict (name -> tensor): save model.state_dict() itself")
     return state

@@ -6,7 +6,8 @@
                zero-padded right/bottom so it keeps the map size and a 4x4 map survives both pools
     attention  adaptive avg pool to at most 8x8 tokens, project to dim, learned CLS + position embeddings,
                N pre-LayerNorm Transformer blocks (multi-head attention + MLP), classify from CLS
-    fusion     the attention head over the tokens of several keys (t, block) at once: fusion.py
+    fusion     the attention head over the tokens of several keys (t, block) at once (FusionHead; which keys and
+               the comparison table: fusion.py)
 
 Every head starts with a Standardize layer holding the per-channel mean/std of its training features, so a
 saved head carries its own normalisation and heads on very different blocks train with one learning rate.
@@ -20,9 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import DiffstoreError
+from .options import FUSION, HEADS
 
-HEADS = ("linear", "mlp", "cnn", "attention")
-FUSION = "fusion"  # a head over several keys (fusion.py): not one of the paper's single-key heads
 # The smallest stored map side each head can use: conv+pool twice needs 4x4, attention needs several tokens;
 # fusion reads a 1x1 key as one token.
 MIN_SIDE = {"linear": 1, "mlp": 1, "cnn": 4, "attention": 2, FUSION: 1}
@@ -115,6 +115,35 @@ class AttentionHead(nn.Module):
         return self.out(self.norm(self.blocks(h))[:, 0])
 
 
+class FusionHead(nn.Module):
+    """Tokens of every key (channels, token side, t, block), projected to `dim`, + t, block and position
+    embeddings; CLS + Transformer blocks; linear classifier on CLS."""
+
+    def __init__(self, keys: tuple, n_classes: int, dim: int, depth: int, n_heads: int):
+        super().__init__()
+        if len(keys) < 2:
+            raise DiffstoreError("the fusion head needs at least two keys: pass --fuse KEYS or --fuse auto --select K")
+        self.keys = [tuple(k) for k in keys]
+        ts, blocks, sides = (sorted({k[i] for k in self.keys}) for i in (2, 3, 1))
+        self.index = [(ts.index(t), blocks.index(b), sides.index(s)) for _, s, t, b in self.keys]
+        self.proj = nn.ModuleList(nn.Linear(c, dim) for c, *_ in self.keys)
+        self.t_emb = nn.Parameter(torch.randn(len(ts), dim) * 0.02)
+        self.block_emb = nn.Parameter(torch.randn(len(blocks), dim) * 0.02)
+        self.pos = nn.ParameterList(nn.Parameter(torch.randn(s * s, dim) * 0.02) for s in sides)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = transformer(dim, depth, n_heads)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        flat, start, tokens = x.flatten(1), 0, [self.cls.expand(len(x), -1, -1)]
+        for (c, s, _, _), proj, (ti, bi, si) in zip(self.keys, self.proj, self.index):
+            part = flat[:, start:start + c * s * s].view(len(x), c, s * s).transpose(1, 2)
+            start += c * s * s
+            tokens.append(proj(part) + self.pos[si] + self.t_emb[ti] + self.block_emb[bi])
+        return self.out(self.norm(self.blocks(torch.cat(tokens, 1)))[:, 0])
+
+
 def check_spatial(spec: HeadSpec, row_shape: tuple, what: str, fix: str) -> None:
     """Refuse a head that needs spatial maps on a key that stores only small pooled maps; `fix` names the extract."""
     side = min(row_shape[1:])
@@ -147,8 +176,6 @@ def build_head(spec: HeadSpec, row_shape: tuple, n_classes: int, mean: torch.Ten
     elif spec.kind == "attention":
         head = AttentionHead(c, side, n_classes, spec.dim, spec.depth, spec.n_heads)
     else:
-        from .fusion import FusionHead
-
         head = FusionHead(spec.keys, n_classes, spec.dim, spec.depth, spec.n_heads)
     return nn.Sequential(Standardize(mean, std), head)
 

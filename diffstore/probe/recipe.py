@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import DiffstoreError
+from .options import RECIPES
 
-RECIPES = ("converged", "paper")
 COMMON = ("name", "val_frac", "seed", "limit")
 USED = {  # the fields each recipe reads: only they name a result, so unused options never split a cache entry
     "paper": (*COMMON, "epochs", "lr", "weight_decay", "batch_size", "step_every", "gamma", "early_stop"),

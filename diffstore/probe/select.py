@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DiffstoreError
-from ..extract import pick_device
+from ..device import pick_device
 from ..progress import progress
 from ..store import Store
 from .feed import DEFAULT_BUDGET, Feed, Rows, first_labels, split_val

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..extract import pick_device
+from ..device import pick_device
 from ..progress import progress
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..extract import pick_device
+from ..device import pick_device
 from ..progress import progress
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
 from .heads import HeadSpec, build_head, n_params

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from ..datasets import load_split
 from ..errors import require
-from ..extract import pick_device
+from ..device import pick_device
 from ..models import load_model
 from ..store import Store
 from .config import AnalyzeConfig, DistillConfig, FinetuneConfig, TargetsConfig

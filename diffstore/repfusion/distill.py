@@ -27,7 +27,7 @@ from torch.distributions import Categorical
 
 from ..datasets import load_split
 from ..errors import DiffstoreError
-from ..extract import pick_device
+from ..device import pick_device
 from ..key import fingerprint
 from ..preprocess import Preprocess
 from ..progress import progress

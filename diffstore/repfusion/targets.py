@@ -171,11 +171,7 @@ def open_targets(store: Store, path: str | None = None) -> ShardedArray:
                                     else "run `diffstore repfusion targets` first"))
         path = paths[0]
     path = path if path.endswith(("/pooled", "/map")) else f"{path.rstrip('/')}/pooled"
-    arr = store.open_array(path)
-    if not arr.complete:
-        raise DiffstoreError(f"targets {path} are incomplete ({len(arr.missing())} shards missing): re-run "
-                             "`diffstore repfusion targets` with the same options to finish them")
-    return arr
+    return store.open_array(path).require_done()
 
 
 def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: TargetsConfig, show_progress: bool = True) -> dict:

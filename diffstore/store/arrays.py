@@ -13,6 +13,7 @@ from zarr.core.sync import sync
 
 from ..errors import DiffstoreError
 from ..key import FeatureKey
+from .attrs import check_size, checked_layout
 
 
 class ShardedArray:
@@ -23,6 +24,9 @@ class ShardedArray:
         self.url = url
         self.path = group.path
         self.attrs = dict(group.attrs)
+        check_size(self.attrs, self.where)
+        if "layout" in self.attrs:
+            checked_layout(self.attrs["layout"], self.where)
         self.x = group["x"]
         self._done = group["done"]
         self._mask: np.ndarray | None = None  # done flags as last read; re-read when a shard looks unfinished
@@ -55,7 +59,7 @@ class ShardedArray:
 
     @property
     def key(self) -> FeatureKey | None:
-        return FeatureKey(**self.attrs["key"]) if self.path.startswith("features/") else None
+        return FeatureKey.from_path(self.path) if self.path.startswith("features/") else None  # the path, not attrs
 
     def check_layout(self) -> None:
         """The arrays' zarr.json agree with the layout recorded at creation (a hand-edited shape is refused)."""
@@ -94,6 +98,30 @@ class ShardedArray:
     @property
     def complete(self) -> bool:
         return bool(self.done_mask().all())
+
+    def require_done(self, rows: int | None = None) -> "ShardedArray":
+        """The one refusal of an incomplete array: unless every shard holding rows [0, rows) (default: all) is
+        done, a DiffstoreError names the array, the missing shards and the command that completes them."""
+        n = self.n_rows if rows is None else min(rows, self.n_rows)
+        missing = [i for i in self.missing() if i * self.shard_rows < n]
+        if missing:
+            shown = ", ".join(map(str, missing[:12])) + (", ..." if len(missing) > 12 else "")
+            raise DiffstoreError(f"{self.where} is incomplete: {len(missing)} of {self.n_shards} shards are not done "
+                                 f"({shown}). Complete it (done shards are skipped) with:\n  {self.extract_hint()}")
+        return self
+
+    def extract_hint(self, pools: str | None = None) -> str:
+        """The command that writes (or completes) this array, from what its attrs recorded (text, never run)."""
+        key = self.key
+        if key is None:
+            return "diffstore repfusion targets (the same options as the run that wrote them)"
+        base, _, seed = key.model.partition(".random-init-s")
+        spec = self.attrs.get("model", {}).get("source", {}).get("spec", base)
+        root = self.attrs.get("dataset", {}).get("source", {}).get("root")
+        return " ".join(["diffstore extract", f"--store {self.url or 'STORE'}", f"--dataset {key.dataset}",
+                         *([f"--data-root {root}"] if root else []), f"--split {key.split}", f"--model {spec}",
+                         f"--model-name {base}", *([f"--random-init {seed}"] if seed else []), f"--input {key.input}",
+                         f"--t {key.t}", f"--blocks {key.block}", f"--pools {pools or key.pool}"])
 
     # --- writes -----------------------------------------------------------------------------------
     def write_shard(self, i: int, data: np.ndarray) -> bool:

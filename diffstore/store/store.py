@@ -44,8 +44,9 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from ..errors import DiffstoreError
-from ..key import FeatureKey
+from ..key import BadName, FeatureKey, check_name, select
 from .arrays import ShardedArray
+from .attrs import shown
 from .backend import describe_failure, zarr_store
 from .labels import SAMPLE, row_dims
 
@@ -101,6 +102,17 @@ def entries(folder: Path) -> list[str]:
         return []
 
 
+def check_path(path) -> str:
+    """A node path inside the store: relative, no empty, '.' or '..' segment, no control characters. Paths come
+    from users (selectors, `rm PATH`) and from listings of a shared bucket; none may reach outside the store."""
+    bad = not isinstance(path, str) or path.startswith("/") or "\\" in path or \
+        any(seg in ("", ".", "..") for seg in path.split("/")) or any(ord(c) < 32 for c in path)
+    if bad:
+        raise DiffstoreError(f"{str(path)[:200]!r} is not a path inside a store (relative, no '..', '.' or empty "
+                             "parts): name arrays as `diffstore ls` shows them, or by selectors like t=90/b=5/p=2")
+    return path
+
+
 UNREAD = object()  # a node prefetched() could not read: _node reads it again and names the failure
 
 
@@ -111,11 +123,16 @@ class Store:
         self._root = root  # None until the first write creates it (mode "a" on a new path)
         self.created_here = root is None
         self._prefetched: dict | None = None  # path -> node or None, inside prefetched()
+        self.invalid: list[str] = []  # paths under features/ that are not valid keys (see feature_keys)
 
     @classmethod
     def open(cls, url: str, mode: str = "a", storage_options: dict | None = None) -> "Store":
         """mode "r": the store must exist. mode "a": created on the first write, so a command refused before
         writing leaves no store behind. Never opens a non-diffstore path."""
+        if not isinstance(url, (str, os.PathLike)) or not str(url).strip():
+            raise DiffstoreError(f"a store is a path or an fsspec URL (e.g. data/f.zarr, s3://bucket/f.zarr), got "
+                                 f"{url!r}")
+        url = str(url)
         zs = zarr_store(url, read_only=(mode == "r"), storage_options=storage_options)
         local = None if "://" in url else Path(url)
         existed = local is None or local.exists()
@@ -202,6 +219,7 @@ class Store:
             self._prefetched = None
 
     def _node(self, path: str):
+        check_path(path)
         if self._root is None:
             return None
         if self._prefetched is not None and path in self._prefetched:
@@ -269,11 +287,20 @@ class Store:
         """Refuse (before anything is written) when `path` holds another fingerprint, naming what differs."""
         g = self._group(path)
         if g is not None and g.attrs.get("fingerprint") != fingerprint:
-            diff = fingerprint_diff(dict(g.attrs).get("recipe", {}), attrs.get("recipe", {})) or ["(fingerprint only)"]
+            stored, wanted = dict(g.attrs).get("recipe", {}), attrs.get("recipe", {})
+            stored = stored if isinstance(stored, dict) else {}
+            diff = fingerprint_diff(stored, wanted) or ["(fingerprint only)"]
+            changed = {k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)}
+            if "model_fingerprint" in changed:
+                fix = "Pass --model-name NAME to store these weights beside the old ones, or use another --store"
+            elif "dataset_fingerprint" in changed:
+                fix = "These are other images or another preprocessing than the stored ones: use another --store"
+            else:  # a recipe setting: resume with the stored value, or keep the other value in another store
+                fix = ("To add to the stored arrays, pass the stored value (or drop the option: a resume uses what "
+                       "the arrays hold); a store keeps one recipe per key, so for the new value use another --store")
             raise DiffstoreError(
                 f"{path} in {self.url} already holds features with another fingerprint; refusing to mix them.\n  "
-                + "\n  ".join(diff)
-                + "\nNothing was written. Use another --store, or --model-name to store other weights under another name.")
+                + "\n  ".join(shown(d) for d in diff) + f"\nNothing was written. {fix}")
 
     def stored_shard_rows(self, path: str) -> int | None:
         """Shard size of the array at `path` as recorded (layout attr or its x), None when there is no array."""
@@ -347,6 +374,25 @@ class Store:
         if not np.array_equal(arr[:], values):
             arr[:] = values
 
+    def match(self, texts: list[str]) -> list[str]:
+        """Array paths named by store paths (features/..., targets/...) or selectors like t=90/b=5/p=2."""
+        paths = self.array_paths()
+        keys = self.feature_keys()
+        out = []
+        for text in texts:
+            if text.rstrip("/") in paths:
+                out.append(text.rstrip("/"))
+                continue
+            try:
+                found = [k.path for k in select(keys, text)] if "=" in text or text.startswith("features/") else []
+            except ValueError as e:
+                raise DiffstoreError(str(e)) from None
+            if not found:
+                raise DiffstoreError(f"no array in {self.url} matches {text!r}; `diffstore ls --store {self.url}` "
+                                     "lists the keys (paths like features/... or selectors like t=90/b=5/p=2)")
+            out += found
+        return list(dict.fromkeys(out))
+
     def arrays(self) -> list[ShardedArray]:
         """Every sharded array (features and targets), in path order."""
         return [self.open_array(p) for p in self.array_paths()]
@@ -363,18 +409,37 @@ class Store:
             yield
         except DiffstoreError:
             for path in created:
-                if self._group(path) is not None and not self.open_array(path).done_mask().any():
+                if path.startswith("datasets/"):  # a split this run added: kept while an array still uses it
+                    if self._group(path) is not None and not self.array_paths("features/" + path[len("datasets/"):]):
+                        self.remove(path)
+                        self.prune(path)
+                elif self._group(path) is not None and not self.open_array(path).done_mask().any():
                     self.remove(path)
+                    self.prune(path)
             if self.created_here and not self.array_paths():
                 self.remove("")
             raise
+
+    def prune(self, path: str) -> None:
+        """Remove the groups above `path` (not the root) that hold nothing but their own zarr.json."""
+        parent = path.rpartition("/")[0]
+        while parent and not self.child_groups(parent):
+            self.remove(parent)
+            parent = parent.rpartition("/")[0]
 
     def remove_key(self, key: str) -> None:
         sync(self.zs.delete(key))
 
     # --- feature arrays ---------------------------------------------------------------------------
     def feature_keys(self) -> list[FeatureKey]:
-        keys = [FeatureKey.from_path(p) for p in self.array_paths("features") if p.count("/") == 7]
+        """Keys of every feature array. A path that is not a valid key (a name edited by hand, a stray folder) is
+        left out and listed in `self.invalid`: it cannot hide the others, and `rm PATH` removes it."""
+        keys, self.invalid = [], []
+        for path in self.array_paths("features"):
+            try:
+                keys.append(FeatureKey.from_path(path))
+            except BadName:
+                self.invalid.append(path)
         return sorted(keys, key=lambda k: (k.dataset, k.split, k.model, k.input, k.t, k.block, k.pool))
 
     def features(self, key: FeatureKey) -> ShardedArray:
@@ -399,7 +464,7 @@ class Store:
         g = self._group(path)
         if g is None:
             attrs = {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
-                     "source": split.source, "skipped": split.skipped}
+                     "labels_sha256": ids_sha256(split.labels), "source": split.source, "skipped": split.skipped}
             try:
                 g = self.root.create_group(path, attributes=attrs)
             except (ContainsGroupError, ContainsArrayError):
@@ -414,16 +479,25 @@ class Store:
         g = self._group(path)
         if g is None or "ids" not in g or "labels" not in g:
             raise DiffstoreError(f"{self.url} has no {dataset}/{split} split: run `diffstore extract --dataset {dataset} --split {split}`")
-        ids = self._node(f"{path}/ids")[:]
-        if ids_sha256(ids) != g.attrs["ids_sha256"]:
-            raise DiffstoreError(f"{self.url.rstrip('/')}/{path}/ids do not match their recorded sha256: re-run "
-                                 f"`diffstore extract --dataset {dataset} --split {split}` to rewrite them")
-        return SplitRecord(dataset, split, ids, self._node(f"{path}/labels")[:], list(g.attrs["class_names"]),
-                           g.attrs["ids_sha256"])
+        where, fix = f"{self.url.rstrip('/')}/{path}", f"diffstore repair --store {self.url} {path}"
+        try:
+            ids, labels = self._node(f"{path}/ids")[:], self._node(f"{path}/labels")[:]
+        except DiffstoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt chunk (zstd, checksum): name it and the fix
+            raise DiffstoreError(f"{where}: its ids or labels cannot be read ({type(e).__name__}: {str(e)[:200]}). "
+                                 f"Rebuild them from the dataset with `{fix}`") from None
+        attrs = dict(g.attrs)
+        names = attrs.get("class_names")
+        if ids_sha256(ids) != attrs.get("ids_sha256") or ids.shape != labels.shape or not isinstance(names, list) \
+                or ("labels_sha256" in attrs and ids_sha256(labels) != attrs["labels_sha256"]):
+            raise DiffstoreError(f"{where}: its ids or labels do not match what was recorded (sha256, length or "
+                                 f"class names). Rebuild them from the dataset with `{fix}`")
+        return SplitRecord(dataset, split, ids, labels, [str(c)[:200] for c in names], attrs["ids_sha256"])
 
     # --- results written next to the features ----------------------------------------------------
     def put_result(self, kind: str, name: str, payload: dict) -> None:
-        path = f"results/{kind}/{name}"
+        path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
         if self._group(path) is not None:
             del self.root[path]
         self.root.create_group(path, attributes={"payload": payload, "provenance": provenance()})
