@@ -53,18 +53,21 @@ class Features:
     `np.asarray(f)` works too. Rows follow the split's sample ids (`ids`), `labels` are aligned with them.
     """
 
-    def __init__(self, store: Store, array: ShardedArray):
+    def __init__(self, store: Store, array: ShardedArray, limit: int | None = None):
         self.store = store
         self.array = array
         self.key: FeatureKey = array.key
         self.attrs: dict = array.attrs
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+            raise DiffstoreError(f"limit= takes a number of rows >= 1, got {limit!r}")
+        self.n = array.n_rows if limit is None else min(int(limit), array.n_rows)  # rows [0, n) (limit=)
 
     def __repr__(self) -> str:
         return f"Features({self.key.path}, shape={self.shape}, dtype={self.dtype}, block={self.block_name!r})"
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape)
+        return (self.n, *self.array.shape[1:])
 
     @property
     def dtype(self) -> np.dtype:
@@ -76,20 +79,21 @@ class Features:
 
     @property
     def ids(self) -> np.ndarray:
-        return self.store.split(self.key.dataset, self.key.split).ids
+        return self.store.split(self.key.dataset, self.key.split).ids[:self.n]
 
     @property
     def labels(self) -> np.ndarray:
-        return self.store.split(self.key.dataset, self.key.split).labels
+        return self.store.split(self.key.dataset, self.key.split).labels[:self.n]
 
     @property
     def class_names(self) -> list[str]:
         return self.store.split(self.key.dataset, self.key.split).class_names
 
     def numpy(self) -> np.ndarray:
-        """All rows as a numpy array in the stored dtype (float16 by default)."""
-        self.array.require_done()
-        return np.asarray(self.array.read())
+        """The rows as a numpy array in the stored dtype (float16 by default): all of them, or the first `limit`
+        (their shards must be done; the refusal names the missing ones)."""
+        self.array.require_done(self.n)
+        return np.asarray(self.array.read(slice(0, self.n)))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         x = self.numpy()
@@ -103,9 +107,9 @@ class Features:
 
     def to_dask(self) -> "dask.array.Array":
         """A dask array with one chunk per shard: for features larger than memory."""
-        self.array.require_done()
+        self.array.require_done(self.n)
         require("dask.array", "all")
-        return self.array.to_dask()
+        return self.array.to_dask()[:self.n]
 
     def to_xarray(self, lazy: bool = False) -> "xarray.DataArray":
         """A labelled DataArray: dims (sample, channel, y, x); coordinates sample (the ids), label and
@@ -113,11 +117,11 @@ class Features:
         the data as dask."""
         xr = require("xarray", "xarray")
         data = self.to_dask() if lazy else self.numpy()
-        split = self.store.split(self.key.dataset, self.key.split)
+        ids, labels = self.ids, self.labels
         n, c, h, w = self.shape
-        names = np.asarray(split.class_names, dtype=object)
-        coords = {"sample": split.ids, "label": ("sample", split.labels),
-                  "label_name": ("sample", names[split.labels] if len(names) else split.labels.astype(str)),
+        names = np.asarray(self.class_names, dtype=object)
+        coords = {"sample": ids, "label": ("sample", labels),
+                  "label_name": ("sample", names[labels] if len(names) else labels.astype(str)),
                   "channel": np.arange(c), "y": np.arange(h), "x": np.arange(w)}
         attrs = {**self.key.to_dict(), "block_name": self.block_name, "fingerprint": self.attrs.get("fingerprint", ""),
                  "store": self.store.url, "path": self.key.path}
@@ -163,13 +167,14 @@ class FeatureStore:
 
         return [k for k in self.store.feature_keys() if matches(k)]
 
-    def features(self, key: FeatureKey | str | None = None, **selector: Any) -> Features:
-        """The one feature array matching a FeatureKey, a store path, or a selector (as `keys`). When several
-        match, the error lists the fields that tell them apart."""
+    def features(self, key: FeatureKey | str | None = None, *, limit: int | None = None, **selector: Any) -> Features:
+        """The one feature array matching a FeatureKey, a store path, or a selector (as `keys`); limit=N: its
+        first N rows (a split fills shard by shard). When several match, the error lists the fields that tell them
+        apart."""
         if isinstance(key, FeatureKey):
-            return Features(self.store, self.store.features(key))
+            return Features(self.store, self.store.features(key), limit)
         if isinstance(key, str):
-            return Features(self.store, self.store.features(FeatureKey.from_path(key)))
+            return Features(self.store, self.store.features(FeatureKey.from_path(key)), limit)
         if key is not None:
             raise DiffstoreError(f"features() takes a FeatureKey, a store path or selector keywords, got {key!r}")
         found = self.keys(**selector)
@@ -180,7 +185,7 @@ class FeatureStore:
             differ = {f: sorted({str(getattr(k, f)) for k in found}) for f in FIELDS}
             choices = "; ".join(f"{f}: {', '.join(v)}" for f, v in differ.items() if len(v) > 1)
             raise DiffstoreError(f"{len(found)} feature arrays in {self.url} match {asked}; pick one ({choices})")
-        return Features(self.store, self.store.features(found[0]))
+        return Features(self.store, self.store.features(found[0]), limit)
 
     def _dataset(self, dataset: str | None, split: str) -> str:
         if dataset is not None:

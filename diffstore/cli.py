@@ -203,7 +203,7 @@ def feature_row(url: str, a) -> dict:
     return {"store": url, "path": a.path, **k.to_dict(), "block_name": shown(a.attrs["block"]["name"], 60),
             "noise_seed": r["noise_seed"], "noise_draws": r["noise_draws"], "dtype": r["storage_dtype"],
             "shape": list(a.shape), "shards_done": int(a.done_mask().sum()), "shards": a.n_shards,
-            "bytes": a.nbytes_stored()}
+            "rows_done": a.done_rows(), "rows": a.n_rows, "bytes": a.nbytes_stored()}
 
 
 def show_feature_row(r: dict) -> dict:
@@ -211,7 +211,7 @@ def show_feature_row(r: dict) -> dict:
     return {"dataset": f"{r['dataset']}/{r['split']}", "model": r["model"], "input": r["input"], "t": r["t"],
             "block": f"{r['block']} {r['block_name']}", "pool": r["pool"],
             "noise": f"seed {r['noise_seed']} x{r['noise_draws']}", "dtype": r["dtype"],
-            "shape": "x".join(map(str, r["shape"])), "complete": f"{r['shards_done']}/{r['shards']}",
+            "shape": "x".join(map(str, r["shape"])), "rows done": f"{r['rows_done']}/{r['rows']}",
             "size": human_bytes(r["bytes"])}
 
 

@@ -13,15 +13,14 @@ import diffstore as ds
 from diffstore import cli
 from diffstore.errors import DiffstoreError
 
-TRAIN, TEST = 256, 128
+TRAIN, TEST = 256, 360  # train: the first 256 rows of 1437 extracted (--limit); test: all of it
 
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory):
     """The shipped model on the first rows of digits: t=10, the mid block and block 6, pools 1 and 2."""
     url = str(tmp_path_factory.mktemp("api") / "s.zarr")
-    for split, n in (("train", TRAIN), ("test", TEST)):
-        ds.extract(url, split=split, t=[10], blocks=["mid", 6], pools=[1, 2], limit=n, show_progress=False)
+    ds.extract(url, t=[10], blocks=["mid", 6], pools=[1, 2], limit=f"train={TRAIN}", show_progress=False)
     return url
 
 
@@ -31,12 +30,12 @@ def test_extract_features_and_own_sklearn_head_end_to_end(store_url):
     from sklearn.preprocessing import StandardScaler
 
     store = ds.open(store_url)
-    train = store.features(t=10, block="mid", pool=2, split="train")
+    train = store.features(t=10, block="mid", pool=2, split="train", limit=TRAIN)  # the rows extracted
     test = store.features(t=10, block="mid", pool=2, split="test")
     assert train.block_name == "mid" and train.shape[0] == TRAIN and test.shape[0] == TEST
     x_train, x_test = np.asarray(train).reshape(TRAIN, -1), test.numpy().reshape(TEST, -1)
-    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, store.labels("train"))
-    accuracy = head.score(x_test, store.labels("test"))
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, train.labels)
+    accuracy = head.score(x_test, test.labels)
     assert accuracy > 0.7, accuracy  # 10 classes: chance is 0.1; the shipped model's mid block separates digits
 
 
@@ -67,25 +66,26 @@ def test_keys_select_by_block_name_index_and_lists(store_url):
         store.keys(layer=3)
 
 
-def test_limit_keeps_the_split_name_records_the_limit_and_never_mixes(store_url):
+def test_limit_fills_rows_of_the_whole_split_and_reading_past_them_is_refused(store_url):
     from diffstore.datasets import load_split
     from diffstore.store import Store
 
     s = Store.open(store_url, mode="r")
     full = load_split("digits", "train")
-    assert s.split("digits", "train").ids.tolist() == full.ids[:TRAIN].tolist()
+    assert s.split("digits", "train").ids.tolist() == full.ids.tolist()  # the whole split's order, stored once
     key = ds.open(store_url).keys(split="train", block="mid", pool=2)[0]
-    assert key.split == "train"
-    assert s.features(key).attrs["dataset"]["source"]["limit"] == TRAIN  # in the dataset fingerprint
-    with pytest.raises(DiffstoreError, match="other sample ids"):
-        ds.extract(store_url, split="train", t=[10], blocks=["mid"], pools=[2], show_progress=False)
+    array = s.features(key)
+    assert array.n_rows == len(full) and TRAIN <= array.done_rows() < len(full)
+    assert "limit" not in array.attrs["dataset"]["source"]  # the key is the whole split's
+    with pytest.raises(DiffstoreError, match=rf"(?s)incomplete.*--limit {array.done_prefix()} reads them"):
+        ds.open(store_url).features(key).numpy()
 
 
 def test_cka_and_probe_from_python_return_results_without_printing(store_url, capsys):
     m = ds.cka(store_url, by="block", t=10, pool=2, show_progress=False)
     assert m["method"] == "unbiased" and m["n"] == TEST  # the default split is test
     assert np.allclose(np.diag(np.array(m["matrix"])), 1)
-    out = ds.probe(store_url, t="10", pools="2", show_progress=False)
+    out = ds.probe(store_url, t="10", pools="2", limit=TRAIN, show_progress=False)
     assert len(out["results"]) == 2  # one linear head per key: blocks 6 and mid at t=10, p=2
     assert capsys.readouterr().out == ""
 
@@ -125,7 +125,7 @@ def test_reading_a_store_never_imports_torch_or_matplotlib(store_url):
     code = f"""
 import sys, numpy as np, diffstore as ds
 s = ds.open({store_url!r})
-f = s.features(t=10, block="mid", pool=2, split="train")
+f = s.features(t=10, block="mid", pool=2, split="train", limit=256)
 f.numpy(); f.to_xarray(); s.labels("train")
 from diffstore.cli import app
 for argv in (["ls", "--store", {store_url!r}, "--json"], ["info", "--store", {store_url!r}, "t=10/p=2"],
@@ -151,7 +151,8 @@ def test_version_and_json_outputs_are_data(store_url):
     for r in rows:
         assert r["store"] == store_url and r["path"].startswith("features/digits/")
         assert isinstance(r["shape"], list) and all(isinstance(v, int) for v in r["shape"])
-        assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["shards_done"] == r["shards"]
+        assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["rows"] == (1437 if r["split"] == "train" else 360)
+        assert r["rows_done"] == (TRAIN if r["split"] == "train" else 360)
 
 
 READER_ONLY = """

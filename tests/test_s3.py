@@ -96,12 +96,12 @@ def test_s3_outage_mid_extraction_resumes_bit_identical(s3_env, tiny_unet_dir, t
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:  # resume in-process (the same code the CLI runs) and compare with a clean local run
-        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test", limit=160)
+        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test")
         options = {"client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
         remote = Store.open("s3://outage/s.zarr", storage_options=options)
         assert 0 < sum(a.done_mask().sum() for a in remote.arrays()) < 2 * 10
         for store in (remote, Store.open(str(tmp_path / "local.zarr"))):
-            plan = plan_extraction(store, model, split, t="10", blocks="2,mid", pools="1", shard_rows=16)
+            plan = plan_extraction(store, model, split, t="10", blocks="2,mid", pools="1", shard_rows=16, limit="160")
             extract_features(plan, batch_size=16, show_progress=False)
         hashes = [digests(store) for store in (remote, Store.open(str(tmp_path / "local.zarr"), "r"))]
         assert len(hashes[0]) == 2 and hashes[0] == hashes[1]

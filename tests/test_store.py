@@ -168,11 +168,15 @@ def test_verify_catches_a_flipped_byte(tmp_path):
     assert "checksum" in problems[0]["problem"] and "diffstore repair" in problems[0]["problem"]
 
 
-def test_verify_reports_incomplete_arrays(tmp_path):
+def test_verify_accepts_a_partly_filled_array_and_reports_a_half_written_shard(tmp_path):
     store = Store.open(str(tmp_path / "s.zarr"))
-    make_array(store).write_shard(0, np.zeros((16, 3, 2, 2)))
+    a = make_array(store)
+    a.write_shard(0, np.zeros((16, 3, 2, 2)))  # shards 1 and 2 not extracted yet: a normal state (--limit 16)
+    assert verify_store(store)[0] == []
+    a.x[a.shard_slice(1)] = np.zeros((16, 3, 2, 2), np.float16)  # data written, done flag not: a killed writer
     problems, _ = verify_store(store)
-    assert "shards [1, 2]" in problems[0]["problem"]
+    assert len(problems) == 1 and problems[0]["kind"] == "incomplete" and problems[0]["shards"] == [1]
+    assert "shards [1] hold data but no done flag" in problems[0]["problem"]
 
 
 def test_verify_reports_nan_rows_in_a_done_shard(tmp_path):

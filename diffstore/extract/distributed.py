@@ -14,7 +14,6 @@ sample ids out of it, and re-runs plan_extraction, which checks every fingerprin
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import threading
@@ -62,7 +61,7 @@ def worker_plan(job: ExtractJob) -> Plan:
         raise DiffstoreError(f"model {o.model} on worker {socket.gethostname()} is not the driver's (its weights or "
                              "config differ); every worker needs the same model files")
     store = Store.open(o.store, "a")
-    data = load_split(o.dataset, job.split, o.data_root, skip_bad=o.skip_bad, limit=o.limit)
+    data = load_split(o.dataset, job.split, o.data_root, skip_bad=o.skip_bad)
     data = data.take(store.split(data.name, data.split).ids, f"give worker {socket.gethostname()} the same data as "
                      "the driver (the same --data-root on a shared filesystem)")
     plan = plan_extraction(store, model, data, o)
@@ -121,7 +120,7 @@ def extract_distributed(plan: Plan, options: ExtractOptions, shards_per_task: in
     else options.scheduler, else a LocalCluster of options.workers. Each worker loads the model and the split
     itself, from the options. Returns extract_features' summary, plus the wall time and each task's timings."""
     tasks = pending(plan)
-    summary = {"arrays": len(plan.arrays), "tasks_total": len(plan.ts) * math.ceil(len(plan.split) / plan.shard_rows),
+    summary = {"arrays": len(plan.arrays), "tasks_total": len(plan.ts) * len(plan.shards()),
                "tasks_run": len(tasks), "shard_rows": plan.shard_rows}
     if not tasks:
         return summary

@@ -42,8 +42,10 @@ class ExtractOptions(ModelOptions, StoreOptions):
     loader_workers: int | None = opt(None, "Processes decoding images ahead of the device (default: cores - 1, at "
                                            "most 8; does not change values).", min=0)
     skip_bad: bool = opt(False, "Skip unreadable images, recording their ids.")
-    limit: int | None = opt(None, "Only the first N rows of each split (recorded in the dataset fingerprint; split "
-                                  "names unchanged).", min=1)
+    limit: str | None = opt(None, "Only rows [0, N) of each split: N, or per split train=2000,test=10000. The arrays "
+                                  "are the whole split's; a later run with a larger limit (or none) adds the rest.")
+    rows: str | None = opt(None, "Only this row range of each split: A:B, or per split train=0:5000,test=0:100 "
+                                 "(machines or people can split the rows of one array between them).")
     workers: int | None = opt(None, "Run on a local dask cluster with this many worker processes.", min=1)
     scheduler: str | None = opt(None, "Run on a dask.distributed scheduler (tcp://HOST:8786).")
     show_progress: bool = progress_opt()

@@ -253,13 +253,14 @@ def extract_features(plan: Plan, batch_size: int = 64, show_progress: bool = Tru
     """Run every pending (t, shard); returns a summary. Re-running a finished plan does nothing (and reads only
     one listing of the store's done flags). workers: loader processes (None: default_workers())."""
     masks = done_masks(plan.arrays)
-    n_shards = -(-len(plan.split) // plan.shard_rows)
+    shards = plan.shards()
     todo: dict = {}
     for k, a in plan.arrays.items():
-        for shard in np.flatnonzero(~masks[k]):
-            todo.setdefault(int(shard), {})[k] = a
+        for shard in shards:
+            if not masks[k][shard]:
+                todo.setdefault(shard, {})[k] = a
     tasks = {(t, shard) for shard, arrays in todo.items() for t, _, _ in arrays}
-    summary = {"arrays": len(plan.arrays), "tasks_total": len(plan.ts) * n_shards, "tasks_run": len(tasks),
+    summary = {"arrays": len(plan.arrays), "tasks_total": len(plan.ts) * len(shards), "tasks_run": len(tasks),
                "shard_rows": plan.shard_rows, "micro_batch": plan.recipe.micro_batch}
     if not tasks:
         return summary

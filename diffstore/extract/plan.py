@@ -19,7 +19,8 @@ from ..models.base import DiffusionModel
 from ..options import spell
 from ..preprocess import Preprocess
 from ..store import Store
-from .options import ATTENTION, MICRO_BATCH, ExtractOptions
+from .grow import grow_split
+from .options import MICRO_BATCH, ExtractOptions
 
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> autocast dtype
 SHARD_BYTES = 256 << 20  # default shard size bound: all (block, pool) buffers of one task stay in RAM
@@ -67,6 +68,7 @@ class Plan:
     pools: list[str]
     input_mode: str
     shard_rows: int
+    rows: range = range(0)  # the rows this run extracts (--limit / --rows); the arrays hold the whole split
     arrays: dict = field(default_factory=dict)  # (t, block, pool) -> ShardedArray
     created: list = field(default_factory=list)  # paths this plan created (removed again if it fails unstarted)
 
@@ -78,9 +80,52 @@ class Plan:
                 "preprocess": self.preprocess.to_dict(), "model": {"name": self.model.name, "source": self.model.source},
                 "dataset": {"source": self.split.source, "class_names": self.split.class_names}}
 
+    def shards(self) -> range:
+        """The shards holding this run's rows (each computed whole)."""
+        if not self.rows:
+            return range(0)
+        return range(self.rows.start // self.shard_rows, -(-self.rows.stop // self.shard_rows))
+
     def row_shape(self, b: int, p: str) -> tuple:
         info = self.model.blocks[b]
         return (info.channels, info.height, info.width) if p == "full" else (info.channels, int(p), int(p))
+
+
+def per_split(text: str | None, split: str, name: str) -> str | None:
+    """`text` for this split: "256" (every split) or "train=2000,test=10000" (None when this split is not named)."""
+    if text is None or "=" not in text:
+        return text
+    found = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        which, sep, value = part.partition("=")
+        if not sep or which not in ("train", "test") or which in found:
+            raise DiffstoreError(f"{spell(name, ExtractOptions)} {text!r}: use one value for every split, or "
+                                 "train=...,test=... with each split at most once")
+        found[which] = value
+    return found.get(split)
+
+
+def row_range(o: ExtractOptions, split: str, n: int) -> range:
+    """The rows of a split this run extracts: --limit N is [0, N), --rows A:B is [A, B); default all n rows."""
+    limit, rows = per_split(o.limit, split, "limit"), per_split(o.rows, split, "rows")
+    if limit is not None and rows is not None:
+        raise DiffstoreError(f"{spell('limit', ExtractOptions)} and {spell('rows', ExtractOptions)} both name rows of "
+                             f"{split}: pass one of them")
+    if limit is not None:
+        if not limit.strip().isdigit() or int(limit) < 1:
+            raise DiffstoreError(f"{spell('limit', ExtractOptions)} takes a number of rows >= 1, got {limit!r}")
+        start, stop = 0, int(limit)
+    elif rows is not None:
+        a, sep, b = rows.partition(":")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) >= int(b):
+            raise DiffstoreError(f"{spell('rows', ExtractOptions)} takes a range A:B of rows with A < B, got {rows!r}")
+        start, stop = int(a), int(b)
+    else:
+        return range(n)
+    if stop > n:
+        raise DiffstoreError(f"the {split} split holds {n} rows; rows [{start}, {stop}) reach past its end: pass at "
+                             f"most {n}")
+    return range(start, stop)
 
 
 def check_ts(ts: tuple[int, ...], num_timesteps: int) -> list[int]:
@@ -132,6 +177,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
     the forward settings (micro_batch, attention, compile: recipe fields, they change the last bits), None means
     what the requested arrays already hold (a resume never changes bits), else the default for the model."""
     o = (options or ExtractOptions()).replace(**overrides) if overrides else (options or ExtractOptions())
+    rows = row_range(o, split.split, len(split))
     if model.encode is None and model.image_channels not in (1, 3):
         raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
                              "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")
@@ -144,6 +190,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
                                  f"use pools <= {min(info.height, info.width)} or 'full'")
     pre = Preprocess(size=model.image_size, channels=model.image_channels)
     paths = [FeatureKey(split.name, split.split, model.name, o.input, tt, b, p).path for tt in ts for b in bs for p in ps]
+    grow_split(store, split)  # a split an older version stored as a prefix of this one: grown first (grow.py)
     with store.prefetched(paths):  # planning reads each array's group several times: read them all once, at once
         forward = forward_options(store, paths, model, o)
         recipe = Recipe(model.fingerprint, split.fingerprint(pre), o.noise_seed, o.noise_draws, o.compute_dtype,
@@ -152,7 +199,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
         if o.shard_rows is not None and o.shard_rows % mb:  # shards start on the micro-batch partition
             raise DiffstoreError(f"{spell('shard_rows', ExtractOptions)} must be a positive multiple of the "
                                  f"micro-batch ({mb}), got {o.shard_rows}")
-        plan = Plan(model, split, pre, recipe, ts, bs, ps, o.input, o.shard_rows or 0)
+        plan = Plan(model, split, pre, recipe, ts, bs, ps, o.input, o.shard_rows or 0, rows)
         # Refuse before writing anything: sample ids, then every key's fingerprint.
         store.check_split(split)
         for tt in ts:
@@ -209,8 +256,7 @@ def done_masks(arrays: dict) -> dict:
 
 
 def pending(plan: Plan) -> list[tuple[int, int]]:
-    """Tasks (t, shard) with at least one requested array whose shard is not done."""
-    n_shards = math.ceil(len(plan.split) / plan.shard_rows)
+    """Tasks (t, shard) of this run's rows with at least one requested array whose shard is not done."""
     masks = done_masks(plan.arrays)
-    return [(t, i) for t in plan.ts for i in range(n_shards)
+    return [(t, i) for t in plan.ts for i in plan.shards()
             if any(not masks[(t, b, p)][i] for b in plan.blocks for p in plan.pools)]

@@ -23,7 +23,7 @@ def run(o: ExtractOptions) -> list[dict]:
     rows = []
     with maybe_cluster(o.workers, o.scheduler) as client:  # one cluster (and one model load per worker) for all splits
         for split in o.split:
-            data = load_split(o.dataset, split, o.data_root, skip_bad=o.skip_bad, limit=o.limit)
+            data = load_split(o.dataset, split, o.data_root, skip_bad=o.skip_bad)
             plan = plan_extraction(store, model, data, o)
             if client is not None:
                 from .distributed import extract_distributed
@@ -34,7 +34,7 @@ def run(o: ExtractOptions) -> list[dict]:
                     summary = extract_features(plan, batch_size=o.batch_size, show_progress=o.show_progress,
                                                workers=o.loader_workers)
             rows.append({"store": store.url, "dataset": o.dataset, "split": split, "model": model.name,
-                         "rows": len(data), "micro_batch": plan.recipe.micro_batch,
+                         "rows": len(plan.rows), "of": len(data), "micro_batch": plan.recipe.micro_batch,
                          "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],
                          "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})

@@ -95,7 +95,7 @@ class Feed:
         self.buffer_rows = max(batch_size, budget // 4 // max(row_bytes, 1))
         self.cache = None
         if row_bytes * len(self.positions) <= budget:
-            self.cache = [self._tensor(r.read(slice(None))[self.positions]) for r in sources]
+            self.cache = [self._tensor(r.read(slice(0, r.n_rows))[self.positions]) for r in sources]
             self.cache_y = torch.from_numpy(labels[self.positions]).to(device)
 
     def __len__(self):

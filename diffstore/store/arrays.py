@@ -92,8 +92,26 @@ class ShardedArray:
     def is_done(self, i: int) -> bool:
         return bool(self._done[i])  # reads one chunk: the shard's own marker
 
+    def stored_shards(self) -> set[int]:
+        """Shards whose data object exists (done or not), from one listing of the array's chunk folder."""
+        async def listing():
+            return [k async for k in self.x.store_path.store.list_dir(f"{self.x.path}/c")]
+
+        return {int(k.rstrip("/")) for k in sync(listing()) if k.rstrip("/").isdigit()}
+
     def missing(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_mask())]
+
+    def done_rows(self) -> int:
+        """Rows in done shards (a split fills shard by shard: --limit and --rows runs add rows)."""
+        mask = self.done_mask()
+        return int(sum(self.shard_slice(int(i)).stop - self.shard_slice(int(i)).start for i in np.flatnonzero(mask)))
+
+    def done_prefix(self) -> int:
+        """Rows [0, k) that are done: what `--limit k` can read."""
+        mask = self.done_mask()
+        first = int(np.argmin(mask)) if not mask.all() else len(mask)
+        return min(first * self.shard_rows, self.n_rows)
 
     @property
     def complete(self) -> bool:
@@ -106,8 +124,11 @@ class ShardedArray:
         missing = [i for i in self.missing() if i * self.shard_rows < n]
         if missing:
             shown = ", ".join(map(str, missing[:12])) + (", ..." if len(missing) > 12 else "")
+            prefix = self.done_prefix()
+            partial = f"\nRows 0-{prefix - 1} are done: --limit {prefix} reads them." if prefix else ""
             raise DiffstoreError(f"{self.where} is incomplete: {len(missing)} of {self.n_shards} shards are not done "
-                                 f"({shown}). Complete it (done shards are skipped) with:\n  {self.extract_hint()}")
+                                 f"({shown}). Complete it (done shards are skipped) with:\n  {self.extract_hint()}"
+                                 + partial)
         return self
 
     def extract_hint(self, pools: str | None = None) -> str:

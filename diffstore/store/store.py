@@ -453,9 +453,18 @@ class Store:
     # --- dataset splits (ids and labels stored once per split) -----------------------------------
     def check_split(self, split) -> None:
         g = self._group(f"datasets/{split.name}/{split.split}")
-        if g is not None and g.attrs["ids_sha256"] != split.ids_sha256():
+        if g is not None and g.attrs.get("ids_sha256") != split.ids_sha256():
             raise DiffstoreError(f"{self.url} holds {split.name}/{split.split} with other sample ids "
-                                 f"({g.attrs['n']} samples, you have {len(split)}); refusing to mix them. Use another --store")
+                                 f"({shown(g.attrs.get('n'), 20)} samples, you have {len(split)}, and theirs are not "
+                                 "the first rows of yours: other files, another order, or --skip-bad on one side "
+                                 "only); refusing to mix them. Use another --store, or the data the store was made "
+                                 "from")
+
+    @staticmethod
+    def split_attrs(split) -> dict:
+        """What a split's group records: the whole split's identity (ids and labels sha256), size and source."""
+        return {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
+                "labels_sha256": ids_sha256(split.labels), "source": split.source, "skipped": split.skipped}
 
     def put_split(self, split) -> SplitRecord:
         """Store ids and labels once per split; a split a killed run left without them is completed."""
@@ -463,10 +472,8 @@ class Store:
         self.check_split(split)
         g = self._group(path)
         if g is None:
-            attrs = {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
-                     "labels_sha256": ids_sha256(split.labels), "source": split.source, "skipped": split.skipped}
             try:
-                g = self.root.create_group(path, attributes=attrs)
+                g = self.root.create_group(path, attributes=self.split_attrs(split))
             except (ContainsGroupError, ContainsArrayError):
                 self.check_split(split)
                 g = self._group(path)
