@@ -38,10 +38,14 @@ def estimator(payload: dict) -> str:
 
 
 def axis_title(payload: dict, side: str) -> str:
-    """The heatmap's axis name: the key field that varies along it ('block', 'time step t'), else 'key'."""
+    """The heatmap's axis name: the key field that varies along it ('block', 'time step t'), else 'key'; with the
+    model when each axis holds another one ('block of digits-ddpm' vs 'block of resnet50')."""
     entries = payload[side]
     fields = [f for f in ("block", "t", "pool") if len({e["key"][f] for e in entries}) > 1]
-    return " / ".join(AXIS_NAMES[f] for f in fields) or "key"
+    name = " / ".join(AXIS_NAMES[f] for f in fields) or "key"
+    models = {e["key"]["model"] for e in entries}
+    others = {e["key"]["model"] for e in payload["cols" if side == "rows" else "rows"]}
+    return f"{name} of {models.pop()}" if len(models) == 1 and models != others else name
 
 
 def draw(payload: dict, path: Path) -> Path:
