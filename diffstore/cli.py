@@ -121,6 +121,16 @@ def run_extract(o, as_json: bool) -> None:
     from .extract.stage import run
 
     rows = run(o)
+    if o.dry_run:
+        if as_json:
+            return emit(rows, "", True)
+        for r in rows:
+            emit(r["arrays"], f"extract --dry-run -> {o.store}: {r['dataset']}/{r['split']}, rows {r['rows']} of "
+                 f"{r['of']}", False, lambda a: {**a, "bytes": human_bytes(a["bytes"])})
+            console().print(f"{r['dataset']}/{r['split']}: {r['to_create']} arrays to create, {r['tasks']} (t, shard) "
+                            f"tasks, {human_bytes(r['bytes'])} to write, about {r['seconds']:.0f} s of forward "
+                            f"(micro-batch {r['micro_batch']}); nothing was written", highlight=False, markup=False)
+        return None
     emit(rows, f"extract -> {o.store}", as_json,
          lambda r: {**{k: v for k, v in r.items() if k != "store"}, "arrays": len(r["arrays"])})
     if not as_json and all(r["shards_run"] == 0 for r in rows):

@@ -77,7 +77,7 @@ def run(args) -> dict:
     a = keyset(store, diffusion["model"], args.dataset, args.split, args.t, str(args.pool))
     b = keyset(store, network["model"], args.dataset, args.split, 0, str(args.pool))
     payload = ds.cka(args.store, a=a, b=b, dataset=args.dataset, split=args.split, method=args.method,
-                     show_progress=not args.quiet)
+                     limit=args.limit, show_progress=not args.quiet)  # the rows extracted: [0, limit)
     seconds["cka"] = time.perf_counter() - started - sum(seconds.values())
     payload["title"] = (f"{diffusion['model']} blocks at t={args.t} vs {network['model']} blocks, "
                         f"{args.dataset} {args.split}, pool {args.pool}\n{network_note(args, network['model'])}")

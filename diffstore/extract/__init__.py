@@ -19,7 +19,7 @@ from .options import ATTENTION, COMPUTE_DTYPES, MICRO_BATCH, STORAGE_DTYPES, Ext
 _LAZY = {"encode_images": "forward", "forward_blocks": "forward", "pool_map": "forward", "prepare_model": "forward",
          "run_truncated": "forward", "default_workers": "pipeline", "extract_features": "pipeline",
          "run_task": "pipeline", "SHARD_BYTES": "plan", "Plan": "plan", "default_micro_batch": "plan",
-         "done_masks": "plan", "pending": "plan", "plan_extraction": "plan"}
+         "done_masks": "pipeline", "pending": "plan", "plan_extraction": "plan"}
 __all__ = ["ATTENTION", "COMPUTE_DTYPES", "MICRO_BATCH", "STORAGE_DTYPES", "ExtractOptions", "RepairOptions",
            *_LAZY]
 

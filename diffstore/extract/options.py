@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..key import INPUT_MODES, LEGACY_FORWARD
-from ..options import ModelOptions, StoreOptions, opt, progress_opt
+from ..errors import DiffstoreError
+from ..options import ModelOptions, StoreOptions, opt, progress_opt, spell
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float16", "float32")
@@ -46,6 +47,8 @@ class ExtractOptions(ModelOptions, StoreOptions):
                                   "are the whole split's; a later run with a larger limit (or none) adds the rest.")
     rows: str | None = opt(None, "Only this row range of each split: A:B, or per split train=0:5000,test=0:100 "
                                  "(machines or people can split the rows of one array between them).")
+    dry_run: bool = opt(False, "Print the arrays to create, the shards to compute, the bytes they take and an "
+                               "estimated time (one timed micro-batch), without writing anything.")
     workers: int | None = opt(None, "Run on a local dask cluster with this many worker processes.", min=1)
     scheduler: str | None = opt(None, "Run on a dask.distributed scheduler (tcp://HOST:8786).")
     show_progress: bool = progress_opt()
@@ -61,3 +64,60 @@ class RepairOptions(ModelOptions, StoreOptions):
     batch_size: int = opt(64, "Rows per step (does not change values).", min=1)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N (does not change values).")
     show_progress: bool = progress_opt()
+
+
+# --- checks of these options against a model and a split (torch-free: the no-op re-run uses them too) ---
+
+def per_split(text: str | None, split: str, name: str) -> str | None:
+    """`text` for this split: "256" (every split) or "train=2000,test=10000" (None when this split is not named)."""
+    if text is None or "=" not in text:
+        return text
+    found = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        which, sep, value = part.partition("=")
+        if not sep or which not in ("train", "test") or which in found:
+            raise DiffstoreError(f"{spell(name, ExtractOptions)} {text!r}: use one value for every split, or "
+                                 "train=...,test=... with each split at most once")
+        found[which] = value
+    return found.get(split)
+
+
+def row_range(o: ExtractOptions, split: str, n: int) -> range:
+    """The rows of a split this run extracts: --limit N is [0, N), --rows A:B is [A, B); default all n rows."""
+    limit, rows = per_split(o.limit, split, "limit"), per_split(o.rows, split, "rows")
+    if limit is not None and rows is not None:
+        raise DiffstoreError(f"{spell('limit', ExtractOptions)} and {spell('rows', ExtractOptions)} both name rows of "
+                             f"{split}: pass one of them")
+    if limit is not None:
+        if not limit.strip().isdigit() or int(limit) < 1:
+            raise DiffstoreError(f"{spell('limit', ExtractOptions)} takes a number of rows >= 1, got {limit!r}")
+        start, stop = 0, int(limit)
+    elif rows is not None:
+        a, sep, b = rows.partition(":")
+        if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) >= int(b):
+            raise DiffstoreError(f"{spell('rows', ExtractOptions)} takes a range A:B of rows with A < B, got {rows!r}")
+        start, stop = int(a), int(b)
+    else:
+        return range(n)
+    if stop > n:
+        raise DiffstoreError(f"the {split} split holds {n} rows; rows [{start}, {stop}) reach past its end: pass at "
+                             f"most {n}")
+    return range(start, stop)
+
+
+def check_ts(ts: tuple[int, ...], num_timesteps: int) -> list[int]:
+    bad = [t for t in ts if not 0 <= t < num_timesteps]
+    if bad or not ts:
+        raise DiffstoreError(f"t must be in [0, {num_timesteps - 1}] for this model (T = {num_timesteps}); "
+                             f"got {bad or 'none'}")
+    return sorted(set(ts))
+
+
+def check_pools(pools: tuple[str, ...]) -> list[str]:
+    for p in pools:
+        if p != "full" and not (p.isdigit() and int(p) > 0):
+            raise DiffstoreError(f"{spell('pools', ExtractOptions)} takes positive integers or 'full' (e.g. 1,2,4,full), "
+                                 f"got {p!r}")
+    if not pools:
+        raise DiffstoreError(f"{spell('pools', ExtractOptions)} is empty: pass e.g. 1,2")
+    return sorted(set(pools), key=lambda p: (p == "full", int(p) if p != "full" else 0))

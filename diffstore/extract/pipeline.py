@@ -28,7 +28,8 @@ from ..errors import DiffstoreError
 from ..noise import add_noise, noise, noised
 from ..progress import progress
 from .forward import encode_images, forward_blocks, prepare_model
-from .plan import SHARD_BYTES, Plan, done_masks
+from ..store.arrays import done_masks
+from .plan import SHARD_BYTES, Plan
 
 PREFETCH = 4  # batches each loader worker prepares ahead of the device
 WRITE_QUEUE = 2  # finished shards waiting for the writer (each up to SHARD_BYTES)

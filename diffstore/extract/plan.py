@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-import posixpath
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from zarr.core.sync import sync
 
 from ..datasets import Split
 from ..errors import DiffstoreError
@@ -19,8 +16,9 @@ from ..models.base import DiffusionModel
 from ..options import spell
 from ..preprocess import Preprocess
 from ..store import Store
-from .grow import grow_split
-from .options import MICRO_BATCH, ExtractOptions
+from ..store.arrays import done_masks
+from .grow import grow_split, stored_prefix
+from .options import MICRO_BATCH, ExtractOptions, check_pools, check_ts, row_range
 
 AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> autocast dtype
 SHARD_BYTES = 256 << 20  # default shard size bound: all (block, pool) buffers of one task stay in RAM
@@ -70,6 +68,7 @@ class Plan:
     shard_rows: int
     rows: range = range(0)  # the rows this run extracts (--limit / --rows); the arrays hold the whole split
     arrays: dict = field(default_factory=dict)  # (t, block, pool) -> ShardedArray
+    new: list = field(default_factory=list)  # dry run: the (t, block, pool) whose arrays would be created
     created: list = field(default_factory=list)  # paths this plan created (removed again if it fails unstarted)
 
     def key(self, t: int, b: int, p: str) -> FeatureKey:
@@ -89,61 +88,6 @@ class Plan:
     def row_shape(self, b: int, p: str) -> tuple:
         info = self.model.blocks[b]
         return (info.channels, info.height, info.width) if p == "full" else (info.channels, int(p), int(p))
-
-
-def per_split(text: str | None, split: str, name: str) -> str | None:
-    """`text` for this split: "256" (every split) or "train=2000,test=10000" (None when this split is not named)."""
-    if text is None or "=" not in text:
-        return text
-    found = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        which, sep, value = part.partition("=")
-        if not sep or which not in ("train", "test") or which in found:
-            raise DiffstoreError(f"{spell(name, ExtractOptions)} {text!r}: use one value for every split, or "
-                                 "train=...,test=... with each split at most once")
-        found[which] = value
-    return found.get(split)
-
-
-def row_range(o: ExtractOptions, split: str, n: int) -> range:
-    """The rows of a split this run extracts: --limit N is [0, N), --rows A:B is [A, B); default all n rows."""
-    limit, rows = per_split(o.limit, split, "limit"), per_split(o.rows, split, "rows")
-    if limit is not None and rows is not None:
-        raise DiffstoreError(f"{spell('limit', ExtractOptions)} and {spell('rows', ExtractOptions)} both name rows of "
-                             f"{split}: pass one of them")
-    if limit is not None:
-        if not limit.strip().isdigit() or int(limit) < 1:
-            raise DiffstoreError(f"{spell('limit', ExtractOptions)} takes a number of rows >= 1, got {limit!r}")
-        start, stop = 0, int(limit)
-    elif rows is not None:
-        a, sep, b = rows.partition(":")
-        if not sep or not a.strip().isdigit() or not b.strip().isdigit() or int(a) >= int(b):
-            raise DiffstoreError(f"{spell('rows', ExtractOptions)} takes a range A:B of rows with A < B, got {rows!r}")
-        start, stop = int(a), int(b)
-    else:
-        return range(n)
-    if stop > n:
-        raise DiffstoreError(f"the {split} split holds {n} rows; rows [{start}, {stop}) reach past its end: pass at "
-                             f"most {n}")
-    return range(start, stop)
-
-
-def check_ts(ts: tuple[int, ...], num_timesteps: int) -> list[int]:
-    bad = [t for t in ts if not 0 <= t < num_timesteps]
-    if bad or not ts:
-        raise DiffstoreError(f"t must be in [0, {num_timesteps - 1}] for this model (T = {num_timesteps}); "
-                             f"got {bad or 'none'}")
-    return sorted(set(ts))
-
-
-def check_pools(pools: tuple[str, ...]) -> list[str]:
-    for p in pools:
-        if p != "full" and not (p.isdigit() and int(p) > 0):
-            raise DiffstoreError(f"{spell('pools', ExtractOptions)} takes positive integers or 'full' (e.g. 1,2,4,full), "
-                                 f"got {p!r}")
-    if not pools:
-        raise DiffstoreError(f"{spell('pools', ExtractOptions)} is empty: pass e.g. 1,2")
-    return sorted(set(pools), key=lambda p: (p == "full", int(p) if p != "full" else 0))
 
 
 def forward_options(store: Store, paths: list[str], model: DiffusionModel, o: ExtractOptions) -> dict:
@@ -190,7 +134,10 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
                                  f"use pools <= {min(info.height, info.width)} or 'full'")
     pre = Preprocess(size=model.image_size, channels=model.image_channels)
     paths = [FeatureKey(split.name, split.split, model.name, o.input, tt, b, p).path for tt in ts for b in bs for p in ps]
-    grow_split(store, split)  # a split an older version stored as a prefix of this one: grown first (grow.py)
+    # A split an older version stored as a prefix of this one is grown first (grow.py); a dry run only says so.
+    legacy = stored_prefix(store, split) if o.dry_run else None
+    if not o.dry_run:
+        grow_split(store, split)
     with store.prefetched(paths):  # planning reads each array's group several times: read them all once, at once
         forward = forward_options(store, paths, model, o)
         recipe = Recipe(model.fingerprint, split.fingerprint(pre), o.noise_seed, o.noise_draws, o.compute_dtype,
@@ -200,12 +147,15 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
             raise DiffstoreError(f"{spell('shard_rows', ExtractOptions)} must be a positive multiple of the "
                                  f"micro-batch ({mb}), got {o.shard_rows}")
         plan = Plan(model, split, pre, recipe, ts, bs, ps, o.input, o.shard_rows or 0, rows)
-        # Refuse before writing anything: sample ids, then every key's fingerprint.
-        store.check_split(split)
-        for tt in ts:
-            for b in bs:
-                for p in ps:
-                    store.check(plan.key(tt, b, p).path, recipe.fingerprint(plan.key(tt, b, p)), plan.attrs(tt, b, p))
+        # Refuse before writing anything: sample ids, then every key's fingerprint (arrays of a prefix split a dry
+        # run leaves ungrown still carry the prefix's fingerprint: they are reported, not checked).
+        if legacy is None:
+            store.check_split(split)
+            for tt in ts:
+                for b in bs:
+                    for p in ps:
+                        key = plan.key(tt, b, p)
+                        store.check(key.path, recipe.fingerprint(key), plan.attrs(tt, b, p))
         stored = {path: store.stored_shard_rows(path) for path in paths}
         existing = sorted({n for n in stored.values() if n is not None})
         if len(existing) > 1:
@@ -220,6 +170,13 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
         elif not plan.shard_rows:
             row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
             plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
+        if o.dry_run:  # nothing written: the arrays there are opened, the others listed
+            for tt, b, p in ((tt, b, p) for tt in ts for b in bs for p in ps):
+                if stored[plan.key(tt, b, p).path] is None:
+                    plan.new.append((tt, b, p))
+                else:
+                    plan.arrays[(tt, b, p)] = store.open_array(plan.key(tt, b, p).path)
+            return plan
         plan.created = [path for path, n in stored.items() if n is None and store._group(path) is None]
         split_path = f"datasets/{split.name}/{split.split}"
         plan.created += [split_path] if store._group(split_path) is None else []
@@ -232,27 +189,6 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
                                                            plan.row_shape(b, p), len(split), plan.shard_rows, o.dtype,
                                                            split=record)
         return plan
-
-
-def done_masks(arrays: dict) -> dict:
-    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one concurrent listing of their done
-    flags' directories, not one read per (array, shard): a done flag's chunk is stored only once it is set
-    (its fill value 0 is never written), so a re-run of a finished extraction costs one round of listings."""
-    if not arrays:
-        return {}
-    some = next(iter(arrays.values()))
-    chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
-    folder = posixpath.dirname(chunk_key((0,)))  # "c"
-
-    async def listing(a):
-        return {k async for k in a.group.store.list_dir(f"{a.path}/done/{folder}")}
-
-    async def every():
-        return await asyncio.gather(*(listing(a) for a in arrays.values()))
-
-    present = dict(zip(arrays, sync(every())))
-    return {k: np.array([posixpath.basename(chunk_key((i,))) in present[k] for i in range(a.n_shards)])
-            for k, a in arrays.items()}
 
 
 def pending(plan: Plan) -> list[tuple[int, int]]:

@@ -11,6 +11,10 @@ from .options import ExtractOptions
 def run(o: ExtractOptions) -> list[dict]:
     """Run the U-Net once per (batch, t) and store every requested (t, block, pool) array. Returns one summary per
     split: the arrays' paths, shards run and total. Keys already stored are skipped, so a re-run is a no-op."""
+    from . import quick
+
+    if not o.dry_run and (rows := quick.all_stored(o)) is not None:  # nothing to do: answered without torch
+        return rows
     from ..datasets import load_split
     from ..device import pick_device
     from ..models import load_model
@@ -19,12 +23,19 @@ def run(o: ExtractOptions) -> list[dict]:
 
     spec = o.model_spec()
     model = load_model(spec.pop("spec"), **spec).to(pick_device(o.device))
-    store = Store.open(o.store)
+    remember = {quick.model_key(o): quick.model_identity(model)}
+    store = Store.open(o.store)  # created on the first write: a dry run writes nothing
     rows = []
     with maybe_cluster(o.workers, o.scheduler) as client:  # one cluster (and one model load per worker) for all splits
         for split in o.split:
             data = load_split(o.dataset, split, o.data_root, skip_bad=o.skip_bad)
+            remember[quick.split_key(o, split)] = quick.split_identity(data)
             plan = plan_extraction(store, model, data, o)
+            if o.dry_run:
+                from .estimate import dry_run
+
+                rows.append({"store": store.url, "dataset": o.dataset, "model": model.name, **dry_run(plan)})
+                continue
             if client is not None:
                 from .distributed import extract_distributed
 
@@ -38,6 +49,7 @@ def run(o: ExtractOptions) -> list[dict]:
                          "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],
                          "status": "already stored" if summary["tasks_run"] == 0 else "extracted"})
+    quick.remember(remember)
     return rows
 
 

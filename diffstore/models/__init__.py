@@ -13,9 +13,17 @@ backend's default (ADM: the dataset's labels; DiT: its null class).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from ..errors import DiffstoreError
 from ..key import check_name
-from .base import DiffusionModel
+
+if TYPE_CHECKING:  # importing the package stays torch-free (extract/quick.py reads DEFAULT_DIR)
+    from .base import DiffusionModel
+
+DEFAULT_DIR = Path(__file__).parent / "default"  # the shipped digits model, a diffusers folder
+DEFAULT_NAME = "digits-ddpm"
 
 
 def parse_class_label(value: int | str | None) -> int | str | None:
@@ -46,9 +54,9 @@ def load_model(spec: str = "default", *, name: str | None = None, random_init: i
 def load_backend(spec: str, name: str | None, random_init: int | None, adm_config: str | None,
                  class_label: int | str | None, prompt: str, resolution: int | None) -> DiffusionModel:
     if spec == "default":
-        from .diffusers_unet import DEFAULT_DIR, load_unet2d
+        from .diffusers_unet import load_unet2d
 
-        return load_unet2d(str(DEFAULT_DIR), name=name or "digits-ddpm", random_init=random_init)
+        return load_unet2d(str(DEFAULT_DIR), name=name or DEFAULT_NAME, random_init=random_init)
     if spec.startswith("adm:"):
         from .adm import load_adm
 

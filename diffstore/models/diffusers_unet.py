@@ -17,7 +17,6 @@ from ..errors import DiffstoreError
 from ..key import sha256_files
 from .base import DiffusionModel, linear_alphas_cumprod, load_failure
 
-DEFAULT_DIR = Path(__file__).parent / "default"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt"]
 

@@ -7,6 +7,9 @@ that fixes it. `.x` is the raw zarr array, unchecked, for code that knows what i
 
 from __future__ import annotations
 
+import asyncio
+import posixpath
+
 import numpy as np
 import zarr
 from zarr.core.sync import sync
@@ -230,3 +233,24 @@ class ShardedArray:
 
     def nbytes_stored(self) -> int:
         return int(self.x.nbytes_stored()) + int(self._done.nbytes_stored())
+
+
+def done_masks(arrays: dict) -> dict:
+    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one concurrent listing of their done
+    flags' directories, not one read per (array, shard): a done flag's chunk is stored only once it is set
+    (its fill value 0 is never written), so a re-run of a finished extraction costs one round of listings."""
+    if not arrays:
+        return {}
+    some = next(iter(arrays.values()))
+    chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
+    folder = posixpath.dirname(chunk_key((0,)))  # "c"
+
+    async def listing(a):
+        return {k async for k in a.group.store.list_dir(f"{a.path}/done/{folder}")}
+
+    async def every():
+        return await asyncio.gather(*(listing(a) for a in arrays.values()))
+
+    present = dict(zip(arrays, sync(every())))
+    return {k: np.array([posixpath.basename(chunk_key((i,))) in present[k] for i in range(a.n_shards)])
+            for k, a in arrays.items()}
