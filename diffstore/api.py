@@ -112,21 +112,12 @@ class Features:
         return self.array.to_dask()[:self.n]
 
     def to_xarray(self, lazy: bool = False) -> "xarray.DataArray":
-        """A labelled DataArray: dims (sample, channel, y, x); coordinates sample (the ids), label and
-        label_name per sample, channel, y, x; the key, block name and fingerprint in attrs. lazy=True keeps
-        the data as dask."""
-        xr = require("xarray", "xarray")
-        data = self.to_dask() if lazy else self.numpy()
-        ids, labels = self.ids, self.labels
-        n, c, h, w = self.shape
-        names = np.asarray(self.class_names, dtype=object)
-        coords = {"sample": ids, "label": ("sample", labels),
-                  "label_name": ("sample", names[labels] if len(names) else labels.astype(str)),
-                  "channel": np.arange(c), "y": np.arange(h), "x": np.arange(w)}
-        attrs = {**self.key.to_dict(), "block_name": self.block_name, "fingerprint": self.attrs.get("fingerprint", ""),
-                 "store": self.store.url, "path": self.key.path}
-        return xr.DataArray(data, dims=("sample", "channel", "y", "x"), coords=coords, attrs=attrs,
-                            name=f"t{self.key.t}_b{self.key.block}_p{self.key.pool}")
+        """A labelled DataArray, the view `xr.open_datatree` gives of the store: dims (sample, channel, height,
+        width); coordinates sample (the ids), label and label_name; the key, block name and fingerprint in attrs.
+        lazy=True keeps the data as dask."""
+        require("xarray", "xarray")
+        attrs = {**self.key.to_dict(), "block_name": self.block_name, "store": self.store.url, "path": self.key.path}
+        return self.array.to_xarray(lazy, self.n, attrs).rename(f"t{self.key.t}_b{self.key.block}_p{self.key.pool}")
 
 
 class FeatureStore:

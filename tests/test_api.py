@@ -46,7 +46,7 @@ def test_features_convert_to_torch_dask_and_labelled_xarray(store_url):
     assert np.array_equal(f.to_torch().numpy(), x)
     assert np.array_equal(f.to_dask().compute(), x)
     xa = f.to_xarray()
-    assert xa.dims == ("sample", "channel", "y", "x") and xa.shape == x.shape
+    assert xa.dims == ("sample", "channel", "height", "width") and xa.shape == x.shape
     np.testing.assert_array_equal(xa["sample"].values, store.ids("test"))
     np.testing.assert_array_equal(xa["label"].values, store.labels("test"))
     assert xa["label_name"].values[0] == str(store.labels("test")[0])  # digits' class names are "0".."9"
@@ -162,7 +162,7 @@ for name in {blocked!r}:  # as if not installed: import fails, importlib.util.fi
 import numpy as np, diffstore as ds
 s = ds.open({url!r})
 f = s.features(t=10, block="mid", pool=2, split="test")
-assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "y", "x")
+assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "height", "width")
 try:
     f.to_torch()
 except ds.DiffstoreError as e:

@@ -26,6 +26,7 @@ from ..key import FeatureKey, Recipe
 from ..preprocess import Preprocess
 from ..store import Store
 from ..store.attrs import checked_layout, checked_recipe
+from ..store.labels import label_names
 
 
 def stored_prefix(store: Store, split: Split) -> int | None:
@@ -53,7 +54,8 @@ def grow_array(store: Store, path: str, split: Split) -> None:
     x, done = g["x"], g["done"]
     x.resize((n, *x.shape[1:]))
     done.resize((-(-n // shard_rows),))
-    for name, values in (("sample", split.ids), ("label", split.labels)):
+    for name, values in (("sample", split.ids), ("label", split.labels),
+                         ("label_name", label_names(split.labels, split.class_names))):
         if name in g:
             g[name].resize((n,))
             g[name][:] = values

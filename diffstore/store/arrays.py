@@ -225,11 +225,11 @@ class ShardedArray:
         return da.from_array(self, chunks=(self.shard_rows, *self.x.shape[1:]), asarray=True, lock=False,
                              name=f"diffstore-{self.url}-{self.path}-{self.attrs.get('fingerprint', '')}")
 
-    def to_xarray(self, lazy: bool = True):
-        """A labelled xarray.DataArray (dims, sample ids and labels): see labels.to_xarray."""
+    def to_xarray(self, lazy: bool = True, rows: int | None = None, attrs: dict | None = None):
+        """A labelled xarray.DataArray (dims, sample ids, labels, class names): see labels.to_xarray."""
         from .labels import to_xarray
 
-        return to_xarray(self, lazy)
+        return to_xarray(self, lazy, rows, attrs)
 
     def nbytes_stored(self) -> int:
         return int(self.x.nbytes_stored()) + int(self._done.nbytes_stored())

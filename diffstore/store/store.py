@@ -48,7 +48,7 @@ from ..key import BadName, FeatureKey, check_name, select
 from .arrays import ShardedArray
 from .attrs import shown
 from .backend import describe_failure, zarr_store
-from .labels import SAMPLE, row_dims
+from .labels import SAMPLE, label_names, row_dims
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
@@ -350,10 +350,11 @@ class Store:
         self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
                            shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
                            fill_value=np.nan, dimension_names=(SAMPLE, *dims),
-                           attributes={"coordinates": "done label" if coords else "done"})
+                           attributes={"coordinates": "done label label_name" if coords else "done"})
         if coords:
             self._put_values(g, SAMPLE, split.ids)
             self._put_values(g, "label", split.labels, {"class_names": list(split.class_names)})
+            self._put_values(g, "label_name", label_names(split.labels, split.class_names))
         self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None, dimension_names=("shard",))
         return self.open_array(path)
@@ -367,12 +368,18 @@ class Store:
             pass  # another writer created it; its metadata is the same function of the same attrs
 
     def _put_values(self, g: zarr.Group, name: str, values, attributes: dict | None = None) -> None:
-        """A small int64 [sample] array, written whole (deterministic bytes: re-writing after a kill is safe)."""
-        values = np.asarray(values, dtype=np.int64)
-        self._create_array(g, name, shape=values.shape, dtype="int64", chunks=(max(1, min(len(values), 1 << 16)),),
+        """A small [sample] array (int64, or text for label names), written whole (deterministic bytes: re-writing
+        after a kill is safe)."""
+        values = np.asarray(values, dtype=np.int64) if np.asarray(values).dtype.kind != "U" else np.asarray(values)
+        dtype = "int64" if values.dtype.kind != "U" else str
+        self._create_array(g, name, shape=values.shape, dtype=dtype, chunks=(max(1, min(len(values), 1 << 16)),),
                            dimension_names=(SAMPLE,), attributes=attributes or {})
         arr = g[name]
-        if not np.array_equal(arr[:], values):
+        try:
+            same = np.array_equal(np.asarray(arr[:], dtype=values.dtype), values)
+        except Exception:  # noqa: BLE001 - an unreadable (corrupt) chunk: write it again
+            same = False
+        if not same:
             arr[:] = values
 
     def match(self, texts: list[str]) -> list[str]:
