@@ -64,21 +64,28 @@ def cli_parameter(f: dataclasses.Field, hint, argument: bool) -> inspect.Paramet
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=info)
 
 
+CsvOpt = typer.Option(False, "--csv", help="The results as a CSV table on stdout (one tidy row each).")
+
+
 def options_command(group: typer.Typer, name: str, cls, run: typing.Callable, help: str,
-                    arguments: tuple[str, ...] = (), json_flag: bool = True) -> None:
-    """A typer command whose options are the fields of `cls`. `run(options, as_json)` is imported lazily by the
-    caller's closure. Values are checked by `cls.build` with the CLI's spelling of each option in errors."""
+                    arguments: tuple[str, ...] = (), csv: bool = False) -> None:
+    """A typer command whose options are the fields of `cls`, plus --json (and --csv). `run(options, fmt)` (fmt:
+    "json", "csv" or None) imports its stage when called. Values are checked by `cls.build`, with the CLI's
+    spelling of each option in errors."""
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
     params = [cli_parameter(f, hints[f.name], f.name in arguments) for f in fields]
-    if json_flag:
-        params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=JsonOpt))
+    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=JsonOpt))
+    if csv:
+        params.append(inspect.Parameter("as_csv", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=CsvOpt))
 
     def command(**kw):
-        as_json = kw.pop("as_json", False)
+        as_json, as_csv = kw.pop("as_json", False), kw.pop("as_csv", False)
+        if as_json and as_csv:
+            raise DiffstoreError("pass --json or --csv, not both")
         kw = {k: (tuple(v or ()) if k in arguments else v) for k, v in kw.items()}
         STYLE.set("cli")
-        run(cls.build(kw), as_json)
+        run(cls.build(kw), "json" if as_json else "csv" if as_csv else None)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
@@ -117,10 +124,10 @@ def human_bytes(n: int) -> str:
         n /= 1024
 
 
-def run_extract(o, as_json: bool) -> None:
+def run_extract(o, fmt: str | None) -> None:
     from .extract.stage import run
 
-    rows = run(o)
+    rows, as_json = run(o), fmt == "json"
     if o.dry_run:
         if as_json:
             return emit(rows, "", True)
@@ -137,23 +144,23 @@ def run_extract(o, as_json: bool) -> None:
         console().print("Everything requested is already stored; nothing was recomputed.")
 
 
-def run_repair(o, as_json: bool) -> None:
+def run_repair(o, fmt: str | None) -> None:
     from .extract.repair import run
 
     rows = run(o)
-    emit(rows or [{"status": "nothing to repair: verify finds no problem"}], f"repair {o.store}", as_json)
+    emit(rows or [{"status": "nothing to repair: verify finds no problem"}], f"repair {o.store}", fmt == "json")
 
 
-def run_probe(o, as_json: bool) -> None:
+def run_probe(o, fmt: str | None) -> None:
     from .probe.stage import probe_command
 
-    probe_command(o, json_out=as_json)
+    probe_command(o, fmt)
 
 
-def run_cka(o, as_json: bool) -> None:
+def run_cka(o, fmt: str | None) -> None:
     from .cka.stage import cka_command
 
-    cka_command(o, json_out=as_json, command=as_typed("--method"))
+    cka_command(o, fmt, command=as_typed("--method"))
 
 
 def add_stage_commands() -> None:
@@ -169,9 +176,10 @@ def add_stage_commands() -> None:
                     "the arrays.", arguments=("keys",))
     options_command(app, "probe", ProbeOptions, run_probe,
                     "Train heads on stored features (the U-Net is never run): table on stdout, results saved in the "
-                    "store.")
+                    "store.", csv=True)
     options_command(app, "cka", CKAOptions, run_cka,
-                    "Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores.")
+                    "Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores.",
+                    csv=True)
 
 
 add_stage_commands()
@@ -330,10 +338,10 @@ def add_repfusion_commands() -> None:
     from .repfusion.config import AnalyzeConfig, DistillConfig, FinetuneConfig, TargetsConfig
 
     def runner(name: str):
-        def run(cfg, as_json: bool) -> None:
+        def run(cfg, fmt: str | None) -> None:
             from .repfusion import commands
 
-            getattr(commands, name)(cfg, json_out=as_json, show_progress=cfg.show_progress)
+            getattr(commands, name)(cfg, json_out=fmt == "json", show_progress=cfg.show_progress)
         return run
 
     for name, cls, fn, help in (

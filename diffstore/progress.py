@@ -126,3 +126,12 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         return Text(f"{task.speed:8.1f} {self.unit}/s" if task.speed else f"{'?':>8} {self.unit}/s")
+
+
+def write_csv(rows: list[dict], columns, stream: TextIO | None = None) -> None:
+    """Rows as CSV on stdout (None as an empty cell): what --csv prints."""
+    import csv
+
+    writer = csv.DictWriter(stream or sys.stdout, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)

@@ -25,7 +25,9 @@ from pathlib import Path
 from unittest.mock import patch
 
 import diffstore as ds
+from diffstore.cka.options import CKAOptions
 from diffstore.cka.report import draw
+from diffstore.cka.stage import compute
 from diffstore.errors import DiffstoreError
 from diffstore.store import Store
 
@@ -76,8 +78,9 @@ def run(args) -> dict:
     store = Store.open(args.store, mode="r")
     a = keyset(store, diffusion["model"], args.dataset, args.split, args.t, str(args.pool))
     b = keyset(store, network["model"], args.dataset, args.split, 0, str(args.pool))
-    payload = ds.cka(args.store, a=a, b=b, dataset=args.dataset, split=args.split, method=args.method,
-                     limit=args.limit, show_progress=not args.quiet)  # the rows extracted: [0, limit)
+    payload = compute(CKAOptions.build(store=args.store, a=a, b=b, dataset=args.dataset, split=args.split,
+                                       method=args.method, limit=args.limit,  # the rows extracted: [0, limit)
+                                       show_progress=not args.quiet))
     seconds["cka"] = time.perf_counter() - started - sum(seconds.values())
     payload["title"] = (f"{diffusion['model']} blocks at t={args.t} vs {network['model']} blocks, "
                         f"{args.dataset} {args.split}, pool {args.pool}\n{network_note(args, network['model'])}")

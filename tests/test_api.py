@@ -82,9 +82,10 @@ def test_limit_fills_rows_of_the_whole_split_and_reading_past_them_is_refused(st
 
 
 def test_cka_and_probe_from_python_return_results_without_printing(store_url, capsys):
-    m = ds.cka(store_url, by="block", t=10, pool=2, show_progress=False)
-    assert m["method"] == "unbiased" and m["n"] == TEST  # the default split is test
-    assert np.allclose(np.diag(np.array(m["matrix"])), 1)
+    m = ds.cka(store_url, by="block", t=10, pool=2, show_progress=False)  # a labelled DataArray
+    assert m.attrs["method"] == "unbiased" and m.attrs["n"] == TEST  # the default split is test
+    assert m.dims == ("row", "col") and list(m["row_block"].values) == [6, 7] and np.allclose(np.diag(m.values), 1)
+    assert m.to_pandas().loc[m["row"].values[0], m["col"].values[1]] == m.values[0, 1]
     out = ds.probe(store_url, t="10", pools="2", limit=TRAIN, show_progress=False)
     assert len(out["results"]) == 2  # one linear head per key: blocks 6 and mid at t=10, p=2
     assert capsys.readouterr().out == ""
@@ -113,7 +114,7 @@ def test_every_option_is_defined_once_and_reaches_cli_and_api():
                           ("cka", CKAOptions, ds.cka)):
         fields = {f.name: f.default for f in dataclasses.fields(cls)}
         assert dict((k, p.default) for k, p in inspect.signature(fn).parameters.items()) == fields
-        params = {p.name: p.default for p in commands[name].params if p.name != "as_json"}
+        params = {p.name: p.default for p in commands[name].params if p.name not in ("as_json", "as_csv")}
         assert set(params) == set(fields), name
         for k, default in fields.items():
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
@@ -178,3 +179,42 @@ def test_a_reader_only_environment_opens_stores_and_reads_labelled_features(stor
     done = subprocess.run([sys.executable, "-c", READER_ONLY.format(blocked=blocked, url=store_url)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_probe_results_are_data_a_tidy_table_and_paired_differences(store_url, capsys):
+    out = ds.probe(store_url, t=[10], blocks=["mid", 6], pools=[2], limit=TRAIN, baseline="pixels",
+                   show_progress=False)
+    frame = out.to_pandas()
+    assert len(frame) == 3 and list(frame.columns[:6]) == ["name", "dataset", "model", "input", "t", "block"]
+    keys = frame[frame["kind"] == "store"]
+    assert keys["t"].tolist() == [10, 10] and sorted(keys["block"].tolist()) == [6, 7] and keys["pool"].tolist() == [2, 2]
+    pixels = frame[frame["kind"] == "pixels"].iloc[0]
+    assert frame["t"].isna().sum() == 1 and frame["block"].isna().sum() == 1  # the control has no key
+    assert pixels["resolution"] == 16 and (frame["ci_low"] <= frame["top1"]).all() and (frame["top1"] <= frame["ci_high"]).all()
+    mid = dict(model="digits-ddpm", block=7, head="linear")
+    d = out.paired(mid, dict(model="pixels"))
+    hits = out.to_pandas(hits=True).set_index("name")["hits"]
+    assert d["diff"] == pytest.approx(hits[d["a"]].mean() - hits[d["b"]].mean())
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    with pytest.raises(DiffstoreError, match="picks 2 results"):
+        out.paired(dict(model="digits-ddpm"), dict(model="pixels"))
+    # the CLI prints the same table as CSV
+    capsys.readouterr()
+    code = cli_main(capsys, "probe", "--store", store_url, "--t", "10", "--pools", "2", "--limit", str(TRAIN),
+                    "--baseline", "pixels", "--csv", "-q")
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert code == 0 and [r["name"] for r in rows] == frame["name"].tolist()
+
+
+def cli_main(capsys, *args) -> int:
+    argv, sys.argv = sys.argv, ["diffstore", *args]
+    try:
+        cli.main()
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        sys.argv = argv
+    return 0

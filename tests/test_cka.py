@@ -189,7 +189,7 @@ def make_store(url, n=300, ids=None, split="train", blocks=(1, 2, 3), ts=(10, 90
 
 
 def cka_command(store, json_out=False, **kw):
-    return stage.cka_command(CKAOptions.build(store=store, **kw), json_out=json_out)
+    return stage.cka_command(CKAOptions.build(store=store, **kw), "json" if json_out else None)
 
 
 def test_cka_command_block_matrix_end_to_end(tmp_path, capsys):

@@ -56,7 +56,7 @@ def store_url(model_dir, tmp_path_factory):
 def probe(url, capsys=None, **kw):
     if capsys is not None:
         capsys.readouterr()
-    out = probe_command(ProbeOptions.build(store=url, **{**FAST, **kw}), json_out=True).to_json()
+    out = probe_command(ProbeOptions.build(store=url, **{**FAST, **kw}), "json").to_json()
     if capsys is not None:
         assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
     return out

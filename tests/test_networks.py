@@ -211,7 +211,7 @@ def test_recipe_extracts_both_models_and_draws_the_cross_model_matrix(tmp_path):
 
     net = "resnet50-32px.random-init-s0"
     keys = ",".join(f"model={net}/b={b}/p=1" for b in (1, 9, 17))
-    same = ds.cka(url, a=keys, b=keys, limit=N, save=False, show_progress=False)["matrix"]
+    same = ds.cka(url, a=keys, b=keys, limit=N, save=False, show_progress=False).values
     assert np.allclose(np.diag(same), 1.0, atol=1e-9)
     # A cell equals CKA of the plugin's own forward (hooks, not the extractor), pooled here (float16 storage: 1e-3)
     model = plugin(RESNET, 0, DIFFSTORE_RESNET50_SIZE=SIZE)

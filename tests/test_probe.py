@@ -58,7 +58,7 @@ def store_url(tiny_unet, tmp_path_factory):
 def probe(url, capsys=None, **kw):
     if capsys is not None:
         capsys.readouterr()  # drop what earlier calls printed
-    out = probe_command(ProbeOptions.build(store=url, **{**FAST, **kw}), json_out=True).to_json()
+    out = probe_command(ProbeOptions.build(store=url, **{**FAST, **kw}), "json").to_json()
     if capsys is not None:
         assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))  # stdout holds exactly the JSON
     return out

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ..errors import DiffstoreError
+
+from ..errors import DiffstoreError, require
 from ..key import FeatureKey, check_name, parse_selector
 from ..options import api, check_folder
-from ..progress import progress
+from ..progress import progress, write_csv
 from ..store import ShardedArray, Store
 from .math import CKAConfig, bias_floor, cka_matrix, width
 from .options import CKAOptions
@@ -227,9 +228,10 @@ def compute(o: CKAOptions) -> dict:
     return payload
 
 
-def cka_command(o: CKAOptions, json_out: bool = False, command: str = "diffstore cka") -> dict:
+def cka_command(o: CKAOptions, fmt: str | None = None, command: str = "diffstore cka") -> dict:
     """`diffstore cka`: compute(), then write JSON (--out) and PNG (--plot) and print the matrix (or the payload
-    as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""
+    as JSON, or the matrix as CSV). A biased estimate on few rows prints a warning naming the command that avoids
+    it."""
     payload = compute(o)
     if o.out:
         Path(o.out).mkdir(parents=True, exist_ok=True)
@@ -239,11 +241,37 @@ def cka_command(o: CKAOptions, json_out: bool = False, command: str = "diffstore
     warning = bias_warning(payload, [e["width"] for e in payload["rows"] + payload["cols"]], command)
     if warning:
         print(warning, file=sys.stderr)
-    if json_out:
+    if fmt == "json":
         print(json.dumps(payload))
+    elif fmt == "csv":
+        cols = [c["label"] for c in payload["cols"]]
+        write_csv([{"": r["label"], **dict(zip(cols, row))} for r, row in zip(payload["rows"], payload["matrix"])],
+                  ["", *cols])
     else:
         render(payload)
     return payload
 
 
-cka = api(CKAOptions)(compute)
+def labelled(payload: dict):
+    """A CKA payload as a labelled xarray.DataArray: dims (row, col), labels as coordinates with each side's key
+    fields (t, block, block_name, pool, model, ...); estimator, N and the sample fingerprints in attrs."""
+    xr = require("xarray", "xarray")
+    coords = {}
+    for dim, side in (("row", payload["rows"]), ("col", payload["cols"])):
+        coords[dim] = [e["label"] for e in side]
+        for field in FIELDS:
+            coords[f"{dim}_{field}"] = (dim, [e["key"][field] for e in side])
+        coords[f"{dim}_block_name"] = (dim, [e.get("block_name") or "" for e in side])
+    attrs = {k: v for k, v in payload.items() if k not in ("rows", "cols", "matrix") and v is not None
+             and not isinstance(v, (dict, list))}
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)
+    return xr.DataArray(matrix, dims=("row", "col"), coords=coords, name=payload["name"], attrs=attrs)
+
+
+def cka(o: CKAOptions):
+    """Linear (or RBF) CKA between stored feature arrays, stored under results/cka/; returns the matrix as a
+    labelled xarray.DataArray (dims row, col; .to_pandas() gives a DataFrame). Nothing is printed."""
+    return labelled(compute(o))
+
+
+cka = api(CKAOptions)(cka)  # noqa: F811 - the API function: the signature and help of CKAOptions

@@ -1,7 +1,12 @@
 """ProbeResults: what `ds.probe(...)` returns, the results of one probe run as data.
 
-`results` holds one dict per (source, head, seed) as stored in the store; `summary` the best key per head with
-its margins over the controls; the JSON the CLI prints (`--json`) is `to_json()`. Mapping access
+    out.to_pandas()          one tidy row per model x key x head x recipe x seed (numeric t/block/pool, interval
+                             bounds, the chosen hyperparameters, converged, sizes); controls have null t/block
+    out.summary              the best key per head with its margins over the controls (as `--json` prints it)
+    out.paired(a, b)         a minus b on the same test images, with the paired-bootstrap 95% interval
+    out.rows()               the tidy rows as dicts (what `diffstore probe --csv` prints), no pandas needed
+
+`results` holds the stored dicts themselves; the JSON the CLI prints (`--json`) is `to_json()`. Mapping access
 (`out["results"]`) reads that JSON, so code written against the dict that earlier versions returned keeps working.
 """
 
@@ -9,6 +14,35 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from ..errors import DiffstoreError, require
+from .intervals import difference, result_hits
+
+# the tidy table's columns, in order (fields a result lacks are None)
+COLUMNS = ("name", "dataset", "model", "input", "t", "block", "block_name", "pool", "resolution", "head",
+           "head_label", "recipe", "seed", "top1", "ci_low", "ci_high", "val_top1", "C", "lr", "weight_decay",
+           "converged", "n_train", "n_val", "n_test", "kind", "cached")
+
+
+def whole(value) -> int | None:
+    """A stored key field as a number: t, block, p (None for 'full', for pixels' '-', for fused 'a+b')."""
+    return int(value) if isinstance(value, int) or (isinstance(value, str) and value.isdigit()) else None
+
+
+def tidy(r: dict) -> dict:
+    """One result as a flat row of COLUMNS."""
+    pixels = r.get("kind") == "pixels"
+    ci = r.get("ci95") or [None, None]
+    recipe = r.get("recipe") or {}
+    return {"name": r.get("name"), "dataset": r.get("dataset"), "model": r.get("model"),
+            "input": None if pixels else r.get("input"), "t": whole(r.get("t")), "block": whole(r.get("block")),
+            "block_name": None if pixels else r.get("block_name"), "pool": None if pixels else whole(r.get("pool")),
+            "resolution": whole(r.get("pool")) if pixels else None, "head": (r.get("head") or {}).get("kind"),
+            "head_label": r.get("head_label"), "recipe": recipe.get("name"), "seed": r.get("seed"),
+            "top1": r.get("top1"), "ci_low": ci[0], "ci_high": ci[1], "val_top1": r.get("val_top1"),
+            "C": r.get("C"), "lr": r.get("lr"), "weight_decay": r.get("weight_decay"),
+            "converged": r.get("converged"), "n_train": r.get("n_train"), "n_val": r.get("n_val"),
+            "n_test": r.get("n_test"), "kind": r.get("kind"), "cached": bool(r.get("cached", False))}
 
 
 @dataclass
@@ -27,6 +61,43 @@ class ProbeResults(Mapping):
                 **({"fusion": [fusion_json(f) for f in self.fusions]} if self.fusions else {}),
                 **({"ranking": ranking, "spearman": self.rho} if self.ranking else {}),
                 **({"plots": self.plots} if self.plots else {})}
+
+    @property
+    def summary(self) -> list[dict]:
+        return [summary_json(s) for s in self.lines]
+
+    def rows(self) -> list[dict]:
+        return [tidy(r) for r in self.results]
+
+    def to_pandas(self, hits: bool = False):
+        """The tidy table as a pandas DataFrame; hits=True adds each result's per-test-image hits (0/1 array)."""
+        pd = require("pandas", "xarray")
+        frame = pd.DataFrame(self.rows(), columns=list(COLUMNS))
+        for col in ("t", "block", "pool", "resolution", "seed", "n_train", "n_val", "n_test"):
+            frame[col] = frame[col].astype("Int64")
+        if hits:
+            frame["hits"] = [result_hits(r) for r in self.results]
+        return frame
+
+    def result(self, which) -> dict:
+        """A result by its name, its row number, or a dict of tidy fields that picks exactly one."""
+        if isinstance(which, int):
+            return self.results[which]
+        found = [r for r, row in zip(self.results, self.rows())
+                 if (row["name"] == which if isinstance(which, str) else all(row.get(k) == v for k, v in which.items()))]
+        if len(found) != 1:
+            raise DiffstoreError(f"{which!r} picks {len(found)} results; pass a result name, a row number or fields "
+                                 "that pick one (e.g. dict(model=..., t=10, block=7, pool=2, head='linear'))")
+        return found[0]
+
+    def paired(self, a, b) -> dict:
+        """Result a minus result b on the same test images: the difference of their top-1 with its paired-bootstrap
+        95% interval (intervals.difference on their stored per-image hits)."""
+        ra, rb = self.result(a), self.result(b)
+        if ra.get("n_test") != rb.get("n_test") or ra.get("dataset") != rb.get("dataset"):
+            raise DiffstoreError(f"{ra['name']} and {rb['name']} were not tested on the same images "
+                                 f"({ra.get('dataset')} {ra.get('n_test')} vs {rb.get('dataset')} {rb.get('n_test')})")
+        return {"a": ra["name"], "b": rb["name"], **difference(result_hits(ra), result_hits(rb))}
 
     def __getitem__(self, name: str):
         return self.to_json()[name]

@@ -19,7 +19,8 @@ from rich.console import Console
 from ..errors import DiffstoreError
 from ..options import api, check_folder, spell
 from ..progress import stderr
-from .frame import ProbeResults
+from ..progress import write_csv
+from .frame import COLUMNS, ProbeResults
 from .fusion import auto_keys, compare, comparison_table, fusion_runs
 from .heads import HeadSpec
 from .options import ProbeOptions
@@ -91,13 +92,16 @@ def compute(o: ProbeOptions) -> ProbeResults:
     return ProbeResults(results, shown, summary(shown), compare(shown), ranking, rho, plots)
 
 
-def probe_command(o: ProbeOptions, json_out: bool = False) -> ProbeResults:
-    """`diffstore probe`: a summary (or, with --all, every result; with --json, all of it as JSON) on stdout,
-    progress on stderr; returns what compute() returns."""
+def probe_command(o: ProbeOptions, fmt: str | None = None) -> ProbeResults:
+    """`diffstore probe`: a summary (or, with --all, every result; with --json all of it as JSON, with --csv the
+    tidy table) on stdout, progress on stderr; returns what compute() returns."""
     out = compute(o)
     shown, lines, fusions, ranking = out.shown, out.lines, out.fusions, out.ranking
-    if json_out:
+    if fmt == "json":
         print(json.dumps(out.to_json(), indent=1))
+        return out
+    if fmt == "csv":
+        write_csv(out.rows(), COLUMNS)
         return out
     console = Console()
     if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
