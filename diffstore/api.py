@@ -105,6 +105,15 @@ class Features:
         x = torch.from_numpy(self.numpy())
         return x if dtype is None else x.to(dtype)
 
+    def to_torch_dataset(self, shuffle: bool = True, buffer: int = 8192, seed: int = 0,
+                         batch_size: int | None = None) -> "torch.utils.data.IterableDataset":
+        """A torch IterableDataset of (features float32, label) for keys larger than memory: whole shards read in a
+        seeded shuffled order into a shuffle buffer of `buffer` rows; DataLoader workers read disjoint shards
+        (stream.py). batch_size: yield ready batches instead of rows (faster than collating rows)."""
+        from .stream import shard_stream
+
+        return shard_stream(self.array, self.labels, self.n, shuffle, buffer, seed, batch_size)
+
     def to_dask(self) -> "dask.array.Array":
         """A dask array with one chunk per shard: for features larger than memory."""
         self.array.require_done(self.n)

@@ -218,3 +218,27 @@ def cli_main(capsys, *args) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+def test_a_torch_dataset_streams_every_row_once_with_its_label_in_a_seeded_order(store_url):
+    import torch
+
+    f = ds.open(store_url).features(t=10, block="mid", pool=2, split="test")
+    x, y = f.numpy().astype(np.float32), f.labels
+    data = f.to_torch_dataset(shuffle=True, buffer=100, seed=3)
+    rows = list(data)
+    order = [int(np.flatnonzero((x == r.numpy()).all(axis=(1, 2, 3)))[0]) for r, _ in rows]
+    assert sorted(order) == list(range(len(x))) and order != list(range(len(x)))  # each row once, shuffled
+    assert [label for _, label in rows] == y[order].tolist()
+    again = [int(np.flatnonzero((x == r.numpy()).all(axis=(1, 2, 3)))[0]) for r, _ in data]
+    assert again == order  # the seed fixes the order
+    loader = torch.utils.data.DataLoader(f.to_torch_dataset(buffer=64, batch_size=32), batch_size=None,
+                                         num_workers=2)
+    seen = torch.cat([b for b, _ in loader]).numpy()
+    assert len(seen) == len(x) and np.array_equal(np.sort(seen.reshape(len(x), -1), axis=0),
+                                                  np.sort(x.reshape(len(x), -1), axis=0))  # workers: disjoint shards
+    partial = ds.open(store_url).features(t=10, block="mid", pool=2, split="train")
+    with pytest.raises(DiffstoreError, match="incomplete"):
+        partial.to_torch_dataset()
+    first = ds.open(store_url).features(t=10, block="mid", pool=2, split="train", limit=TRAIN)
+    assert len(list(first.to_torch_dataset())) == TRAIN

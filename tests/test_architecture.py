@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffstore"
 # The ground and the store know nothing of the stages; stages never call back into the API or the CLI.
-LOWER = ("errors", "key", "noise", "options", "device", "progress", "plots", "scale", "blocks", "preprocess",
+LOWER = ("errors", "key", "noise", "options", "device", "progress", "plots", "scale", "stream", "blocks", "preprocess",
          "datasets", "store", "models")
 STAGES = ("extract", "probe", "cka", "repfusion")
 TOP = ("api", "cli")

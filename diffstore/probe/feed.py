@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DiffstoreError
+from ..stream import buffers
 
 DEFAULT_BUDGET = 2 << 30  # bytes of float32 rows a Feed may hold in RAM; above it, rows stream chunk-wise
 
@@ -115,24 +116,11 @@ class Feed:
             return
         keep = np.zeros(len(self.labels), bool)
         keep[self.positions] = True
-        cr = self.sources[0].chunk_rows
-        chunks = [c for c in range(-(-len(keep) // cr)) if keep[c * cr:(c + 1) * cr].any()]
-        if rng is not None:
-            rng.shuffle(chunks)
         carry_x, carry_y = [np.empty((0, *r.row_shape), np.float32) for r in self.sources], np.empty(0, np.int64)
-        for g in range(0, len(chunks), max(1, self.buffer_rows // cr)):
-            xs, ys = [list() for _ in self.sources], []
-            for c in chunks[g:g + max(1, self.buffer_rows // cr)]:
-                sl = slice(c * cr, min((c + 1) * cr, len(keep)))
-                local = np.flatnonzero(keep[sl])
-                ys.append(self.labels[sl][local])
-                for x, r in zip(xs, self.sources):
-                    x.append(r.read(sl)[local])
-            buf_x = [np.concatenate([cx, *x]).astype(np.float32, copy=False) for cx, x in zip(carry_x, xs)]
-            buf_y = np.concatenate([carry_y, *ys])
-            if rng is not None:
-                perm = rng.permutation(len(buf_y))
-                buf_x, buf_y = [b[perm] for b in buf_x], buf_y[perm]
+        for xs, ys in buffers([r.read for r in self.sources], self.labels, keep, self.sources[0].chunk_rows,
+                              self.buffer_rows, rng):
+            buf_x = [np.concatenate([cx, x]) for cx, x in zip(carry_x, xs)]
+            buf_y = np.concatenate([carry_y, ys])
             n_full = len(buf_y) // bs * bs
             for i in range(0, n_full, bs):
                 yield [self._tensor(b[i:i + bs]) for b in buf_x], torch.from_numpy(buf_y[i:i + bs]).to(self.device)
