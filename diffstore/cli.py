@@ -1,6 +1,6 @@
 """`diffstore` command line: a thin layer over the API. Each stage's command is built from its options dataclass
-(extract/options.py, probe/options.py, cka/options.py, repfusion/config.py: one definition of every option's
-name, type, default and help), parses the flags into it and calls the stage with it.
+(extract/options.py, probe/options.py, cka/options.py, finetune/options.py, repfusion/config.py: one definition of
+every option's name, type, default and help), parses the flags into it and calls the stage with it.
 
 Results go to stdout (rich tables, or --json); progress and errors go to stderr. A DiffstoreError exits 2 with
 its message, printed as text (never as markup); Ctrl-C exits 130; nothing else is printed.
@@ -150,6 +150,12 @@ def run_probe(o, as_json: bool) -> None:
     probe_command(o, json_out=as_json)
 
 
+def run_finetune(o, as_json: bool) -> None:
+    from .finetune.stage import finetune_command
+
+    finetune_command(o, json_out=as_json)
+
+
 def run_cka(o, as_json: bool) -> None:
     from .cka.stage import cka_command
 
@@ -159,6 +165,7 @@ def run_cka(o, as_json: bool) -> None:
 def add_stage_commands() -> None:
     from .cka.options import CKAOptions
     from .extract.options import ExtractOptions, RepairOptions
+    from .finetune.options import FinetuneOptions
     from .probe.options import ProbeOptions
 
     options_command(app, "extract", ExtractOptions, run_extract,
@@ -172,6 +179,10 @@ def add_stage_commands() -> None:
                     "store.")
     options_command(app, "cka", CKAOptions, run_cka,
                     "Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores.")
+    options_command(app, "finetune", FinetuneOptions, run_finetune,
+                    "Fine-tune the network truncated after the key's block, plus a head, end to end (--from scratch: "
+                    "the same architecture from seeded random weights); stored and compared with the frozen probe. "
+                    "The model comes from --model (as extract takes it) and must be the one that wrote the arrays.")
 
 
 add_stage_commands()
