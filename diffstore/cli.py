@@ -1,6 +1,6 @@
 """`diffstore` command line: a thin layer over the API. Each stage's command is built from its options dataclass
-(extract/options.py, probe/options.py, cka/options.py, repfusion/config.py: one definition of every option's
-name, type, default and help), parses the flags into it and calls the stage with it.
+(extract/options.py, probe/options.py, cka/options.py, finetune/options.py, repfusion/config.py: one definition of
+every option's name, type, default and help), parses the flags into it and calls the stage with it.
 
 Results go to stdout (rich tables, or --json); progress and errors go to stderr. A DiffstoreError exits 2 with
 its message, printed as text (never as markup); Ctrl-C exits 130; nothing else is printed.
@@ -84,8 +84,11 @@ def options_command(group: typer.Typer, name: str, cls, run: typing.Callable, he
         if as_json and as_csv:
             raise DiffstoreError("pass --json or --csv, not both")
         kw = {k: (tuple(v or ()) if k in arguments else v) for k, v in kw.items()}
-        STYLE.set("cli")
-        run(cls.build(kw), "json" if as_json else "csv" if as_csv else None)
+        token = STYLE.set("cli")  # errors name options as flags while this command runs (and only then)
+        try:
+            run(cls.build(kw), "json" if as_json else "csv" if as_csv else None)
+        finally:
+            STYLE.reset(token)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
@@ -157,6 +160,12 @@ def run_probe(o, fmt: str | None) -> None:
     probe_command(o, fmt)
 
 
+def run_finetune(o, fmt: str | None) -> None:
+    from .finetune.stage import finetune_command
+
+    finetune_command(o, json_out=fmt == "json")
+
+
 def run_cka(o, fmt: str | None) -> None:
     from .cka.stage import cka_command
 
@@ -166,6 +175,7 @@ def run_cka(o, fmt: str | None) -> None:
 def add_stage_commands() -> None:
     from .cka.options import CKAOptions
     from .extract.options import ExtractOptions, RepairOptions
+    from .finetune.options import FinetuneOptions
     from .probe.options import ProbeOptions
 
     options_command(app, "extract", ExtractOptions, run_extract,
@@ -180,6 +190,10 @@ def add_stage_commands() -> None:
     options_command(app, "cka", CKAOptions, run_cka,
                     "Linear (or RBF) CKA between stored feature arrays: blocks, time steps, pools, models, stores.",
                     csv=True)
+    options_command(app, "finetune", FinetuneOptions, run_finetune,
+                    "Fine-tune the network truncated after the key's block, plus a head, end to end (--from scratch: "
+                    "the same architecture from seeded random weights); stored and compared with the frozen probe. "
+                    "The model comes from --model (as extract takes it) and must be the one that wrote the arrays.")
 
 
 add_stage_commands()

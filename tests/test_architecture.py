@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffstore"
 # The ground and the store know nothing of the stages; stages never call back into the API or the CLI.
 LOWER = ("errors", "key", "noise", "options", "device", "progress", "plots", "scale", "stream", "blocks", "preprocess",
          "datasets", "store", "models")
-STAGES = ("extract", "probe", "cka", "repfusion")
+STAGES = ("extract", "probe", "cka", "finetune", "repfusion")
 TOP = ("api", "cli")
 
 
@@ -88,7 +88,7 @@ def test_imports_run_only_downwards():
     assert not upward, "imports from a lower layer into a stage, or from a stage into api/cli:\n" + "\n".join(upward)
 
 
-@pytest.mark.parametrize("package", ["extract", "probe", "cka"])
+@pytest.mark.parametrize("package", ["extract", "probe", "cka", "finetune"])
 def test_each_stage_defines_its_options_once(package):
     """The stage's options class lives in <stage>/options.py; cli.py and api.py spell out no option of it."""
     import dataclasses

@@ -4,7 +4,8 @@ Follow `diffstore extract` from the CLI: cli.py builds the command from options.
 plan.plan_extraction (validate everything, refuse before writing) -> pipeline.extract_features (loader workers ->
 run_units -> forward.forward_blocks: one truncated forward with hooks -> ShardWriter thread) ->
 ShardedArray.write_shard (store/arrays.py). distributed.py runs the same plan on a dask cluster; repair.py
-recomputes the shards `verify` reports bad.
+recomputes the shards `verify` reports bad; recorded.py checks a given model and data root against what an array
+recorded (repair and finetune rebuild its inputs from them).
 
 The package is callable: `ds.extract(store, t=[10, 50], ...)` is stage.extract (options.StagePackage). Importing
 it is cheap: `diffstore extract --help` reads options.py through it; the names below load torch on first use.

@@ -16,16 +16,14 @@ from collections import defaultdict
 
 from ..datasets import Split, load_split
 from ..errors import DiffstoreError
-from ..key import FeatureKey
 from ..models.base import DiffusionModel
-from ..preprocess import Preprocess
 from ..store import Store
-from ..store.attrs import checked_recipe, checked_source
 from ..store.verify import Finding, check_array, verify_findings
 from ..options import api
-from .options import ExtractOptions, RepairOptions
+from .options import RepairOptions
 from .pipeline import extract_features
 from .plan import plan_extraction
+from .recorded import recorded
 
 
 def rebuild_metadata(store: Store, path: str) -> None:
@@ -37,29 +35,6 @@ def rebuild_metadata(store: Store, path: str) -> None:
                              f"format-1 array). Remove it with `diffstore rm --store {store.url} {path}` and re-extract")
     for name in ("x", "done"):
         store.remove_key(f"{path}/{name}/zarr.json")
-
-
-def recorded_hint(attrs: dict) -> str:
-    """What the array's attributes say produced it: printed as a hint, never loaded."""
-    source = attrs.get("model", {}).get("source", {}) if isinstance(attrs.get("model"), dict) else {}
-    spec = source.get("spec") if isinstance(source, dict) else None
-    return f" (its attributes record --model {str(spec)[:200]})" if spec else ""
-
-
-def split_data(store: Store, key: FeatureKey, attrs: dict, data_root: str | None) -> Split:
-    """The array's samples, loaded from `data_root` (the command line's, never the store's) in the stored order."""
-    stored = store.split(key.dataset, key.split)
-    group = store._group(f"datasets/{key.dataset}/{key.split}")
-    skipped = group.attrs.get("skipped") if group is not None else None
-    source = checked_source(attrs, key)
-    limit = source.get("limit")
-    try:
-        data = load_split(key.dataset, key.split, data_root, skip_bad=bool(skipped), limit=limit)
-    except DiffstoreError as e:
-        root = source.get("root")
-        where = f"; it was extracted from {str(root)[:200]} on the writer's machine" if root else ""
-        raise DiffstoreError(f"repair needs the data of {key.dataset}/{key.split}: {e}{where}") from None
-    return data.take(stored.ids, "pass the --data-root holding the data the array was extracted from")
 
 
 def rebuild_split(store: Store, path: str, data_root: str | None) -> dict:
@@ -109,33 +84,15 @@ def repair(store: Store, model: DiffusionModel, texts: list[str] | None = None, 
         raise DiffstoreError(f"repair rebuilds feature arrays; {targets[0]} is not one: remove it with `diffstore rm "
                              f"--store {store.url} {targets[0]}` and re-run `diffstore repfusion targets`")
     # Every check before anything is touched: the model's and the data's identity, per array.
-    jobs = []
-    for path in by_path:
-        key = FeatureKey.from_path(path)
-        attrs = dict(store._group(path).attrs)
-        recipe = checked_recipe(attrs, path)
-        if recipe.model_fingerprint != model.fingerprint:
-            raise DiffstoreError(f"{path} was extracted by another model than --model {model.source.get('spec', '')} "
-                                 f"(model fingerprint {recipe.model_fingerprint[:12]}, yours {model.fingerprint[:12]})"
-                                 f"{recorded_hint(attrs)}. Pass the model that wrote it, or name only this model's "
-                                 f"arrays (e.g. model={model.name}); nothing was changed")
-        data = split_data(store, key, attrs, data_root)
-        if data.fingerprint(Preprocess(model.image_size, model.image_channels)) != recipe.dataset_fingerprint:
-            raise DiffstoreError(f"{path}: the {key.dataset}/{key.split} data loaded here is not what the array was "
-                                 "extracted from (dataset fingerprint differs); pass the --data-root of those files. "
-                                 "Nothing was changed")
-        layout = attrs.get("layout", {})
-        options = ExtractOptions.build(
-            t=key.t, blocks=str(key.block), pools=key.pool, input=key.input, noise_seed=recipe.noise_seed,
-            noise_draws=recipe.noise_draws, compute_dtype=recipe.compute_dtype, dtype=recipe.storage_dtype,
-            micro_batch=recipe.micro_batch, attention=recipe.attention, compile=recipe.compile,
-            shard_rows=layout.get("shard_rows"))
-        jobs.append((path, key, data, options))
-    for path, key, data, options in jobs:
+    fix = (f"Pass the model that wrote it, or name only this model's arrays (e.g. model={model.name}); "
+           "nothing was changed")
+    jobs = [recorded(store, path, model, data_root, fix) for path in by_path]
+    for job in jobs:
+        key, path = job.key, job.key.path
         if any(f.kind == "metadata" for f in by_path[path]):
             rebuild_metadata(store, path)
         named = dataclasses.replace(model, name=key.model)  # the array's name for these weights (the fingerprint decides)
-        plan = plan_extraction(store, named, data, options)
+        plan = plan_extraction(store, named, job.data, job.options)
         array = plan.arrays[(key.t, key.block, key.pool)]
         array.invalidate(sorted({i for f in check_array(store, path) if f.kind == "corrupt" for i in f.shards}))
         summary = extract_features(plan, batch_size=batch_size, show_progress=show_progress)

@@ -84,11 +84,11 @@ def parse_fuse(spec: str, keys: list[FeatureKey]) -> list[FeatureKey]:
 def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None, limit: int | None = None) -> Source:
     """The raw images, preprocessed exactly as the features' extraction did (attrs['preprocess'])."""
     pre = Preprocess(**attrs["preprocess"])
-    root = data_root or attrs.get("dataset", {}).get("source", {}).get("root")
+    root = data_root  # the command line's (or the dataset's default location), never a folder the store names
     rows, fps = {}, []
     for split in ("train", "test"):
         record = store.split(dataset, split)
-        data = load_split(dataset, split, root).take(record.ids, f"pass --data-root of the data it was extracted from (tried {root})")
+        data = load_split(dataset, split, root).take(record.ids, "pass --data-root of the data it was extracted from")
         x = np.concatenate([pre(data.load(np.arange(i, min(i + 1024, len(data))))).numpy() for i in range(0, len(data), 1024)])
         rows[split] = first_rows(Rows.of(x), limit)
         fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,
