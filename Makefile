@@ -37,6 +37,9 @@ cka: install
 cka-networks: install
 	$(PY) pipelines/cka_networks.py --store $(STORE) --out data/cka-networks $(if $(WEIGHTS),--weights $(WEIGHTS))
 
+docs: install
+	$(PY) -m diffstore.reference > docs/cli.md
+
 bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 

@@ -387,25 +387,27 @@ def main():
     # When a storage server drops mid-run, its in-flight uploads fail in background tasks nobody awaits any more, and
     # asyncio logs each with a traceback; the command reports the outage itself (below), once and without one.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    import click
-
+    interrupted = "interrupted; finished shards and stored results are kept (re-run to continue)"
     try:
         code = app(standalone_mode=False)  # click's own exits are handled here: Ctrl-C must exit 130, not 1
+        if code == 130:  # typer turned a KeyboardInterrupt into an exit code
+            print_error(interrupted)
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.Abort:
-        print_error("interrupted; finished shards and stored results are kept (re-run to continue)")
-        sys.exit(130)
-    except click.ClickException as e:  # a usage error: click's own message and exit code (2)
-        e.show()
-        sys.exit(e.exit_code)
     except DiffstoreError as e:
         print_error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
-        print_error("interrupted; finished shards and stored results are kept (re-run to continue)")
+        print_error(interrupted)
         sys.exit(130)
-    except Exception as e:  # the storage failing (disk full, read-only, network, credentials) is not a bug
-        from .store.backend import storage_failure
+    except Exception as e:
+        # click (or the copy typer vendors) signals Ctrl-C and usage errors with classes of its own
+        if type(e).__name__ == "Abort":
+            print_error(interrupted)
+            sys.exit(130)
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()  # a usage error: click's own message and exit code (2)
+            sys.exit(e.exit_code)
+        from .store.backend import storage_failure  # the storage failing (disk full, network, ...) is not a bug
 
         message = storage_failure("the store", e)
         if message is None:

@@ -176,7 +176,7 @@ def test_batched_preprocessing_equals_the_pil_path(channels, shape):
 def test_attention_option_exists_only_where_the_model_can_switch(tmp_path, model, digits):
     with pytest.raises(DiffstoreError, match="one attention implementation"):
         plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, digits, **ARGS, attention="sdpa")
-    with pytest.raises(DiffstoreError, match="--micro-batch must be >= 1"):
+    with pytest.raises(DiffstoreError, match="micro_batch= must be >= 1"):
         plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, digits, **ARGS, micro_batch=0)
     assert not (tmp_path / "s.zarr" / "features").exists()
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +19,10 @@ from diffstore.store.verify import verify_findings
 
 URL = "s3://team/shared.zarr"
 READER = """
-import hashlib, json, sys
+import json, sys
+from conftest import digests
 from diffstore.store import Store
-s = Store.open(sys.argv[1], mode="r")
-print(json.dumps({a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a in s.arrays()}))
+print(json.dumps(digests(Store.open(sys.argv[1], mode="r"))))
 """
 
 
@@ -44,7 +45,8 @@ def s3_store(s3_env, model, split) -> str:
 
 def test_s3_store_round_trip_matches_local_bytes(s3_env, s3_store, model, split, tmp_path):
     fill(str(tmp_path / "local.zarr"), model, split)
-    remote = subprocess.run([sys.executable, "-c", READER, s3_store], env=s3_env, capture_output=True, text=True)
+    remote = subprocess.run([sys.executable, "-c", READER, s3_store], env=s3_env, capture_output=True, text=True,
+                            cwd=Path(__file__).parent)  # conftest.digests: done flags and done shards hashed
     assert remote.returncode == 0, remote.stderr
     local = digests(Store.open(str(tmp_path / "local.zarr"), mode="r"))
     assert len(local) == 4 and json.loads(remote.stdout) == local
