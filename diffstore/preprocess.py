@@ -38,6 +38,11 @@ class Preprocess:
 
     def one(self, image: np.ndarray) -> np.ndarray:
         """uint8 HxW or HxWxC -> float32 CxSxS in [-1, 1]."""
+        arr = np.asarray(self.pil(image), dtype=np.float32) / 127.5 - 1.0
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def pil(self, image: np.ndarray) -> Image.Image:
+        """uint8 HxW or HxWxC -> the S x S PIL image: resized, center-cropped, channels matched, flipped if asked."""
         pil = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[:, :, 0])
         pil = pil.convert("L" if self.channels == 1 else "RGB")
         w, h = pil.size
@@ -49,8 +54,7 @@ class Preprocess:
             pil = pil.crop((left, top, left + self.size, top + self.size))
         if self.flip:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return pil
 
     def __call__(self, images) -> "torch.Tensor":
         """A sequence of uint8 images (HxW or HxWxC, any sizes) -> float32 [B, C, S, S] in [-1, 1]."""

@@ -62,6 +62,11 @@ def worker_plan(job: ExtractJob) -> Plan:
                              "config differ); every worker needs the same model files")
     store = Store.open(o.store, "a")
     data = load_split(o.dataset, job.split, o.data_root, skip_bad=o.skip_bad)
+    if o.views:  # the driver's (sample, view) rows
+        from ..preprocess import Preprocess
+        from ..views import view_split
+
+        data = view_split(data, o.views, o.view_seed, Preprocess(model.image_size, model.image_channels))
     data = data.take(store.split(data.name, data.split).ids, f"give worker {socket.gethostname()} the same data as "
                      "the driver (the same --data-root on a shared filesystem)")
     plan = plan_extraction(store, model, data, o)
@@ -106,12 +111,12 @@ def group_tasks(tasks: list[tuple[int, int]], shards_per_task: int) -> list[tupl
 
 def extract_job(plan: Plan, options: ExtractOptions, torch_threads: int = 1) -> ExtractJob:
     """The job every extraction task carries (pickled into the graph: plain values, checked free of secrets)."""
-    r = plan.recipe
+    r, base = plan.recipe, plan.split.source.get("base_split", plan.split.split)
     o = options.replace(store=worker_url(options.store), model=absolute(options.model),
                         data_root=absolute(options.data_root), shard_rows=plan.shard_rows, micro_batch=r.micro_batch,
                         attention=r.attention, compile=r.compile, t=plan.ts, blocks=[str(b) for b in plan.blocks],
-                        pools=plan.pools, input=plan.input_mode, split=[plan.split.split])
-    return ExtractJob(o, plan.split.split, r, torch_threads)
+                        pools=plan.pools, input=plan.input_mode, split=[base])
+    return ExtractJob(o, base, r, torch_threads)
 
 
 def extract_distributed(plan: Plan, options: ExtractOptions, shards_per_task: int = 1, torch_threads: int = 1,

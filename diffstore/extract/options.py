@@ -47,6 +47,10 @@ class ExtractOptions(ModelOptions, StoreOptions):
                                   "are the whole split's; a later run with a larger limit (or none) adds the rest.")
     rows: str | None = opt(None, "Only this row range of each split: A:B, or per split train=0:5000,test=0:100 "
                                  "(machines or people can split the rows of one array between them).")
+    views: str | None = opt(None, "Augmented views stored as extra rows: flip, crops:K (seeded random-resized crops) "
+                                  "or flip,crops:K; the split is stored as SPLIT+VIEWS (e.g. train+flip), each view "
+                                  "a fixed transform in its key. probe --augment trains on them.")
+    view_seed: int = opt(0, "Seed of the crop views' boxes (part of the key).", min=0)
     dry_run: bool = opt(False, "Print the arrays to create, the shards to compute, the bytes they take and an "
                                "estimated time (one timed micro-batch), without writing anything.")
     workers: int | None = opt(None, "Run on a local dask cluster with this many worker processes.", min=1)

@@ -121,7 +121,9 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
     the forward settings (micro_batch, attention, compile: recipe fields, they change the last bits), None means
     what the requested arrays already hold (a resume never changes bits), else the default for the model."""
     o = (options or ExtractOptions()).replace(**overrides) if overrides else (options or ExtractOptions())
-    rows = row_range(o, split.split, len(split))
+    n_views = len(split.source.get("views", [])) or 1  # a view split: --limit / --rows count samples
+    rows = row_range(o, split.source.get("base_split", split.split), len(split) // n_views)
+    rows = range(rows.start * n_views, rows.stop * n_views)
     if model.encode is None and model.image_channels not in (1, 3):
         raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
                              "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")

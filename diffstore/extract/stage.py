@@ -13,7 +13,7 @@ def run(o: ExtractOptions) -> list[dict]:
     split: the arrays' paths, shards run and total. Keys already stored are skipped, so a re-run is a no-op."""
     from . import quick
 
-    if not o.dry_run and (rows := quick.all_stored(o)) is not None:  # nothing to do: answered without torch
+    if not o.dry_run and not o.views and (rows := quick.all_stored(o)) is not None:  # answered without torch
         return rows
     from ..datasets import load_split
     from ..device import pick_device
@@ -30,6 +30,11 @@ def run(o: ExtractOptions) -> list[dict]:
         for split in o.split:
             data = load_split(o.dataset, split, o.data_root, skip_bad=o.skip_bad)
             remember[quick.split_key(o, split)] = quick.split_identity(data)
+            if o.views:
+                from ..preprocess import Preprocess
+                from ..views import view_split
+
+                data = view_split(data, o.views, o.view_seed, Preprocess(model.image_size, model.image_channels))
             plan = plan_extraction(store, model, data, o)
             if o.dry_run:
                 from .estimate import dry_run
@@ -44,7 +49,7 @@ def run(o: ExtractOptions) -> list[dict]:
                 with store.undo_if_unstarted(plan.created):  # a failure before any shard is done leaves nothing
                     summary = extract_features(plan, batch_size=o.batch_size, show_progress=o.show_progress,
                                                workers=o.loader_workers)
-            rows.append({"store": store.url, "dataset": o.dataset, "split": split, "model": model.name,
+            rows.append({"store": store.url, "dataset": o.dataset, "split": data.split, "model": model.name,
                          "rows": len(plan.rows), "of": len(data), "micro_batch": plan.recipe.micro_batch,
                          "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],
