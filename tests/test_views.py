@@ -51,7 +51,8 @@ def test_crop_views_are_seeded_boxes_recorded_in_the_key(tmp_path, model, split)
     pre = Preprocess(model.image_size, model.image_channels)
     store = Store.open(str(tmp_path / "s.zarr"))
     plan = plan_extraction(store, model, view_split(split, "crops:2", 0, pre), **ARGS)
-    other = plan_extraction(store, model, view_split(split, "crops:2", 1, pre), **ARGS, dry_run=True)
+    other = plan_extraction(Store.open(str(tmp_path / "o.zarr")), model, view_split(split, "crops:2", 1, pre), **ARGS,
+                            dry_run=True)
     assert plan.recipe.dataset_fingerprint != other.recipe.dataset_fingerprint  # the boxes are in the key
     assert plan.key(10, 2, "2").split == "test+crops2" and plan.arrays[(10, 2, "2")].n_rows == 3 * len(split)
     with pytest.raises(DiffstoreError, match="another fingerprint"):  # a name never holds two sets of views
