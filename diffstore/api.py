@@ -8,6 +8,7 @@ options dataclass like the CLI commands are.
     f = store.features(t=50, block="mid", pool=2, split="train")
     x, y = f.numpy(), f.labels                        # [N, C, p, p] float16, [N] int64
     f.to_xarray()                                     # dims (sample, channel, y, x), ids and labels as coordinates
+    store.head(t=50, block="mid", pool=2, head="linear").predict(x)  # a head `probe --save-heads` stored
 
 Reading needs only numpy and zarr (xarray, dask, torch when asked for); nothing here imports torch until a
 stage runs or `to_torch()` is called.
@@ -205,6 +206,22 @@ class FeatureStore:
 
     def class_names(self, split: str, dataset: str | None = None) -> list[str]:
         return self.store.split(self._dataset(dataset, split), split).class_names
+
+    def heads(self, **selector: Any) -> list[dict]:
+        """The heads `diffstore probe --save-heads` stored: what each is (name = its result's, key fields, head,
+        recipe, chosen C/k/lr, class names, top-1). Selector: dataset, model, input, t, block, pool, head (kind or
+        label), estimator; a value may be a list."""
+        from .probe.saved import find_heads
+
+        return find_heads(self.store, **selector)
+
+    def head(self, name: str | None = None, **selector: Any) -> Any:
+        """A saved head as a fitted scikit-learn estimator (LinearProbe, KNNProbe or HeadProbe) that predicts on new
+        features of its key: by name, or the one head matching a selector (as `heads`), e.g.
+        `store.head(t=50, block="mid", pool=2, head="linear").predict(f.numpy())`."""
+        from .probe.saved import load_head
+
+        return load_head(self.store, name, **selector)
 
 
 def open(url: str = DEFAULT_STORE, storage_options: dict | None = None) -> FeatureStore:  # noqa: A001 (ds.open)

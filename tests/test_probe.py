@@ -198,7 +198,8 @@ def test_refuses_spatial_head_on_pooled_vectors(store_url):
 
 
 def test_refuses_unknown_head_and_baseline(store_url):
-    with pytest.raises(DiffstoreError, match=r"head= must be one of linear, mlp, cnn, attention, fusion, got 'resnet'"):
+    with pytest.raises(DiffstoreError,
+                       match=r"head= must be one of linear, mlp, cnn, attention, fusion, knn, got 'resnet'"):
         probe(store_url, head="linear,resnet")
     with pytest.raises(DiffstoreError, match=r"baseline= must be one of none, pixels, got 'random'"):
         probe(store_url, baseline="random")

@@ -14,7 +14,7 @@ from .sources import fuse_source, key_source
 
 
 def probe_task(store_url: str, kind: str, keys: list[dict], spec, recipe, device, budget: int,
-               torch_threads: int) -> dict:
+               torch_threads: int, save_heads: bool = False) -> dict:
     """On a worker: train one head on one source (a key, or fused keys) and store its result, as run_probes does."""
     import torch
 
@@ -23,27 +23,28 @@ def probe_task(store_url: str, kind: str, keys: list[dict], spec, recipe, device
     sources = [key_source(store, FeatureKey(**k)) for k in keys]
     source = fuse_source(sources) if kind == "fuse" else sources[0]
     return run_probes(store, [source], [spec], recipe, retrain=True, device=device, budget=budget,
-                      show_progress=False)[0]
+                      show_progress=False, save_heads=save_heads)[0]
 
 
 def probe_distributed(store: Store, sources: list, specs: list, recipe, retrain: bool = False,
                       device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True,
                       workers: int | None = None, scheduler: str | None = None, torch_threads: int = 1,
-                      client=None) -> list[dict]:
+                      client=None, save_heads: bool = False) -> list[dict]:
     """results.run_probes on a cluster: one task per (source, head) not already stored; the same result rows,
     in the same order. Pixel baselines (rows held in this process, not in the store) train here."""
     items = [(source, spec) for source in sources for spec in specs]
-    results, missing = cached_results(store, sources, specs, recipe, retrain)
+    results, missing = cached_results(store, sources, specs, recipe, retrain, save_heads)
     remote = []
     for i, _, source, spec in missing:
         if source.kind == "pixels":
-            results[i] = run_probes(store, [source], [spec], recipe, True, device, budget, show_progress)[0]
+            results[i] = run_probes(store, [source], [spec], recipe, True, device, budget, show_progress,
+                                    save_heads)[0]
         else:
             remote.append(i)
     if remote:
         url = worker_url(store.url)
         calls = [(url, items[i][0].kind, [k.to_dict() for k in items[i][0].keys], items[i][1], recipe, device, budget,
-                  torch_threads) for i in remote]
+                  torch_threads, save_heads) for i in remote]
         names = [f"{items[i][1].kind} head on {'+'.join(k.short() for k in items[i][0].keys)}" for i in remote]
         with cluster_client(workers, scheduler, client) as client:
             for i, r in zip(remote, run_all(client, probe_task, calls, names, "probe", "head", [1] * len(calls),

@@ -1,9 +1,12 @@
 """ProbeResults: what `ds.probe(...)` returns, the results of one probe run as data.
 
-    out.to_pandas()          one tidy row per model x key x head x recipe x seed (numeric t/block/pool, interval
-                             bounds, the chosen hyperparameters, converged, sizes); controls have null t/block
+    out.to_pandas()          one tidy row per model x key x head x recipe x seed (numeric t/block/pool; top-1,
+                             top-5 and mean-per-class with interval bounds; the chosen hyperparameters: C and
+                             whether it is a grid end, k, lr/wd; refit, converged, sizes); controls have null
+                             t/block
     out.summary              the best key per head with its margins over the controls (as `--json` prints it)
-    out.paired(a, b)         a minus b on the same test images, with the paired-bootstrap 95% interval
+    out.paired(a, b)         a minus b on the same test images, with the paired-bootstrap 95% interval (top-1;
+                             metric="top5" or "mean-per-class" for those)
     out.rows()               the tidy rows as dicts (what `diffstore probe --csv` prints), no pandas needed
 
 `results` holds the stored dicts themselves; the JSON the CLI prints (`--json`) is `to_json()`. Mapping access
@@ -17,11 +20,14 @@ from dataclasses import dataclass, field
 
 from ..errors import DiffstoreError, require
 from .intervals import difference, result_hits
+from .report import METRICS
 
 # the tidy table's columns, in order (fields a result lacks are None)
 COLUMNS = ("name", "dataset", "model", "input", "t", "block", "block_name", "pool", "resolution", "head",
-           "head_label", "recipe", "seed", "top1", "ci_low", "ci_high", "val_top1", "C", "lr", "weight_decay",
-           "converged", "n_train", "n_val", "n_test", "kind", "cached")
+           "head_label", "recipe", "seed", "top1", "ci_low", "ci_high", "val_top1", "top5", "top5_ci_low",
+           "top5_ci_high", "mean_per_class", "mean_per_class_ci_low", "mean_per_class_ci_high", "val_mean_per_class",
+           "C", "C_at_grid_end", "refit", "k", "lr", "weight_decay", "converged", "n_train", "n_val", "n_test", "kind",
+           "cached")
 
 
 def whole(value) -> int | None:
@@ -32,7 +38,7 @@ def whole(value) -> int | None:
 def tidy(r: dict) -> dict:
     """One result as a flat row of COLUMNS."""
     pixels = r.get("kind") == "pixels"
-    ci = r.get("ci95") or [None, None]
+    ci, ci5, ci_class = (r.get(f) or [None, None] for f in ("ci95", "top5_ci95", "mean_per_class_ci95"))
     recipe = r.get("recipe") or {}
     return {"name": r.get("name"), "dataset": r.get("dataset"), "model": r.get("model"),
             "input": None if pixels else r.get("input"), "t": whole(r.get("t")), "block": whole(r.get("block")),
@@ -40,7 +46,11 @@ def tidy(r: dict) -> dict:
             "resolution": whole(r.get("pool")) if pixels else None, "head": (r.get("head") or {}).get("kind"),
             "head_label": r.get("head_label"), "recipe": recipe.get("name"), "seed": r.get("seed"),
             "top1": r.get("top1"), "ci_low": ci[0], "ci_high": ci[1], "val_top1": r.get("val_top1"),
-            "C": r.get("C"), "lr": r.get("lr"), "weight_decay": r.get("weight_decay"),
+            "top5": r.get("top5"), "top5_ci_low": ci5[0], "top5_ci_high": ci5[1],
+            "mean_per_class": r.get("mean_per_class"), "mean_per_class_ci_low": ci_class[0],
+            "mean_per_class_ci_high": ci_class[1], "val_mean_per_class": r.get("val_mean_per_class"),
+            "C": r.get("C"), "C_at_grid_end": r.get("C_at_grid_end"), "refit": recipe.get("refit"), "k": r.get("k"),
+            "lr": r.get("lr"), "weight_decay": r.get("weight_decay"),
             "converged": r.get("converged"), "n_train": r.get("n_train"), "n_val": r.get("n_val"),
             "n_test": r.get("n_test"), "kind": r.get("kind"), "cached": bool(r.get("cached", False))}
 
@@ -54,6 +64,7 @@ class ProbeResults(Mapping):
     ranking: list[dict] = field(default_factory=list)  # --select: the proxy ranking
     rho: dict = field(default_factory=dict)  # --select: Spearman correlation of proxy and trained top-1
     plots: list[str] = field(default_factory=list)  # PNGs written
+    labels: dict = field(default_factory=dict)  # dataset -> test labels (mean-per-class differences need them)
 
     def to_json(self) -> dict:
         ranking = [{k: v for k, v in r.items() if k != "source"} for r in self.ranking]
@@ -73,7 +84,7 @@ class ProbeResults(Mapping):
         """The tidy table as a pandas DataFrame; hits=True adds each result's per-test-image hits (0/1 array)."""
         pd = require("pandas", "xarray")
         frame = pd.DataFrame(self.rows(), columns=list(COLUMNS))
-        for col in ("t", "block", "pool", "resolution", "seed", "n_train", "n_val", "n_test"):
+        for col in ("t", "block", "pool", "resolution", "seed", "k", "n_train", "n_val", "n_test"):
             frame[col] = frame[col].astype("Int64")
         if hits:
             frame["hits"] = [result_hits(r) for r in self.results]
@@ -90,14 +101,23 @@ class ProbeResults(Mapping):
                                  "that pick one (e.g. dict(model=..., t=10, block=7, pool=2, head='linear'))")
         return found[0]
 
-    def paired(self, a, b) -> dict:
-        """Result a minus result b on the same test images: the difference of their top-1 with its paired-bootstrap
-        95% interval (intervals.difference on their stored per-image hits)."""
+    def paired(self, a, b, metric: str = "top1") -> dict:
+        """Result a minus result b on the same test images: the difference of their top-1 (or top5,
+        mean-per-class) with its paired-bootstrap 95% interval (intervals.difference on their stored per-image
+        hits; mean-per-class resampled within each class)."""
+        if metric not in METRICS:
+            raise DiffstoreError(f"metric= takes {', '.join(METRICS)}, got {metric!r}")
         ra, rb = self.result(a), self.result(b)
         if ra.get("n_test") != rb.get("n_test") or ra.get("dataset") != rb.get("dataset"):
             raise DiffstoreError(f"{ra['name']} and {rb['name']} were not tested on the same images "
                                  f"({ra.get('dataset')} {ra.get('n_test')} vs {rb.get('dataset')} {rb.get('n_test')})")
-        return {"a": ra["name"], "b": rb["name"], **difference(result_hits(ra), result_hits(rb))}
+        ha, hb = result_hits(ra, metric), result_hits(rb, metric)
+        if ha is None or hb is None:
+            raise DiffstoreError(f"{(rb if ha is not None else ra)['name']} stores no {metric} hits (a result of an "
+                                 "earlier release, or top-5 with 5 classes or fewer); run it again with retrain=True")
+        y = self.labels.get(ra["dataset"]) if metric == "mean-per-class" else None
+        return {"a": ra["name"], "b": rb["name"], "metric": metric,
+                **difference(ha, hb, None if y is None else y[:len(ha)])}
 
     def __getitem__(self, name: str):
         return self.to_json()[name]
@@ -119,9 +139,10 @@ def fusion_json(line: dict) -> dict:
 
 def summary_json(line: dict) -> dict:
     """A summary line with results named (not embedded) and no packed hits."""
-    best = line["best"]
-    return {"dataset": line["dataset"], "head": line["head"], "recipe": line["recipe"], "n_keys": line["n_keys"],
-            "best": {k: best.get(k) for k in ("name", "model", "t", "block", "block_name", "pool", "top1", "ci95",
-                                               "val_top1", "seeds")},
+    best, (_, score, ci, val) = line["best"], METRICS[line["metric"]]
+    return {"dataset": line["dataset"], "head": line["head"], "recipe": line["recipe"], "metric": line["metric"],
+            "n_keys": line["n_keys"],
+            "best": {k: best.get(k) for k in dict.fromkeys(("name", "model", "t", "block", "block_name", "pool", "top1",
+                                                            "ci95", "val_top1", "seeds", score, ci, val))},
             **{name: {"result": line[name]["result"]["name"], "diff": line[name]["diff"], "ci95": line[name]["ci95"]}
                for name in ("twin", "pixels") if name in line}}

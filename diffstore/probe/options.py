@@ -13,7 +13,14 @@ from ..options import StoreOptions, opt, progress_opt
 
 HEADS = ("linear", "mlp", "cnn", "attention")
 FUSION = "fusion"  # a head over several keys (fusion.py): not one of the paper's single-key heads
+KNN = "knn"  # the k-nearest-neighbour evaluation (knn.py): a protocol, not a trained head
+KINDS = (*HEADS, FUSION, KNN)
 RECIPES = ("converged", "paper")
+METRICS = ("top1", "top5", "mean-per-class")  # what every result records; --metric picks the summary's
+# C from 1e-4 to 1e2, half a decade apart: wide enough that a chosen C at an end of the grid is a finding to report
+# (the stage warns), not the grid's doing; solved from small to large C, each solve warm-starting the next.
+C_GRID = tuple(float(f"{10 ** (e / 2):.4g}") for e in range(-8, 5))
+KNN_KS, KNN_TEMPERATURE = (10, 20, 100, 200), 0.07  # DINO's neighbour counts and vote temperature
 DEFAULT_MEMORY_GB = 2.0  # features held in RAM up to this; larger ones stream from the store
 
 
@@ -25,8 +32,9 @@ class ProbeOptions(StoreOptions):
     t: tuple[int, ...] | None = opt(None, "Only these time steps (comma-separated).", flag="--t")
     blocks: tuple[str, ...] | None = opt(None, "Only these blocks: indices or names, as extract takes (7,mid,down1.0).")
     pools: tuple[str, ...] | None = opt(None, "Only these pools (comma-separated).")
-    head: tuple[str, ...] = opt(("linear",), "linear | mlp | cnn | attention | fusion (comma-separated for several; "
-                                             "fusion needs --fuse).", choices=(*HEADS, FUSION))
+    head: tuple[str, ...] = opt(("linear",), "linear | mlp | cnn | attention | fusion | knn (comma-separated for "
+                                             "several; fusion needs --fuse; knn: DINO's weighted k-nearest-neighbour "
+                                             "vote, k picked on validation).", choices=KINDS)
     head_pool: int | None = opt(None, "Pool the stored map to this size inside the head (fusion: tokens per key "
                                       "side, default 8).", min=1)
     batchnorm: bool = opt(False, "BatchNorm before the linear head.")
@@ -38,6 +46,13 @@ class ProbeOptions(StoreOptions):
     recipe: str = opt("converged", "converged: linear solved to convergence (L-BFGS, C on validation), other heads "
                                    "tuned and early-stopped on validation | paper: Adam, 28 epochs, StepLR.",
                       choices=RECIPES)
+    cs: tuple[float, ...] = opt(C_GRID, "converged recipe: the linear probe's C grid (scikit-learn's C; default 13 "
+                                        "values, 1e-4 to 1e2 half a decade apart), picked on validation.", min=0)
+    refit: bool = opt(False, "Refit the linear probe on train + validation at the chosen C (knn: every train row is "
+                             "the bank); part of the recipe, so results never mix.")
+    ks: tuple[int, ...] = opt(KNN_KS, "knn: the neighbour counts k tried on validation.", min=1)
+    temperature: float = opt(KNN_TEMPERATURE, "knn: the vote's temperature T (each neighbour votes "
+                                              "exp(similarity / T)).", min=0)
     steps: int = opt(3000, "converged recipe: optimizer-step budget of mlp/cnn/attention heads.", min=1)
     lrs: tuple[float, ...] = opt((0.001, 0.003, 0.01), "converged recipe: AdamW learning rates that mlp/cnn/attention "
                                  "heads are tuned over (each paired with every --weight-decays value; picked on "
@@ -59,6 +74,11 @@ class ProbeOptions(StoreOptions):
     select: int = opt(0, "Rank every key by a closed-form ridge proxy; train the top K.", min=0)
     fuse: str | None = opt(None, "One head on concatenated keys: t=90/b=5/p=2,t=150/b=6/p=2, or auto (the top --select "
                                  "K); with --head fusion the keys the fusion head fuses.")
+    metric: tuple[str, ...] = opt(("top1",), "top1 | top5 | mean-per-class (comma-separated): the summary's "
+                                             "metric(s), each selecting the best key on validation; every result "
+                                             "records all three.", choices=METRICS)
+    save_heads: bool = opt(False, "Store each fitted head in the store (results/heads/NAME), to load with "
+                                  "ds.open(STORE).head(...) and predict on new features.")
     grid: bool = opt(False, "Accuracy table over (t, block, pool).")
     plot: str | None = opt(None, "Write heatmaps and accuracy-vs-t curves (PNG) here.")
     show_all: bool = opt(False, "Print every result, not only the summary.", flag="--all")

@@ -1,6 +1,7 @@
 """Training heads on sources, and the results cache: a result is stored as results/probe/{name}, name = head + a
 fingerprint of (the arrays' fingerprints, the head, the recipe with its seed); the same recipe again is shown from
-the store, marked "cached", instead of retraining (retrain forces it)."""
+the store, marked "cached", instead of retraining (retrain forces it). With save_heads the fitted head is stored
+too, as results/heads/{name} (saved.py); a stored result whose head is not is computed again to get it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import numpy as np
 
 from ..errors import DiffstoreError
 from ..key import fingerprint
+from ..options import spell
 from ..progress import stderr
 from ..store import Store
 from .feed import DEFAULT_BUDGET, first_labels
-from .heads import HeadSpec
-from .intervals import bootstrap_interval, pack
+from .heads import KNN, HeadSpec
+from .intervals import accuracy_record
+from .knn import knn_many
+from .options import ProbeOptions
 from .recipe import ProbeRecipe
+from .saved import save_head, saveable, stored_heads
 from .solve import solve_many
 from .sources import Source
 from .train import Job, train_many
@@ -25,10 +30,14 @@ def result_name(source: Source, spec: HeadSpec, recipe: ProbeRecipe) -> str:
 
 
 def cached_results(store: Store, sources: list[Source], specs: list[HeadSpec], recipe: ProbeRecipe,
-                   retrain: bool = False) -> tuple[list, list[tuple]]:
+                   retrain: bool = False, save_heads: bool = False) -> tuple[list, list[tuple]]:
     """(one slot per (source, head): the stored result, marked cached, or None; the (slot, name, source, head) of
-    each one still to compute). With `retrain` nothing counts as stored."""
+    each one still to compute). With `retrain` nothing counts as stored; with `save_heads`, only results whose
+    head is stored too (or cannot be)."""
     stored = {} if retrain else {r["name"]: r for r in store.results("probe")}
+    if save_heads:
+        heads = stored_heads(store)
+        stored = {name: r for name, r in stored.items() if name in heads or not saveable(r)}
     results: list = [None] * (len(sources) * len(specs))
     missing = []
     for i, (source, spec) in enumerate((src, sp) for src in sources for sp in specs):
@@ -41,11 +50,13 @@ def cached_results(store: Store, sources: list[Source], specs: list[HeadSpec], r
 
 
 def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recipe: ProbeRecipe, retrain: bool = False,
-               device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
+               device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True,
+               save_heads: bool = False) -> list[dict]:
     """One result per (source, head), in that order: stored ones reused unless `retrain`; the rest side by side
-    per dataset (linear heads of the converged recipe solved, solve.py; others trained, train.py) and stored,
-    each with its test hits (packed) and the bootstrap interval of its top-1."""
-    results, missing = cached_results(store, sources, specs, recipe, retrain)
+    per dataset (linear heads of the converged recipe solved, solve.py; knn heads evaluated, knn.py; others
+    trained, train.py) and stored, each with its test hits (packed) and its top-1, top-5 and mean-per-class
+    accuracy with bootstrap intervals. save_heads: every fitted head is stored too (saved.py)."""
+    results, missing = cached_results(store, sources, specs, recipe, retrain, save_heads)
     todo: dict[str, list] = {}
     for i, name, source, spec in missing:
         todo.setdefault(source.row["dataset"], []).append((i, name, source, spec))
@@ -59,31 +70,48 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
                                          f"p={source.row['pool']}: {rows.n_rows} feature rows but the {split.split} split "
                                          f"has {len(split.labels)} labels; re-extract the array into this store")
         solved = [it for it in items if it[3].kind == "linear" and recipe.name == "converged"]
-        trained = [it for it in items if it not in solved]
+        nearest = [it for it in items if it[3].kind == KNN]
+        trained = [it for it in items if it not in solved and it not in nearest]
         n_classes = len(train.class_names)
         if len(np.unique(train.labels)) < 2 or len(train.labels) < n_classes:
             raise DiffstoreError(f"{dataset}: {len(train.labels)} train rows ({len(np.unique(train.labels))} of "
                                  f"{n_classes} classes) are too few to train and validate a probe; raise --limit to "
                                  f"at least {n_classes} (a few per class, for a number worth reading)")
         stderr.print(f"{dataset}: {len(solved)} linear probe(s) to solve, {len(trained)} head(s) to train "
-                     f"({recipe.name} recipe, seed {recipe.seed})")
-        metrics = solve_many([s.train for _, _, s, _ in solved], [s.test for _, _, s, _ in solved],
-                             [spec.pool for *_, spec in solved], train.labels, test.labels, n_classes, recipe, device,
-                             budget, show_progress) if solved else []
+                     f"({recipe.name} recipe, seed {recipe.seed})"
+                     + (f", {len(nearest)} knn evaluation(s)" if nearest else ""))
+        metrics = []
+        for fitter, group in ((solve_many, solved), (knn_many, nearest)):
+            metrics += fitter([s.train for _, _, s, _ in group], [s.test for _, _, s, _ in group],
+                              [spec.pool for *_, spec in group], train.labels, test.labels, n_classes, recipe, device,
+                              budget, show_progress) if group else []
         jobs = [Job(s.train, s.test, spec, what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}",
                     fix=s.fix) for _, _, s, spec in trained]
         metrics += train_many(jobs, train.labels, test.labels, n_classes, recipe, device, budget,
                               show_progress) if trained else []
-        for (i, name, source, spec), m in zip(solved + trained, metrics):
-            hits = m.pop("hits")
+        for (i, name, source, spec), m in zip(solved + nearest + trained, metrics):
+            hits, hits5, fitted = m.pop("hits"), m.pop("hits5"), m.pop("fitted")
             results[i] = {"name": name, **source.row, "kind": source.kind, "keys": [k.to_dict() for k in source.keys],
                           "fingerprints": source.fingerprints, "head": spec.to_dict(), "head_label": spec.label(),
                           "recipe": recipe.to_dict(spec.kind), "seed": recipe.seed, **m,
-                          "ci95": bootstrap_interval(hits), "test_hits": pack(hits)}
-            if m.get("converged") is False:
-                stderr.print(f"[yellow]warning[/]: the {spec.label()} head on {results[i]['model']} t={source.row['t']}/"
-                             f"b={source.row['block']}/p={source.row['pool']} did not converge "
-                             + ("(still improving on validation at the step budget: raise --steps)" if spec.kind != "linear"
-                                else "(L-BFGS hit --max-iter before its gradient test)"))
+                          **accuracy_record(hits, hits5, test.labels)}
+            warn_fit(results[i], source, spec, recipe)
             writer.put_result("probe", name, results[i])
+            if save_heads:
+                save_head(writer, results[i], spec, fitted, source.train.row_shape, train.class_names)
     return results
+
+
+def warn_fit(r: dict, source: Source, spec: HeadSpec, recipe: ProbeRecipe) -> None:
+    """On stderr: a head that did not converge, or whose chosen C is an end of the grid (the optimum may lie
+    beyond it)."""
+    row = source.row
+    where = f"the {spec.label()} head on {r['model']} t={row['t']}/b={row['block']}/p={row['pool']}"
+    if r.get("converged") is False:
+        stderr.print(f"[yellow]warning[/]: {where} did not converge "
+                     + ("(still improving on validation at the step budget: raise --steps)" if spec.kind != "linear"
+                        else "(L-BFGS hit --max-iter before its gradient test)"))
+    if r.get("C_at_grid_end"):
+        stderr.print(f"[yellow]warning[/]: {where} chose C={r['C']:g}, the {r['C_at_grid_end']} C of the grid "
+                     f"({', '.join(f'{c:g}' for c in sorted(recipe.Cs))}): the best L2 strength may lie beyond it; "
+                     f"extend the grid with {spell('cs', ProbeOptions)}")

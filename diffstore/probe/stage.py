@@ -45,7 +45,7 @@ def compute(o: ProbeOptions) -> ProbeResults:
         base = ProbeRecipe(o.recipe, o.epochs, o.lr, o.weight_decay, o.step_every, o.gamma, o.early_stop,
                            steps=o.steps, min_steps=min(o.steps, ProbeRecipe.min_steps), lrs=o.lrs,
                            weight_decays=o.weight_decays, batch_size=o.batch_size, val_frac=o.val_frac, seed=o.seed,
-                           limit=o.limit)
+                           limit=o.limit, Cs=o.cs, refit=o.refit, ks=o.ks, temperature=o.temperature)
         specs = [HeadSpec(k, o.head_pool, o.batchnorm, o.hidden, o.channels, o.dim, o.depth, o.n_heads)
                  for k in o.head]
         select, fuse = o.select, o.fuse
@@ -82,14 +82,19 @@ def compute(o: ProbeOptions) -> ProbeResults:
                 from .distributed import probe_distributed
 
                 results += probe_distributed(st, group, group_specs, recipe, o.retrain, o.device, budget,
-                                             show_progress, workers=o.workers, scheduler=o.scheduler)
+                                             show_progress, workers=o.workers, scheduler=o.scheduler,
+                                             save_heads=o.save_heads)
             else:
-                results += run_probes(st, group, group_specs, recipe, o.retrain, o.device, budget, show_progress)
+                results += run_probes(st, group, group_specs, recipe, o.retrain, o.device, budget, show_progress,
+                                      o.save_heads)
     shown = collapse_seeds(results)
     if o.plot:
         plots = write_plots(shown, o.plot)
         stderr.print(f"wrote {len(plots)} plots to {o.plot}")
-    return ProbeResults(results, shown, summary(shown), compare(shown), ranking, rho, plots)
+    # test labels: mean-per-class intervals resample within each class
+    labels = {d: st.split(d, "test").labels for d in dict.fromkeys(r["dataset"] for r in shown)}
+    lines = [line for m in o.metric for line in summary(shown, m, labels)]
+    return ProbeResults(results, shown, lines, compare(shown), ranking, rho, plots, labels)
 
 
 def probe_command(o: ProbeOptions, fmt: str | None = None) -> ProbeResults:
@@ -109,7 +114,8 @@ def probe_command(o: ProbeOptions, fmt: str | None = None) -> ProbeResults:
     if ranking:
         console.print(ranking_table(ranking, out.rho))
     if o.show_all or o.list_results or not lines:
-        console.print(results_table(shown, "stored probe results" if o.list_results else "probe results"))
+        console.print(results_table(shown, "stored probe results" if o.list_results else "probe results",
+                                    o.metric))
     for table in grid_tables(shown) if o.grid else []:
         console.print(table)
     for line in fusions:

@@ -12,6 +12,8 @@ Layout (readable without diffstore: `xr.open_datatree(url, engine="zarr")`, `zar
         sample, label                          int64 [sample]: the split's ids and labels (xarray coordinates)
     targets/...                                RepFusion teacher targets, same ShardedArray layout
     results/{kind}/{name}                      attrs: JSON results (probe accuracies, CKA matrices, policies)
+    results/heads/{name}                       a fitted probe head (probe --save-heads): its weights as arrays,
+                                               what it is in attrs (probe.saved); name = its probe result's
 
 Format 1 (still read): no `layout` attribute, no sample/label arrays, dims d0..d2, ids/labels without dims.
 
@@ -511,15 +513,34 @@ class Store:
         return SplitRecord(dataset, split, ids, labels, [str(c)[:200] for c in names], attrs["ids_sha256"])
 
     # --- results written next to the features ----------------------------------------------------
-    def put_result(self, kind: str, name: str, payload: dict) -> None:
+    def put_result(self, kind: str, name: str, payload: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """A result's payload (JSON attrs), replacing any of that name; `arrays` (a saved head's weights) are
+        written first and the payload last, so a write cut short leaves no payload and is not listed."""
         path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
         if self._group(path) is not None:
             del self.root[path]
-        self.root.create_group(path, attributes={"payload": payload, "provenance": provenance()})
+        g = self.root.create_group(path)
+        for array, value in (arrays or {}).items():  # dimension names make the group an xarray Dataset
+            g.create_array(array, data=value, dimension_names=[f"{array}_{i}" for i in range(value.ndim)])
+        g.attrs.update({"payload": payload, "provenance": provenance()})
 
     def result_paths(self, kind: str | None = None) -> list[str]:
         kinds = [kind] if kind else self.child_groups("results")
         return [f"results/{k}/{name}" for k in kinds for name in self.child_groups(f"results/{k}")]
 
     def results(self, kind: str) -> list[dict]:
-        return [dict(self._group(p).attrs)["payload"] for p in self.result_paths(kind)]
+        return [a["payload"] for a in (dict(self._group(p).attrs) for p in self.result_paths(kind)) if "payload" in a]
+
+    def result_arrays(self, kind: str, name: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+        """The float arrays stored with a result (a saved head's weights), by name, read only when their names and
+        shapes are exactly `shapes` (what the reader expects: a forged size is refused before anything is read)."""
+        path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
+        g = self._group(path)
+        nodes = dict(g.arrays()) if g is not None else {}
+        found = {a: tuple(node.shape) for a, node in nodes.items() if node.dtype.kind == "f"}
+        wrong = sorted(a for a in {*nodes, *shapes} if found.get(a) != tuple(shapes.get(a, ())) or a not in shapes)
+        if wrong:
+            raise DiffstoreError(f"{self.url.rstrip('/')}/{path}: its arrays ({shown(', '.join(wrong), 120)}) are not "
+                                 "the float arrays of the shapes its description gives. Remove it with `diffstore rm` "
+                                 "and store it again")
+        return {a: np.asarray(node[...], np.float32) for a, node in nodes.items()}
