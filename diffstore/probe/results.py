@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import DiffstoreError
 from ..key import fingerprint
-from ..progress import stderr
+from ..progress import stderr, working_on
 from ..store import Store
 from .feed import DEFAULT_BUDGET, first_labels
 from .heads import HeadSpec
@@ -67,13 +67,16 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
                                  f"at least {n_classes} (a few per class, for a number worth reading)")
         stderr.print(f"{dataset}: {len(solved)} linear probe(s) to solve, {len(trained)} head(s) to train "
                      f"({recipe.name} recipe, seed {recipe.seed})")
-        metrics = solve_many([s.train for _, _, s, _ in solved], [s.test for _, _, s, _ in solved],
-                             [spec.pool for *_, spec in solved], train.labels, test.labels, n_classes, recipe, device,
-                             budget, show_progress) if solved else []
-        jobs = [Job(s.train, s.test, spec, what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}",
-                    fix=s.fix) for _, _, s, spec in trained]
-        metrics += train_many(jobs, train.labels, test.labels, n_classes, recipe, device, budget,
-                              show_progress) if trained else []
+        models = ", ".join(dict.fromkeys(s.row["model"] for _, _, s, _ in items))
+        with working_on(f"{dataset}/train {models} ({recipe.name} recipe, seed {recipe.seed})"):
+            metrics = solve_many([s.train for _, _, s, _ in solved], [s.test for _, _, s, _ in solved],
+                                 [spec.pool for *_, spec in solved], train.labels, test.labels, n_classes, recipe,
+                                 device, budget, show_progress) if solved else []
+            jobs = [Job(s.train, s.test, spec, fix=s.fix,
+                        what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}")
+                    for _, _, s, spec in trained]
+            metrics += train_many(jobs, train.labels, test.labels, n_classes, recipe, device, budget,
+                                  show_progress) if trained else []
         for (i, name, source, spec), m in zip(solved + trained, metrics):
             hits = m.pop("hits")
             results[i] = {"name": name, **source.row, "kind": source.kind, "keys": [k.to_dict() for k in source.keys],

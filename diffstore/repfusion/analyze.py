@@ -90,7 +90,8 @@ def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
     spectra = [spectrum(z[:, k]) for k in range(len(ts))]
     ranks = [effective_rank(s) for s in spectra]
     pngs = [plot_spectra(ts, spectra, folder / "spectra.png"),
-            curves(ts, {"effective rank": ranks}, "t", "effective rank", "Effective rank of z(t)", folder / "effective_rank.png")]
+            save(curves(ts, {"effective rank": ranks}, "t", "effective rank", "Effective rank of z(t)"),
+                 folder / "effective_rank.png")]
 
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(z), size=min(cfg.tsne_points, len(z)), replace=False))
