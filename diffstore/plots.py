@@ -51,7 +51,8 @@ def heatmap(matrix, row_labels: list, col_labels: list, title: str, cbar_label: 
     axes lists only marks and levels that are drawn. Long column labels are slanted so they stay readable."""
     m = np.asarray(matrix, dtype=float)
     slant = max((len(str(c)) for c in col_labels), default=0) > 3
-    fig = Figure(figsize=(2.6 + 0.62 * max(len(col_labels), 6), 2.0 + 0.45 * max(len(row_labels), 3) + 0.5 * slant),
+    # about 9 x 4 inches for 15 blocks x 4 t: a paper's text width at 80% scale, cells wide enough for '93.1'
+    fig = Figure(figsize=(2.4 + 0.45 * max(len(col_labels), 6), 1.9 + 0.4 * max(len(row_labels), 3) + 0.6 * slant),
                  layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -88,15 +89,17 @@ def curves(x: list, series: dict, xlabel: str, ylabel: str, title: str, errors: 
            levels: list[Level] = (), ylim: tuple | None = None) -> Figure:
     """series: label -> y values aligned with x (NaN where a point is missing); errors: label -> (below, above)
     error-bar lengths; levels: dashed horizontal reference lines (a baseline). Many series get distinct colours
-    and markers and a legend outside the axes."""
-    fig = Figure(figsize=(7.5 if len(series) > 4 else 6, 4), layout="constrained")
+    and markers and a legend under the axes, so the axes keep the figure's width."""
+    fig = Figure(figsize=(6.5, 4.2 + 0.18 * ((len(series) + len(levels)) // 4)), layout="constrained")
     ax = fig.add_subplot()
     markers, n = "osD^v<>ph*", len(series)
     # tab10 while it lasts; then tab20 with its dark shades first, so neighbours never share a hue
     colors = [colormaps["tab10"](k) for k in range(10)] if n <= 10 else \
         [colormaps["tab20"](k) for k in (*range(0, 20, 2), *range(1, 20, 2))]
     xs = np.asarray(x, dtype=float)
-    dodge = 0.01 * (np.ptp(xs) or 1) if errors else 0.0  # error bars side by side instead of on top of each other
+    # error bars side by side instead of on top of each other, all within a fifth of the closest two x apart
+    gap = np.diff(np.unique(xs)).min() if len(np.unique(xs)) > 1 else 1.0
+    dodge = min(0.01 * (np.ptp(xs) or 1), gap / 5 / max(n - 1, 1)) if errors else 0.0
     for k, (label, ys) in enumerate(series.items()):
         style = dict(marker=markers[k % len(markers)], ms=4, label=str(label), color=colors[k % 20], capsize=2, lw=1.2)
         err = None if errors is None or label not in errors else np.nan_to_num(np.asarray(errors[label], float)).clip(0)
@@ -110,7 +113,7 @@ def curves(x: list, series: dict, xlabel: str, ylabel: str, title: str, errors: 
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     if len(series) + len(levels) > 1:
-        ax.legend(fontsize=7, ncol=1 + len(series) // 12, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.legend(loc="outside lower center", ncols=min(len(series) + len(levels), 4), fontsize=7, frameon=False)
     return fig
 
 

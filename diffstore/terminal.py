@@ -33,8 +33,8 @@ def widths(texts) -> tuple[int, int]:
 def fold(table: Table, width: int) -> Table:
     """Fit `table` into `width` columns by wrapping cells, never by cutting them to '…'. A table too wide gets
     spaces instead of rules between columns; then the widest columns wrap at spaces ('93.3 [90.8, 95.6]' on three
-    lines), then the widest key columns (dataset, model, ...) fold inside words: a long model name folds,
-    'dataset' stays whole. Numbers fold only when nothing else is left."""
+    lines); then key columns fold inside words, the longest name first (a model name folds, 'dataset' stays
+    whole), headers never; numbers fold only when nothing else is left."""
     cols = table.columns
     for col in cols:
         col.overflow = "fold"
@@ -43,13 +43,20 @@ def fold(table: Table, width: int) -> Table:
         return table
     table.box, table.show_edge, table.padding = box.SIMPLE_HEAD, False, (0, 0)
     spare, fit = width - overhead(table), list(natural)
-    every, keys = range(len(cols)), [i for i, col in enumerate(cols) if str(col.header) in KEY_COLUMNS]
-    for which, floor in ((every, words), (keys, [NARROWEST] * len(cols)), (every, [1] * len(cols))):
-        while sum(fit) > spare:
-            wide = [i for i in which if fit[i] > floor[i]]
-            if not wide:
-                break
-            fit[max(wide, key=fit.__getitem__)] -= 1  # the widest column gives way first
+
+    def give(i: int, floor: int) -> None:
+        while sum(fit) > spare and fit[i] > floor:
+            fit[i] -= 1
+
+    while sum(fit) > spare:  # wrap at spaces: a character off the widest column that has one to spare
+        wide = [i for i in range(len(cols)) if fit[i] > words[i]]
+        if not wide:
+            break
+        fit[max(wide, key=fit.__getitem__)] -= 1
+    for i in sorted((i for i, col in enumerate(cols) if str(col.header) in KEY_COLUMNS), key=lambda i: -words[i]):
+        give(i, max(NARROWEST, widths([cols[i].header])[1]))  # a header stays whole
+    for i in sorted(range(len(cols)), key=lambda i: -fit[i]):
+        give(i, 1)
     for col, w in zip(cols, fit):
         col.width = w
     return table
