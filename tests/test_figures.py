@@ -113,7 +113,7 @@ def test_every_requested_format_is_written_at_the_requested_dpi(tmp_path):
 
 
 def test_cka_heatmap_in_each_format_keeps_its_fixed_0_1_scale(tmp_path):
-    entry = [{"label": f"b{b} x", "key": {"block": b, "t": 10, "pool": "2"}} for b in (1, 2)]
+    entry = [{"label": f"b{b} x", "key": {"model": "m", "block": b, "t": 10, "pool": "2"}} for b in (1, 2)]
     payload = {"kernel": "linear", "method": "unbiased", "n": 100, "title": "digits", "matrix": [[1.0, 0.4], [0.4, 1.0]],
                "rows": entry, "cols": entry}
     paths = draw(payload, tmp_path / "cka", ("svg", "png"), dpi=80)
@@ -132,3 +132,14 @@ def test_bad_format_or_dpi_is_refused_before_any_work(tmp_path, monkeypatch, cap
         main()
     assert exit_.value.code == 2 and "--plot-format must be one of png, pdf, svg" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "absent.zarr").exists()
+
+
+def test_ds_cka_writes_its_heatmap_in_each_requested_format(tmp_path):
+    """The API takes the CLI's options: plot_format and dpi reach the same drawing code."""
+    import diffstore as ds
+    from test_cka import make_store
+
+    make_store(tmp_path / "s.zarr")
+    payload = ds.cka(str(tmp_path / "s.zarr"), by="block", t=90, plot=str(tmp_path / "plot"),
+                     plot_format=["svg", "pdf"], dpi=100, show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "plot").iterdir()) == [f"{payload['name']}.pdf", f"{payload['name']}.svg"]
