@@ -140,6 +140,6 @@ def test_ds_cka_writes_its_heatmap_in_each_requested_format(tmp_path):
     from test_cka import make_store
 
     make_store(tmp_path / "s.zarr")
-    payload = ds.cka(str(tmp_path / "s.zarr"), by="block", t=90, plot=str(tmp_path / "plot"),
-                     plot_format=["svg", "pdf"], dpi=100, show_progress=False)
-    assert sorted(p.name for p in (tmp_path / "plot").iterdir()) == [f"{payload['name']}.pdf", f"{payload['name']}.svg"]
+    matrix = ds.cka(str(tmp_path / "s.zarr"), by="block", t=90, plot=str(tmp_path / "plot"),
+                    plot_format=["svg", "pdf"], dpi=100, show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "plot").iterdir()) == [f"{matrix.name}.pdf", f"{matrix.name}.svg"]

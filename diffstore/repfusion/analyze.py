@@ -98,7 +98,7 @@ def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
     picks = sorted(set(np.linspace(0, len(ts) - 1, min(cfg.tsne_ts, len(ts))).round().astype(int).tolist()))
     embeddings = []
     with progress("t", disable=not show_progress) as bar:  # t-SNE is the slow part: minutes on a CPU
-        task = bar.add_task(f"t-SNE of {len(rows)} points", total=len(picks))
+        task = bar.add_task(f"t-SNE of {len(rows)} points on {base}", total=len(picks))
         for k in picks:
             embeddings.append(TSNE(2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=cfg.seed)
                               .fit_transform(z[rows, k].astype(np.float32)))
