@@ -56,7 +56,8 @@ def marked(fig, label: str) -> set:
 
 def test_model_twin_and_pixels_share_one_colour_scale_and_the_curves_one_y_range():
     figs = figures(constructed())
-    trained, twin = figs["digits_m_noised_p2_linear_converged_heatmap"], figs["digits_m.random-init-s0_noised_p2_linear_converged_heatmap"]
+    trained = figs["digits_m_noised_p2_linear_converged_heatmap"]
+    twin = figs["digits_m.random-init-s0_noised_p2_linear_converged_heatmap"]
     clim = trained.axes[0].images[0].get_clim()
     assert twin.axes[0].images[0].get_clim() == clim
     values = [100 * r["top1"] for r in constructed()]
@@ -114,16 +115,18 @@ def test_every_requested_format_is_written_at_the_requested_dpi(tmp_path):
 
 def test_cka_heatmap_in_each_format_keeps_its_fixed_0_1_scale(tmp_path):
     entry = [{"label": f"b{b} x", "key": {"model": "m", "block": b, "t": 10, "pool": "2"}} for b in (1, 2)]
-    payload = {"kernel": "linear", "method": "unbiased", "n": 100, "title": "digits", "matrix": [[1.0, 0.4], [0.4, 1.0]],
-               "rows": entry, "cols": entry}
+    payload = {"kernel": "linear", "method": "unbiased", "n": 100, "title": "digits",
+               "matrix": [[1.0, 0.4], [0.4, 1.0]], "rows": entry, "cols": entry}
     paths = draw(payload, tmp_path / "cka", ("svg", "png"), dpi=80)
     assert [p.name for p in paths] == ["cka.svg", "cka.png"] and all(p.stat().st_size > 1000 for p in paths)
 
 
 def test_bad_format_or_dpi_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     o = ProbeOptions.build(plot_format="png,svg", dpi=300)
-    assert (o.plot_format, o.dpi) == (("png", "svg"), 300) and ProbeOptions.build(plot_format=["pdf"]).plot_format == ("pdf",)
-    for bad, word in (({"plot_format": "gif"}, "plot_format= must be one of png, pdf, svg"), ({"dpi": 0}, "dpi= must be >= 10")):
+    assert (o.plot_format, o.dpi) == (("png", "svg"), 300)
+    assert ProbeOptions.build(plot_format=["pdf"]).plot_format == ("pdf",)
+    for bad, word in (({"plot_format": "gif"}, "plot_format= must be one of png, pdf, svg"),
+                      ({"dpi": 0}, "dpi= must be >= 10")):
         with pytest.raises(DiffstoreError, match=word):
             ProbeOptions.build(bad)
     monkeypatch.setattr(sys, "argv", ["diffstore", "probe", "--store", str(tmp_path / "absent.zarr"),

@@ -89,7 +89,8 @@ def test_progress_is_plain_lines_when_stderr_is_a_file():
             "    for _ in range(4): bar.advance(t)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == ""
-    assert re.fullmatch(rf"\[done\] {ISO} t=10: 4/4 img \(100\.0%\), [\d.]+ img/s, elapsed 0s\n", done.stderr), done.stderr
+    line = rf"\[done\] {ISO} t=10: 4/4 img \(100\.0%\), [\d.]+ img/s, elapsed 0s\n"
+    assert re.fullmatch(line, done.stderr), done.stderr
     assert type(progress()).__name__ == "LogProgress"  # pytest captures stderr: not a terminal
 
 
@@ -132,7 +133,8 @@ def test_nothing_is_wrapped_when_output_is_a_file_even_with_columns_80():
             f"t.add_row('digits', 'digits-ddpm.random-init-s0', '{name}', '93.3 [90.8, 95.6]')\n"
             "out = console()\n"
             "out.print(fold(t, out.width))\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == f"digits: 3 head(s) to train ({name} recipe, seed 0)\n"
     row = next(line for line in done.stdout.splitlines() if "digits-ddpm" in line)

@@ -27,10 +27,12 @@ def test_missing_twin_hint_names_the_seed_the_store_holds_or_make_demos():
     results = constructed()
     no_twin = [r for r in results if "random-init" not in r["model"]]
     text = "\n".join(summary_lines(summary(no_twin), []))
-    assert "vs its random-init twin: not in this run (extract the twin with `--random-init 0`, as make demo does" in text
+    assert ("vs its random-init twin: not in this run (extract the twin with `--random-init 0`, as make demo does"
+            in text)
     other_key = [r for r in results if not ("random-init" in r["model"] and (r["t"], r["block"]) == (10, 3))]
     text = "\n".join(summary_lines(summary(other_key), []))  # best key t=10/b3; the s0 twin holds other keys only
-    assert "its random-init-s0 twin lacks this key: extract it with `--random-init 0 --t 10 --blocks 3 --pools 2`" in text
+    assert ("its random-init-s0 twin lacks this key: extract it with `--random-init 0 --t 10 --blocks 3 --pools 2`"
+            in text)
     assert "--random-init 1" not in text
 
 
