@@ -96,10 +96,10 @@ def options_command(group: typer.Typer, name: str, cls, run: typing.Callable, he
 
 
 def console():
-    """stdout for results; piped output is not wrapped at 80 columns."""
-    from rich.console import Console
+    """stdout for results: the terminal's width; piped output is never wrapped."""
+    from .terminal import console as stdout
 
-    return Console(width=None if sys.stdout.isatty() else 200)
+    return stdout()
 
 
 def emit(rows: list[dict], title: str, as_json: bool, show: typing.Callable[[dict], dict] | None = None) -> None:
@@ -117,7 +117,10 @@ def emit(rows: list[dict], title: str, as_json: bool, show: typing.Callable[[dic
         table.add_column(Text(str(col)), justify="right" if isinstance(rows[0][col], (int, float)) else "left")
     for row in rows:
         table.add_row(*[Text(f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()])
-    console().print(table)
+    from .terminal import fold
+
+    out = console()
+    out.print(fold(table, out.width))
 
 
 def human_bytes(n: int) -> str:

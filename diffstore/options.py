@@ -43,6 +43,19 @@ def progress_opt():
     return opt(True, "Progress on stderr (--quiet, -q: none).", flag="--progress/--quiet", short=" /-q")
 
 
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_format_opt():
+    """`plot_format` / `--plot-format png,pdf,svg`: each figure in each format."""
+    return opt(("png",), "Figure formats (comma-separated): png, pdf, svg.", choices=PLOT_FORMATS)
+
+
+def dpi_opt():
+    """`dpi` / `--dpi`: the resolution of PNG figures (and of a heatmap's raster in PDF and SVG)."""
+    return opt(200, "Resolution of PNG figures in dots per inch (200: sharp at a paper's column width).", min=10)
+
+
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
 

@@ -88,7 +88,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{diffusion['model']}-t{args.t}_vs_{network['model']}_{args.dataset}-{args.split}_p{args.pool}"
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
-    png = draw(payload, out / f"{stem}.png")
+    png = draw(payload, out / stem)[0]
     seconds["total"] = time.perf_counter() - started
     return {"png": str(png), "json": str(out / f"{stem}.json"), "shape": [len(payload["rows"]), len(payload["cols"])],
             "n": payload["n"], "method": payload["method"], "seconds": {k: round(v, 1) for k, v in seconds.items()}}

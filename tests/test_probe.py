@@ -21,7 +21,8 @@ from diffstore.key import FeatureKey
 from diffstore.models import load_model
 from diffstore.probe.intervals import bootstrap_interval, difference, pack, result_hits, unpack
 from diffstore.probe.recipe import ProbeRecipe
-from diffstore.probe.report import grid_tables, write_plots
+from diffstore.probe.figures import write_plots
+from diffstore.probe.report import grid_tables
 from diffstore.probe.train import convergence, train_probe
 from diffstore.probe import ProbeOptions
 from diffstore.probe.stage import probe_command
@@ -176,9 +177,10 @@ def test_select_ranks_every_key_and_trains_the_top_k(store_url, capsys):
 def test_grid_table_values_equal_stored_results_and_plots_are_written(store_url, tmp_path, capsys):
     out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", grid=True, plot=str(tmp_path), **FAST)).to_json()
     assert "t x block" in capsys.readouterr().out
-    assert len(out["plots"]) == 3  # (tiny p=1, tiny p=full, random-init p=1) x heatmap: one t has no curve over t
+    # (tiny p=1, tiny p=full, random-init p=1) x heatmap, tiny minus twin at p=1: one t has no curve over t
+    assert len(out["plots"]) == 4
     two_t = write_plots(out["results"] + [{**r, "t": 50} for r in out["results"]], str(tmp_path / "two_t"))
-    assert sorted(p.endswith("_vs_t.png") for p in two_t) == [False] * 3 + [True] * 3  # with two t, the curves too
+    assert sorted(p.endswith("_vs_t.png") for p in two_t) == [False] * 4 + [True] * 3  # with two t, the curves too
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in out["plots"] + two_t)
     stored = {r["name"]: r for r in Store.open(store_url, "r").results("probe")}
     tables = {t.title: t for t in grid_tables(out["results"])}

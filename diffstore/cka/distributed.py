@@ -66,7 +66,8 @@ def cka_distributed(rows: list[tuple[str, FeatureKey]], cols: list[tuple[str, Fe
                  for i, j in tiles]
         names = [f"tile rows {r_parts[i][0]}-{r_parts[i][-1]} x cols {c_parts[j][0]}-{c_parts[j][-1]}"
                  for i, j in tiles]
-        done = run_all(client, cka_tile, calls, names, "CKA", "tile", [1] * len(calls), show_progress)
+        on = ", ".join(dict.fromkeys(f"{key.dataset}/{key.split} {key.model}" for _, key in rows + cols))
+        done = run_all(client, cka_tile, calls, names, f"CKA of {on}", "tile", [1] * len(calls), show_progress)
     out = np.empty((len(rows), len(cols)))
     for (i, j), result in zip(tiles, done):
         out[np.ix_(r_parts[i], c_parts[j])] = result.matrix

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..key import INPUT_MODES
-from ..options import StoreOptions, opt, progress_opt
+from ..options import StoreOptions, dpi_opt, opt, plot_format_opt, progress_opt
 
 METHODS = ("exact", "unbiased", "minibatch", "auto")  # auto: exact when its accumulators fit max_gram_gib
 KERNELS = ("linear", "rbf")
@@ -37,7 +37,9 @@ class CKAOptions(StoreOptions):
     seed: int = opt(0, "Sample-order seed of the minibatch estimator (recorded).", min=0)
     sigma_frac: float = opt(1.0, "RBF bandwidth as a fraction of the median distance (> 0).", min=1e-9)
     limit: int | None = opt(None, "Only the first N rows of the split.", min=1)
-    plot: str | None = opt(None, "Write the heatmap PNG into this folder.")
+    plot: str | None = opt(None, "Write the heatmap into this folder.")
+    plot_format: tuple[str, ...] = plot_format_opt()
+    dpi: int = dpi_opt()
     out: str | None = opt(None, "Write the matrix JSON into this folder.")
     name: str | None = opt(None, "Name of the stored result (default: from the keys and the estimator).")
     save: bool = opt(True, "Store the result in the store (results/cka).")

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DiffstoreError, require
 from ..key import FeatureKey, check_name, parse_selector
-from ..options import api, check_folder
+from ..options import api, check_folder, spell
 from ..progress import progress, write_csv
 from ..store import ShardedArray, Store
 from .math import CKAConfig, bias_floor, cka_matrix, width
@@ -165,11 +165,16 @@ def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
 
 
 def compute(o: CKAOptions) -> dict:
-    """One CKA matrix from the store(s), stored under results/cka/ (save=True); returns its payload (matrix,
-    row and column keys with labels, estimator, N, sample fingerprints). Nothing is printed."""
+    """One CKA matrix from the store(s), stored under results/cka/ (save=True), its heatmap written under `plot`
+    in each of `plot_format`; returns its payload (matrix, row and column keys with labels, estimator, N, sample
+    fingerprints). Nothing is printed."""
     by, a, b, limit, workers, scheduler = o.by, o.a, o.b, o.limit, o.workers, o.scheduler
     store, store_b, name, save, show_progress = o.store, o.store_b, o.name, o.save, o.show_progress
     check_folder(o, "plot", "out")
+    if o.plot:  # refused before any work: a missing extra, no format
+        require("matplotlib", "plots")
+        if not o.plot_format:
+            raise DiffstoreError(f"{spell('plot_format', CKAOptions)} needs a format: png, pdf or svg")
     if o.name is not None:
         check_name("result", o.name)
     cfg = CKAConfig(method=o.method, kernel=o.kernel, batch_size=o.batch_size, seed=o.seed, sigma_frac=o.sigma_frac)
@@ -197,7 +202,8 @@ def compute(o: CKAOptions) -> dict:
                                  workers=workers, scheduler=scheduler, show_progress=show_progress)
     else:
         with progress("row", disable=not show_progress) as bar:
-            task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)}", total=n)
+            on = ", ".join(dict.fromkeys(f"{k.dataset}/{k.split} {k.model}" for k in row_keys + col_keys))
+            task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)} on {on}", total=n)
             result = cka_matrix(list(xs_rows.values()), xs_cols, cfg, on_rows=lambda k: bar.advance(task, k))
     seconds = time.perf_counter() - started
 
@@ -225,19 +231,19 @@ def compute(o: CKAOptions) -> dict:
     }
     if save:
         Store.open(store, mode="a").put_result("cka", payload["name"], payload)
+    if o.plot:
+        draw(payload, Path(o.plot) / payload["name"], o.plot_format, o.dpi)
     return payload
 
 
 def cka_command(o: CKAOptions, fmt: str | None = None, command: str = "diffstore cka") -> dict:
-    """`diffstore cka`: compute(), then write JSON (--out) and PNG (--plot) and print the matrix (or the payload
-    as JSON, or the matrix as CSV). A biased estimate on few rows prints a warning naming the command that avoids
-    it."""
+    """`diffstore cka`: compute() (which writes the heatmap, --plot), then write JSON (--out) and print the matrix
+    (or the payload as JSON, or the matrix as CSV). A biased estimate on few rows prints a warning naming the
+    command that avoids it."""
     payload = compute(o)
     if o.out:
         Path(o.out).mkdir(parents=True, exist_ok=True)
         (Path(o.out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
-    if o.plot:
-        draw(payload, Path(o.plot) / f"{payload['name']}.png")
     warning = bias_warning(payload, [e["width"] for e in payload["rows"] + payload["cols"]], command)
     if warning:
         print(warning, file=sys.stderr)

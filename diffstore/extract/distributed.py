@@ -136,6 +136,7 @@ def extract_distributed(plan: Plan, options: ExtractOptions, shards_per_task: in
     names = [f"t={t} shards {shards[0]}-{shards[-1]}" for t, shards in groups]
     start = time.perf_counter()
     with cluster_client(options.workers, options.scheduler, client) as client:
-        done = run_all(client, extract_task, [(job, t, shards) for t, shards in groups], names, "extract", "img", rows,
+        what = f"extract {plan.split.name}/{plan.split.split} {plan.model.name} t={','.join(map(str, plan.ts))}"
+        done = run_all(client, extract_task, [(job, t, shards) for t, shards in groups], names, what, "img", rows,
                        options.show_progress)
     return {**summary, "wall_s": time.perf_counter() - start, "task_times": done}

@@ -171,7 +171,8 @@ def share_by_file(_worker_id: int) -> None:
 
 
 def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_batch=None) -> None:
-    """Compute every unit and hand its shards to the writer. on_batch(t, n) after each batch's forward at t."""
+    """Compute every unit and hand its shards to the writer. on_batch(n, k) after each batch: n images through
+    the forward at each of the unit's k time steps."""
     model, r = plan.model, plan.recipe
     device = next(model.module.parameters()).device
     prepare_model(model, r)
@@ -235,8 +236,7 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
                 finish(*waiting, writer)
             waiting = (item, host, event)
             if on_batch:
-                for t in unit.ts:
-                    on_batch(t, len(rows))
+                on_batch(len(rows), len(unit.ts))
         if waiting is not None:
             finish(*waiting, writer)
 
@@ -247,7 +247,7 @@ def run_task(plan: Plan, t: int, shard: int, batch_size: int, on_batch=None) -> 
     todo = {(tt, b, p): a for (tt, b, p), a in plan.arrays.items() if tt == t and not a.is_done(shard)}
     if todo:
         run_units(plan, make_units(plan, {shard: todo}), batch_size, workers=0,
-                  on_batch=(lambda _t, n: on_batch(n)) if on_batch else None)
+                  on_batch=(lambda n, _k: on_batch(n)) if on_batch else None)
 
 
 def extract_features(plan: Plan, batch_size: int = 64, show_progress: bool = True, workers: int | None = None) -> dict:
@@ -266,9 +266,11 @@ def extract_features(plan: Plan, batch_size: int = 64, show_progress: bool = Tru
     if not tasks:
         return summary
     units = make_units(plan, todo)
-    with progress("img", disable=not show_progress) as bar:
-        bars = {t: bar.add_task(f"t={t}", total=sum(len(u.rows) for u in units if t in u.ts))
-                for t in plan.ts if any(t in u.ts for u in units)}
+    ts = sorted({t for u in units for t in u.ts})
+    whole = all(u.ts == ts for u in units)  # each image runs at every t in one go: count images, else (image, t)
+    with progress("img" if whole else "img x t", disable=not show_progress) as bar:
+        what = f"extract {plan.split.name}/{plan.split.split} {plan.model.name} t={','.join(map(str, ts))}"
+        task = bar.add_task(what, total=sum(len(u.rows) * (1 if whole else len(u.ts)) for u in units))
         run_units(plan, units, batch_size, default_workers() if workers is None else workers,
-                  on_batch=lambda t, n: bar.advance(bars[t], n))
+                  on_batch=lambda n, k: bar.advance(task, n if whole else n * k))
     return summary

@@ -4,12 +4,12 @@ fine-tuned and the scratch networks) in one table, with paired differences over 
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
 
 from ..probe.intervals import difference, result_hits
 from ..probe.report import block_label, fit_note, pct, signed, with_ci
 from ..store import Store
+from ..terminal import console as terminal_console, fold
 
 KIND = "finetune"  # results/finetune/{name}
 LABEL = {"pretrained": "fine-tuned", "scratch": "scratch"}
@@ -65,8 +65,8 @@ def comparison_table(c: dict) -> Table:
 
 def show(out: dict, o) -> None:
     """The table and the paired differences on stdout; without a stored frozen probe, the command that makes it."""
-    console = Console() if Console().is_terminal else Console(width=200)
-    console.print(comparison_table(out))
+    console = terminal_console()
+    console.print(fold(comparison_table(out), console.width))
     for d in out["differences"]:
         console.print(f"{d['what']}: {signed(d)} points (paired 95% CI)", highlight=False, markup=False)
     if out["frozen"] is None:

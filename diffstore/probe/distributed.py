@@ -47,7 +47,9 @@ def probe_distributed(store: Store, sources: list, specs: list, recipe, retrain:
                   torch_threads, save_heads) for i in remote]
         names = [f"{items[i][1].kind} head on {'+'.join(k.short() for k in items[i][0].keys)}" for i in remote]
         with cluster_client(workers, scheduler, client) as client:
-            for i, r in zip(remote, run_all(client, probe_task, calls, names, "probe", "head", [1] * len(calls),
+            on = ", ".join(dict.fromkeys(f"{items[i][0].row['dataset']}/train {items[i][0].row['model']}"
+                                         for i in remote))
+            for i, r in zip(remote, run_all(client, probe_task, calls, names, f"probe {on}", "head", [1] * len(calls),
                                             show_progress)):
                 results[i] = r
     return results

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..key import INPUT_MODES
-from ..options import StoreOptions, opt, progress_opt
+from ..options import StoreOptions, dpi_opt, opt, plot_format_opt, progress_opt
 
 HEADS = ("linear", "mlp", "cnn", "attention")
 FUSION = "fusion"  # a head over several keys (fusion.py): not one of the paper's single-key heads
@@ -80,7 +80,10 @@ class ProbeOptions(StoreOptions):
     save_heads: bool = opt(False, "Store each fitted head in the store (results/heads/NAME), to load with "
                                   "ds.open(STORE).head(...) and predict on new features.")
     grid: bool = opt(False, "Accuracy table over (t, block, pool).")
-    plot: str | None = opt(None, "Write heatmaps and accuracy-vs-t curves (PNG) here.")
+    plot: str | None = opt(None, "Write heatmaps (model, random-init twin, trained minus twin) and accuracy-vs-t "
+                                 "curves here.")
+    plot_format: tuple[str, ...] = plot_format_opt()
+    dpi: int = dpi_opt()
     show_all: bool = opt(False, "Print every result, not only the summary.", flag="--all")
     list_results: bool = opt(False, "List stored probe results without training.", flag="--list")
     retrain: bool = opt(False, "Train again even when the same recipe is stored.")

@@ -1,5 +1,5 @@
 """What `diffstore probe` shows: the summary (best key per head, its margins with paired intervals), result and
-ranking tables, t x block grids, heatmaps and accuracy-vs-t curves with intervals.
+ranking tables, t x block grids (the figures are figures.py's).
 
 Selection never sees test: "best" is the best validation score of the summary's metric (--metric: top1, top5,
 mean-per-class; one summary per metric); the test score shown is that key's, with its 95% bootstrap interval.
@@ -89,7 +89,7 @@ def results_table(results: list[dict], title: str = "probe results", metrics: li
         table.add_column(col, justify="right" if col in ("params", "top-5", f"val {label}", "time") else "left")
     for r in results:
         when = "cached" if r.get("cached") else f"{r['train_time_s']:.1f}s"
-        table.add_row(r["dataset"], r["model"], str(r["t"]), block_label(r), str(r["pool"]), r["head_label"],
+        table.add_row(r["dataset"], model_label(r), str(r["t"]), block_label(r), str(r["pool"]), r["head_label"],
                       recipe_label(r), f"{r['params']:,}", *(with_ci(r, m) for m in metrics),
                       *([pct(r.get("top5"))] if plain5 else []), pct(r.get(val)), fit_note(r), when)
     return table
@@ -135,6 +135,8 @@ def summary(results: list[dict], metric: str = "top1", labels: dict | None = Non
                 and (r["t"], r["block"], r["pool"], r["input"]) == (best["t"], best["block"], best["pool"], best["input"])]
         pixels = [r for r in mine if r["kind"] == "pixels"]
         y = None if metric != "mean-per-class" else (labels or {}).get(dataset)
+        line["twin_seeds"] = sorted({r["model"].rpartition(".random-init-s")[2] for r in mine if is_twin(r)
+                                     and r["model"].startswith(best["model"] + ".random-init-")})
         for name, other in (("twin", twin), ("pixels", pixels)):
             if other and (metric != "mean-per-class" or y is not None):  # per-class margins need the test labels
                 line[name] = {"result": other[0], **difference(result_hits(best, metric), result_hits(other[0], metric),
@@ -151,20 +153,41 @@ def summary_lines(lines: list[dict], plots: list[str]) -> list[str]:
         text.append(f"{s['dataset']}, {s['head']} head ({s['recipe']} recipe): best of {s['n_keys']} keys by validation "
                     + ("" if m == "top1" else f"{label} ") + f"is {b['model']} t={b['t']} block {block_label(b)} "
                     f"pool {b['pool']}: test {label} {with_ci(b, m)}")
-        for name, what in (("twin", "its random-init twin"), ("pixels", "pixels")):
+        for name in ("twin", "pixels"):
+            what = "its random-init twin" if name == "twin" else "pixels"
             if name in s:
-                text.append(f"    vs {what} ({with_ci(s[name]['result'], m)}): {signed(s[name])} points "
-                            "(paired 95% CI)")
+                other = s[name]["result"]
+                what += f" at {pixel_size(other)}, the model's input size" if name == "pixels" else ""
+                text.append(f"    vs {what} ({with_ci(other, m)}): {signed(s[name])} points (paired 95% CI)")
             else:
-                text.append(f"    vs {what}: not in this run ("
-                            + ("extract `--random-init 1` keys and probe with --model" if name == "twin"
-                               else "add --baseline pixels") + ")")
+                text.append(f"    vs {what}: not in this run ({missing_hint(s, name)})")
     if plots:
-        text.append(f"plots: {Path(plots[0]).parent}/ ({len(plots)} PNGs)")
+        kinds = sorted({Path(p).suffix[1:].upper() for p in plots})
+        text.append(f"plots: {Path(plots[0]).parent}/ ({len(plots)} files: {', '.join(kinds)})")
     return text
 
 
-# --- grids and plots --------------------------------------------------------------------------------------------
+def missing_hint(line: dict, name: str) -> str:
+    """How to add a missing control: the twin seed the store holds at other keys (or make demo's 0), or pixels."""
+    if name == "pixels":
+        return "add --baseline pixels"
+    b = line["best"]
+    if line.get("twin_seeds"):  # the twin was probed, just not at the best key: extract exactly that key
+        return (f"its random-init-s{line['twin_seeds'][0]} twin lacks this key: extract it with `--random-init "
+                f"{line['twin_seeds'][0]} --t {b['t']} --blocks {b['block']} --pools {b['pool']}`")
+    return "extract the twin with `--random-init 0`, as make demo does, and probe both models"
+
+
+def pixel_size(r: dict) -> str:
+    """The pixel baseline's resolution, '16x16': the model's input size (pixels are preprocessed as it was)."""
+    return f"{r['pool']}x{r['pool']}"
+
+
+def model_label(r: dict) -> str:
+    return f"pixels {pixel_size(r)}" if r["kind"] == "pixels" else r["model"]
+
+
+# --- grids ------------------------------------------------------------------------------------------------------
 
 
 def grids(results: list[dict]) -> dict[tuple, dict]:
@@ -211,30 +234,3 @@ def grid_tables(results: list[dict]) -> list[Table]:
                                     "+" if (i, j) in near else "") for j, v in enumerate(row)))
         tables.append(table)
     return tables
-
-
-def write_plots(results: list[dict], out_dir: str) -> list[str]:
-    """Per (dataset, model, input, pool, head, recipe): a t x block heatmap (best cell and the cells within its
-    interval marked) and, given two t or more, top-1 vs t curves per block with 95% interval error bars (the paper's
-    Figure 2)."""
-    from ..plots import curves, heatmap
-
-    paths = []
-    for (dataset, model, input_, pool, head, recipe), cells in grids(results).items():
-        ts, bs, m = grid_matrix(cells)
-        lo, hi = np.full_like(m, np.nan), np.full_like(m, np.nan)
-        order = sorted({b for _, b in cells})
-        for (t, b), r in cells.items():
-            if r.get("ci95"):
-                lo[ts.index(t), order.index(b)], hi[ts.index(t), order.index(b)] = (100 * v for v in r["ci95"])
-        stem = Path(out_dir) / "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head, recipe))
-        title = f"{dataset}, {model} ({input_}), pool {pool}: {head} head, {recipe} recipe"
-        best, near = best_cell(cells, ts, bs)
-        paths.append(heatmap(m, ts, bs, f"{title}\n★ best by validation; ○ test top-1 within its 95% interval",
-                             f"{stem}_heatmap.png", "test top-1 (%)", best=best, near=near, xlabel="block",
-                             ylabel="diffusion time step t"))
-        if len(ts) > 1:  # a curve over one t would only be dodged error bars on a meaningless axis
-            paths.append(curves(ts, {f"b{b}": m[:, j] for j, b in enumerate(bs)}, "diffusion time step t",
-                                "test top-1 (%), 95% CI", title, f"{stem}_vs_t.png",
-                                errors={f"b{b}": (m[:, j] - lo[:, j], hi[:, j] - m[:, j]) for j, b in enumerate(bs)}))
-    return [str(p) for p in paths]

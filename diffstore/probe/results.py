@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import DiffstoreError
 from ..key import fingerprint
 from ..options import spell
-from ..progress import stderr
+from ..progress import stderr, working_on
 from ..store import Store
 from .feed import DEFAULT_BUDGET, first_labels
 from .heads import KNN, HeadSpec
@@ -80,15 +80,18 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
         stderr.print(f"{dataset}: {len(solved)} linear probe(s) to solve, {len(trained)} head(s) to train "
                      f"({recipe.name} recipe, seed {recipe.seed})"
                      + (f", {len(nearest)} knn evaluation(s)" if nearest else ""))
-        metrics = []
-        for fitter, group in ((solve_many, solved), (knn_many, nearest)):
-            metrics += fitter([s.train for _, _, s, _ in group], [s.test for _, _, s, _ in group],
-                              [spec.pool for *_, spec in group], train.labels, test.labels, n_classes, recipe, device,
-                              budget, show_progress) if group else []
-        jobs = [Job(s.train, s.test, spec, what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}",
-                    fix=s.fix) for _, _, s, spec in trained]
-        metrics += train_many(jobs, train.labels, test.labels, n_classes, recipe, device, budget,
-                              show_progress) if trained else []
+        models = ", ".join(dict.fromkeys(s.row["model"] for _, _, s, _ in items))
+        with working_on(f"{dataset}/train {models} ({recipe.name} recipe, seed {recipe.seed})"):
+            metrics = []
+            for fitter, group in ((solve_many, solved), (knn_many, nearest)):
+                metrics += fitter([s.train for _, _, s, _ in group], [s.test for _, _, s, _ in group],
+                                  [spec.pool for *_, spec in group], train.labels, test.labels, n_classes, recipe,
+                                  device, budget, show_progress) if group else []
+            jobs = [Job(s.train, s.test, spec, fix=s.fix,
+                        what=f"{s.row['model']} t={s.row['t']}/b={s.row['block']}/p={s.row['pool']}")
+                    for _, _, s, spec in trained]
+            metrics += train_many(jobs, train.labels, test.labels, n_classes, recipe, device, budget,
+                                  show_progress) if trained else []
         for (i, name, source, spec), m in zip(solved + nearest + trained, metrics):
             hits, hits5, fitted = m.pop("hits"), m.pop("hits5"), m.pop("fitted")
             results[i] = {"name": name, **source.row, "kind": source.kind, "keys": [k.to_dict() for k in source.keys],

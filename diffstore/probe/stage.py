@@ -14,18 +14,17 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from rich.console import Console
-
-from ..errors import DiffstoreError
+from ..errors import DiffstoreError, require
 from ..options import api, check_folder, spell
 from ..progress import stderr
 from ..progress import write_csv
+from ..terminal import console as make_console, fold
 from .frame import COLUMNS, ProbeResults
 from .fusion import auto_keys, compare, comparison_table, fusion_runs
 from .heads import HeadSpec
 from .options import ProbeOptions
 from .recipe import ProbeRecipe
-from .report import collapse_seeds, grid_tables, ranking_table, results_table, summary, summary_lines, write_plots
+from .report import collapse_seeds, grid_tables, ranking_table, results_table, summary, summary_lines
 from .results import run_probes
 from .select import rank_keys
 from .sources import fuse_source, key_source, parse_fuse, pixel_source, select_keys
@@ -36,6 +35,10 @@ def compute(o: ProbeOptions) -> ProbeResults:
     """Train heads on stored features (the U-Net is never run) and store the results; returns them as data
     (ProbeResults: its to_json() is what `--json` prints). Nothing is printed on stdout."""
     check_folder(o, "plot")
+    if o.plot:  # refused before any training: a missing extra, no format
+        require("matplotlib", "plots")
+        if not o.plot_format:
+            raise DiffstoreError(f"{spell('plot_format', ProbeOptions)} needs a format: png, pdf or svg")
     st = Store.open(o.store, "r")
     ranking, rho, plots = [], {}, []
     show_progress, budget, baseline = o.show_progress, int(o.memory_gb * 2**30), o.baseline
@@ -89,7 +92,9 @@ def compute(o: ProbeOptions) -> ProbeResults:
                                       o.save_heads)
     shown = collapse_seeds(results)
     if o.plot:
-        plots = write_plots(shown, o.plot)
+        from .figures import write_plots
+
+        plots = write_plots(shown, o.plot, o.plot_format, o.dpi)
         stderr.print(f"wrote {len(plots)} plots to {o.plot}")
     # test labels: mean-per-class intervals resample within each class
     labels = {d: st.split(d, "test").labels for d in dict.fromkeys(r["dataset"] for r in shown)}
@@ -108,18 +113,16 @@ def probe_command(o: ProbeOptions, fmt: str | None = None) -> ProbeResults:
     if fmt == "csv":
         write_csv(out.rows(), COLUMNS)
         return out
-    console = Console()
-    if not console.is_terminal:  # piped: rich would squeeze the table into 80 columns
-        console = Console(width=200)
+    console = make_console()
     if ranking:
-        console.print(ranking_table(ranking, out.rho))
+        console.print(fold(ranking_table(ranking, out.rho), console.width))
     if o.show_all or o.list_results or not lines:
-        console.print(results_table(shown, "stored probe results" if o.list_results else "probe results",
-                                    o.metric))
+        title = "stored probe results" if o.list_results else "probe results"
+        console.print(fold(results_table(shown, title, o.metric), console.width))
     for table in grid_tables(shown) if o.grid else []:
-        console.print(table)
+        console.print(fold(table, console.width))
     for line in fusions:
-        console.print(comparison_table(line))
+        console.print(fold(comparison_table(line), console.width))
     for line in summary_lines(lines, out.plots):
         console.print(line, highlight=False, markup=False)
     if not (o.show_all or o.list_results) and lines:

@@ -214,8 +214,9 @@ def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: Target
     todo = sorted(set().union(*(a.missing() for a in arrays.values())))
     pools = ["1"] + (["full"] if cfg.maps else [])
     with progress("img", disable=not show_progress) as bar:
-        task = bar.add_task(f"targets {lay.name}", total=sum(len(range(len(split))[arrays['pooled'].shard_slice(i)])
-                                                            for i in todo) * len(bank) * len(ts))
+        task = bar.add_task(f"targets {lay.name} on {split.name}/{split.split} {model.name}",
+                            total=sum(len(range(len(split))[arrays['pooled'].shard_slice(i)])
+                                      for i in todo) * len(bank) * len(ts))
         for i in todo:
             rows = np.arange(len(split))[arrays["pooled"].shard_slice(i)]
             buffers = {k: np.empty((len(rows), *s), dtype=np.float32) for k, s in shapes.items()}
