@@ -108,7 +108,7 @@ def pickled_model(folder: Path, marker: Path) -> Path:
 
 
 def image_folder(root: Path, good: int = 4, bad: int = 1, kind: str = "png") -> Path:
-    """root/test/{a,b}/: `good` readable PNGs and `bad` truncated images (header only)."""
+    """root/test/{a,b}/: `good` readable images and `bad` truncated ones (their first 60 bytes), of format `kind`."""
     import numpy as np
     from PIL import Image
 

@@ -94,6 +94,18 @@ def reads_through_the_api(planted):
     assert r.returncode == 0 and guard.events == [] and not planted.ran(), (r.stderr, guard.events)
 
 
+def test_the_payloads_are_live(planted):
+    """(So that a marker never written means nothing ran them, not that they could not run.)"""
+    import pickle
+    import runpy
+
+    runpy.run_path(str(planted.store / "evil" / "plugin.py"))
+    assert planted.marker.read_text() == "imported"
+    planted.marker.unlink()
+    pickle.loads((planted.store / "evil" / "pickled" / "diffusion_pytorch_model.bin").read_bytes())
+    assert planted.marker.read_text() == "unpickled"
+
+
 # --- row 1: repair takes the model from the command line, checks its fingerprint first ------------------------
 def test_repair_never_imports_a_py_spec_planted_in_the_store(planted):
     r = cli("repair", "--store", planted.store, "-q")  # what the audit ran; the shipped model (the default --model)
