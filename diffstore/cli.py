@@ -15,15 +15,23 @@ import dataclasses
 import inspect
 import json
 import logging
+import signal
 import sys
+import threading
 import typing
 from typing import Optional
 
-import typer
+# A Ctrl-C while this module loads (typer takes a moment) exits 130 as well; main() takes over from there, and the
+# handler this replaces is restored at the end of the module.
+LOADING = signal.signal(signal.SIGINT, lambda *_: sys.exit(130)) \
+    if threading.current_thread() is threading.main_thread() else None
 
-from .errors import DiffstoreError
-from .key import DEFAULT_STORE
-from .options import STORE_HELP, STYLE, flag_of, is_list
+import typer  # noqa: E402
+
+from .errors import DiffstoreError, redact  # noqa: E402
+from .interrupts import INTERRUPTED, Interrupts  # noqa: E402
+from .key import DEFAULT_STORE  # noqa: E402
+from .options import STORE_HELP, STYLE, flag_of, is_list  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
@@ -251,15 +259,14 @@ def show_feature_row(r: dict) -> dict:
 
 
 def warn(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"warning: {message}", highlight=False, soft_wrap=True, markup=False)
+    print(f"warning: {redact(message)}", file=sys.stderr, flush=True)
 
 
 @app.command("ls")
 def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
     """Every feature array in the store, with its key, shape, completeness and size on disk."""
     from .store import Store
+    from .store.attrs import shown
 
     s = Store.open(store, mode="r")
     rows = []
@@ -268,6 +275,9 @@ def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
             rows.append(feature_row(store, s.features(k)))
         except DiffstoreError as e:  # one broken array does not hide the others
             warn(str(e))
+    for path in s.invalid:  # a folder whose name is not a key (edited by hand): named, never parsed
+        warn(f"{shown(path)} is not a feature key (names are letters, digits and . _ + -): remove it with "
+             f"`diffstore rm --store {store} {shown(path)} --yes`")
     emit(rows, f"{store}: {len(rows)} feature arrays", as_json, show_feature_row)
 
 
@@ -377,47 +387,54 @@ add_repfusion_commands()
 
 
 def print_error(message: str) -> None:
-    """An error as plain text on stderr (a message holding `[/x]` or `:name:` is not markup), secrets redacted."""
-    from rich.console import Console
-
-    from .store.backend import redact
-
-    Console(stderr=True).print(f"error: {redact(message)}", highlight=False, soft_wrap=True, markup=False,
-                               emoji=False)
+    """An error on stderr as plain text (never markup: `[/x]` or `:name:` in a name or path is printed as it is),
+    credentials redacted. Imports nothing: after a Ctrl-C that stopped an import midway, importing again can fail."""
+    print(f"error: {redact(message)}", file=sys.stderr, flush=True)
 
 
-def main():
-    # When a storage server drops mid-run, its in-flight uploads fail in background tasks nobody awaits any more, and
-    # asyncio logs each with a traceback; the command reports the outage itself (below), once and without one.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    interrupted = "interrupted; finished shards and stored results are kept (re-run to continue)"
+def run_app() -> int:
+    """The command's exit code: 0, 1 (verify found problems), 2 (bad input: the message on stderr, as text), 130
+    (Ctrl-C)."""
     try:
         code = app(standalone_mode=False)  # click's own exits are handled here: Ctrl-C must exit 130, not 1
-        if code == 130:  # typer turned a KeyboardInterrupt into an exit code
-            print_error(interrupted)
-        sys.exit(code if isinstance(code, int) else 0)
+        return code if isinstance(code, int) else 0
     except DiffstoreError as e:
         print_error(str(e))
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print_error(interrupted)
-        sys.exit(130)
+        return 2
     except Exception as e:
         # click (or the copy typer vendors) signals Ctrl-C and usage errors with classes of its own
         if type(e).__name__ == "Abort":
-            print_error(interrupted)
-            sys.exit(130)
+            return 130
         if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()  # a usage error: click's own message and exit code (2)
-            sys.exit(e.exit_code)
+            return e.exit_code
         from .store.backend import storage_failure  # the storage failing (disk full, network, ...) is not a bug
 
         message = storage_failure("the store", e)
         if message is None:
             raise
         print_error(message)
-        sys.exit(2)
+        return 2
 
+
+def main():
+    # When a storage server drops mid-run, its in-flight uploads fail in background tasks nobody awaits any more, and
+    # asyncio logs each with a traceback; the command reports the outage itself (below), once and without one.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    with Interrupts() as interrupts:
+        try:
+            code = run_app()
+        except (KeyboardInterrupt, Exception):  # (typer returns 130 for a KeyboardInterrupt inside a command)
+            if not interrupts.received:  # a bug: its traceback is shown
+                raise  # (an error after Ctrl-C, e.g. a module whose import it stopped, is the interrupt's doing)
+        if interrupts.received or code == 130:  # (a second Ctrl-C ends the process at once: nothing escapes here)
+            code = 130
+            print_error(INTERRUPTED)
+    sys.exit(code)
+
+
+if LOADING is not None:
+    signal.signal(signal.SIGINT, LOADING)
 
 if __name__ == "__main__":
     main()

@@ -178,6 +178,8 @@ def parse_selector(text: str) -> dict:
             raise ValueError(f"cannot read {part!r} in {text!r}: use name=value parts such as t=90/b=5/p=2 "
                              f"(names: {', '.join(SELECTOR_FIELDS)})")
         field_ = SELECTOR_FIELDS[name]
+        if field_ in ("dataset", "split", "model"):
+            check_name(field_, value)  # a name that cannot be a store path selects nothing: say why
         if field_ in ("t", "block"):
             if not value.lstrip("-").isdigit():
                 raise ValueError(f"cannot read {part!r} in {text!r}: {name} takes an integer (e.g. {name}=90)")

@@ -219,7 +219,11 @@ def api(cls: type, first: tuple[str, ...] = ("store",)):
     Keywords are checked by `cls.build` (unknown ones refused with the closest name)."""
     def wrap(run):
         def call(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as e:  # an unknown keyword is named (with the closest option) by build
+                cls.build({k: v for k, v in kwargs.items() if k not in sig.parameters})
+                raise DiffstoreError(f"{run.__name__}(): {e}; see help() for its options") from None
             return run(cls.build(bound.arguments))
 
         sig = signature(cls, first)

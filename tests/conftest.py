@@ -62,6 +62,17 @@ def one_thread_per_xdist_worker():
         os.environ["OMP_NUM_THREADS"] = env
 
 
+@pytest.fixture(autouse=True)
+def sigint_handler_restored():
+    """diffstore.cli.main ignores Ctrl-C once its command has finished (it is the process's last act): a test that
+    runs it in this process gets pytest's handler back."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     """name -> the real file or folder under ../shared/datasets (the test is skipped where it is absent)."""

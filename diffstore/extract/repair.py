@@ -6,7 +6,8 @@ as `extract` takes it) and the data from `--data-root` (or the dataset's default
 touched, the model's fingerprint and the data's fingerprint are checked against every array to repair; a
 mismatch is refused, naming the array and what its attributes recorded (as a hint, never as something to run).
 Only then is broken metadata (x/ or done/zarr.json) rebuilt from the layout the group recorded, keeping every
-shard, and the bad shards recomputed.
+shard, and the bad shards recomputed. Every check comes before anything is deleted: a layout it cannot rebuild from
+(edited, NaN, another shape than the model gives) is refused first.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def rebuild_metadata(store: Store, path: str) -> None:
     the group recorded; refuses when the group's own zarr.json (its fingerprint) is what is broken."""
     g = store._group(path)  # raises, naming the file, when the group's zarr.json is unreadable
     if g is None or "layout" not in g.attrs:
-        raise DiffstoreError(f"{store.url.rstrip('/')}/{path}: its metadata cannot be rebuilt (no recorded layout: a "
-                             f"format-1 array). Remove it with `diffstore rm --store {store.url} {path}` and re-extract")
+        raise no_layout(store, path)
     for name in ("x", "done"):
         store.remove_key(f"{path}/{name}/zarr.json")
+
+
+def no_layout(store: Store, path: str) -> DiffstoreError:
+    return DiffstoreError(f"{store.url.rstrip('/')}/{path}: its metadata cannot be rebuilt (no recorded layout: a "
+                          f"format-1 array). Remove it with `diffstore rm --store {store.url} {path}` and re-extract")
 
 
 def rebuild_split(store: Store, path: str, data_root: str | None) -> dict:
@@ -86,7 +91,10 @@ def repair(store: Store, model: DiffusionModel, texts: list[str] | None = None, 
     # Every check before anything is touched: the model's and the data's identity, per array.
     fix = (f"Pass the model that wrote it, or name only this model's arrays (e.g. model={model.name}); "
            "nothing was changed")
-    jobs = [recorded(store, path, model, data_root, fix) for path in by_path]
+    jobs = [recorded(store, path, model, data_root, fix) for path in by_path]  # (layouts checked there too)
+    for job in jobs:  # broken metadata is rebuilt from the recorded layout: without one, refused before anything
+        if "layout" not in job.attrs and any(f.kind == "metadata" for f in by_path[job.key.path]):
+            raise no_layout(store, job.key.path)
     for job in jobs:
         key, path = job.key, job.key.path
         if any(f.kind == "metadata" for f in by_path[path]):

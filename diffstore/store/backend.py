@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import errno
-import re
 from pathlib import Path
 
 import zarr
 
 from ..errors import DiffstoreError
-
-# user:password@ in a URL, and secret-looking query parameters: never printed, never stored in provenance
-CREDENTIALS = (re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@\s]*:[^@\s]*@"),
-               re.compile(r"(?P<name>(?:aws_)?(?:secret[A-Za-z_]*|access_key[A-Za-z_]*|session_token|token|password)"
-                          r"=)[^&\s'\"]+", re.IGNORECASE))
-
-
-def redact(text: str) -> str:
-    """`text` with credentials in URLs (s3://KEY:SECRET@bucket -> s3://***@bucket) and query strings masked."""
-    text = CREDENTIALS[0].sub(lambda m: f"{m['scheme']}***@", text)
-    return CREDENTIALS[1].sub(lambda m: f"{m['name']}***", text)
-
 
 FS_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 

@@ -48,6 +48,8 @@ def plan_removal(store: Store, texts: list[str]) -> tuple[list[str], list[str]]:
 
 
 def remove(store: Store, paths: list[str]) -> None:
-    """Delete each node; a path whose folder is a symlink is unlinked, never followed (see Store.remove)."""
+    """Delete each node, and the groups above it left empty; a path whose folder is a symlink is unlinked, never
+    followed (see Store.remove)."""
     for path in paths:
         store.remove(path)
+        store.prune(path)

@@ -393,6 +393,8 @@ class Store:
             if text.rstrip("/") in paths:
                 out.append(text.rstrip("/"))
                 continue
+            if "=" not in text:
+                check_path(text.rstrip("/"))  # '../x' is refused as what it is, not as a missing array
             try:
                 found = [k.path for k in select(keys, text)] if "=" in text or text.startswith("features/") else []
             except ValueError as e:
