@@ -187,8 +187,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
         if existing:
             plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
         elif not plan.shard_rows:
-            row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
-            plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
+            plan.shard_rows = default_shard_rows(sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4, mb)
         plan.created = [path for path, n in stored.items() if n is None and store._group(path) is None]
         record = store.put_split(split)
         for tt in ts:
@@ -199,6 +198,12 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
                                                            plan.row_shape(b, p), len(split), plan.shard_rows, storage_dtype,
                                                            split=record)
         return plan
+
+
+def default_shard_rows(row_bytes: int, micro_batch: int) -> int:
+    """Rows per shard when none is stored or asked for: up to 16 micro-batches, all of a task's float32 rows
+    (row_bytes: one row of every requested array) within SHARD_BYTES."""
+    return int(max(1, min(16, SHARD_BYTES // max(row_bytes * micro_batch, 1)))) * micro_batch
 
 
 def done_masks(arrays: dict) -> dict:

@@ -1,16 +1,18 @@
 """Rows of feature arrays, fed to heads in batches: from RAM when they fit, else streamed chunk-wise from the store.
 
-A Rows is anything readable by contiguous row slices (a numpy array, a store ShardedArray, a fusion of several).
-A Feed serves batches from several Rows of the same samples at once, so one pass over the data trains many
-heads side by side. Streaming keeps memory bounded: chunks (store shards) are visited in a seeded shuffled
-order and read in groups into a buffer that is shuffled before batching; the remainder carries over, so
-every batch but the epoch's last is full.
+A Rows is anything readable by row slices and index arrays (a numpy array, a store ShardedArray, a fusion of
+several). A Feed serves batches from several Rows of the same samples at once, so one pass over the data trains
+many heads side by side. Streaming keeps memory bounded: chunks (store shards) are visited in a seeded shuffled
+order and read in groups (one read per source, the next group in a background thread while the current one is
+used) into a buffer that is shuffled before batching; the remainder carries over, so every batch but the epoch's
+last is full.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -18,12 +20,14 @@ import torch.nn.functional as F
 
 from ..errors import DiffstoreError
 
+T = TypeVar("T")
 DEFAULT_BUDGET = 2 << 30  # bytes of float32 rows a Feed may hold in RAM; above it, rows stream chunk-wise
 
 
 @dataclass
 class Rows:
-    """Rows [N, *row_shape] readable by contiguous slices; chunk_rows is the read unit (a store shard)."""
+    """Rows [N, *row_shape] readable by slices and index arrays (any dtype; a store array reads float32, decoded
+    straight into it); chunk_rows is the read unit (a store shard)."""
 
     n_rows: int
     row_shape: tuple
@@ -35,10 +39,20 @@ class Rows:
         """A numpy array in RAM, or a store ShardedArray (read shard by shard)."""
         if isinstance(array, np.ndarray):
             return cls(len(array), tuple(array.shape[1:]), chunk_rows or 4096, lambda sl: array[sl])
-        return cls(array.n_rows, tuple(array.shape[1:]), array.shard_rows, array.read)
+        return cls(array.n_rows, tuple(array.shape[1:]), array.shard_rows, lambda rows: array.read(rows, np.float32))
 
     def nbytes(self, n: int | None = None) -> int:
         return (self.n_rows if n is None else n) * int(np.prod(self.row_shape)) * 4
+
+
+def ahead(items: Iterator[T]) -> Iterator[T]:
+    """The items of an iterator, each produced in a background thread while the caller uses the one before."""
+    done = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="diffstore-feed") as ex:
+        pending = ex.submit(next, items, done)
+        while (item := pending.result()) is not done:
+            pending = ex.submit(next, items, done)
+            yield item
 
 
 def first_rows(rows: Rows, n: int | None) -> Rows:
@@ -95,7 +109,7 @@ class Feed:
         self.buffer_rows = max(batch_size, budget // 4 // max(row_bytes, 1))
         self.cache = None
         if row_bytes * len(self.positions) <= budget:
-            self.cache = [self._tensor(r.read(slice(None))[self.positions]) for r in sources]
+            self.cache = [self._tensor(r.read(self.positions)) for r in sources]
             self.cache_y = torch.from_numpy(labels[self.positions]).to(device)
 
     def __len__(self):
@@ -119,17 +133,12 @@ class Feed:
         chunks = [c for c in range(-(-len(keep) // cr)) if keep[c * cr:(c + 1) * cr].any()]
         if rng is not None:
             rng.shuffle(chunks)
+        step = max(1, self.buffer_rows // cr)
+        groups = (self._group(chunks[g:g + step], keep) for g in range(0, len(chunks), step))
         carry_x, carry_y = [np.empty((0, *r.row_shape), np.float32) for r in self.sources], np.empty(0, np.int64)
-        for g in range(0, len(chunks), max(1, self.buffer_rows // cr)):
-            xs, ys = [list() for _ in self.sources], []
-            for c in chunks[g:g + max(1, self.buffer_rows // cr)]:
-                sl = slice(c * cr, min((c + 1) * cr, len(keep)))
-                local = np.flatnonzero(keep[sl])
-                ys.append(self.labels[sl][local])
-                for x, r in zip(xs, self.sources):
-                    x.append(r.read(sl)[local])
-            buf_x = [np.concatenate([cx, *x]).astype(np.float32, copy=False) for cx, x in zip(carry_x, xs)]
-            buf_y = np.concatenate([carry_y, *ys])
+        for xs, ys in ahead(groups):  # the next group is read while this one's batches are used
+            buf_x = [np.concatenate([cx, x]) if len(cx) else x for cx, x in zip(carry_x, xs)]
+            buf_y = np.concatenate([carry_y, ys])
             if rng is not None:
                 perm = rng.permutation(len(buf_y))
                 buf_x, buf_y = [b[perm] for b in buf_x], buf_y[perm]
@@ -139,6 +148,12 @@ class Feed:
             carry_x, carry_y = [b[n_full:] for b in buf_x], buf_y[n_full:]
         if len(carry_y):
             yield [self._tensor(b) for b in carry_x], torch.from_numpy(carry_y).to(self.device)
+
+    def _group(self, chunks: list[int], keep: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """The kept rows of `chunks` (in that order) of every source as float32, and their labels: one read each."""
+        cr = self.sources[0].chunk_rows
+        rows = np.concatenate([c * cr + np.flatnonzero(keep[c * cr:(c + 1) * cr]) for c in chunks])
+        return [np.asarray(r.read(rows), np.float32) for r in self.sources], self.labels[rows]
 
     def channel_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-channel mean and std of each source over these positions (float64 sums: float16 inputs)."""

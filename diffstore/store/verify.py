@@ -33,10 +33,8 @@ def check_array(store: Store, path: str) -> list[Finding]:
         out.append(Finding(path, "incomplete", f"incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                            f"of {a.n_shards} missing; re-run the command that wrote it (done shards are skipped) "
                            f"or `{a.fix_command}`", missing))
-    for i in np.flatnonzero(a.done_mask()):
-        what = a.shard_error(int(i))
-        if what:
-            out.append(Finding(path, "corrupt", f"shard {i} {what}; fix it with `{a.fix_command}`", [int(i)]))
+    for i, what in sorted(a.problems(np.flatnonzero(a.done_mask()).tolist()).items()):
+        out.append(Finding(path, "corrupt", f"shard {i} {what}; fix it with `{a.fix_command}`", [i]))
     return out
 
 
