@@ -271,13 +271,12 @@ def bounds(local: list[dict]) -> list[str]:
             best[(r["key"], r["codec"])] = r
     for (key, codec), r in best.items():
         if r["read_ratio"] < r["goal"]:
+            at_most = r["threads"] / (1 / r["decode_alone_MB_s"] + 1 / r["crc32c_alone_MB_s"])
             lines.append(f"{key}, {codec}: {r['read_ratio']:.2f} of the memmap copy ({r['read_MB_s']:,.0f} vs "
                          f"{r['memmap_MB_s']:,.0f} MB/s) misses {r['goal']}: on one thread {codec} decodes at "
                          f"{r['decode_alone_MB_s']:,.0f} MB/s and crc32c runs at {r['crc32c_alone_MB_s']:,.0f} MB/s "
-                         f"alone, so {r['threads']} thread(s) can reach at most "
-                         f"{r['threads'] / (1 / r['decode_alone_MB_s'] + 1 / r['crc32c_alone_MB_s']):,.0f} MB/s "
-                         f"({r['threads'] / (1 / r['decode_alone_MB_s'] + 1 / r['crc32c_alone_MB_s']) / r['memmap_MB_s']:.2f}"
-                         f" of the copy) on {os.cpu_count()} cores")
+                         f"alone, so {r['threads']} thread(s) reach at most {at_most:,.0f} MB/s "
+                         f"({at_most / r['memmap_MB_s']:.2f} of the copy) on {os.cpu_count()} cores")
     return lines
 
 
@@ -312,9 +311,10 @@ def main(argv=None):
                   f"{out['load_average_at_end'][0]:.1f} at end (other processes share the cores)")
     if "codecs" in out:
         show(console, "(1) codecs: stored size and decode speed of float16 activations (MB/s of raw bytes)",
-             out["codecs"], {"source": lambda r: r["source"], "codec": lambda r: r["codec"], "MB": num("MB", "{:.1f}"),
-                             "stored / raw": num("stored_over_raw", "{:.3f}"), "decode alone, 1 thread": num("decode_MB_s"),
-                             "crc32c alone": num("crc32c_MB_s"), "checked read, 1 thread": num("checked_read_1_thread_MB_s")})
+             out["codecs"], {"source": lambda r: r["source"], "codec": lambda r: r["codec"],
+                             "MB": num("MB", "{:.1f}"), "stored / raw": num("stored_over_raw", "{:.3f}"),
+                             "decode alone, 1 thread": num("decode_MB_s"), "crc32c alone": num("crc32c_MB_s"),
+                             "checked read, 1 thread": num("checked_read_1_thread_MB_s")})
     if "local" in out:
         show(console, "(2) local reads vs a raw .npy memmap copy of the same bytes (warm cache, best of "
                       f"{args.repeats}, interleaved)", out["local"],
@@ -322,7 +322,8 @@ def main(argv=None):
               "path": lambda r: r["path"], "codec": lambda r: r["codec"], "threads": num("threads"),
               "stored / raw": num("stored_over_raw", "{:.3f}"), "memmap MB/s": num("memmap_MB_s"),
               "read MB/s": num("read_MB_s"), "read / memmap": num("read_ratio", "{:.3f}"),
-              "float32 / memmap": num("read_f32_ratio", "{:.3f}"), "open+read / memmap": num("open_read_ratio", "{:.3f}"),
+              "float32 / memmap": num("read_f32_ratio", "{:.3f}"),
+              "open+read / memmap": num("open_read_ratio", "{:.3f}"),
               "goal": num("goal", "{}"),
               "met": lambda r: "-" if r["threads"] is None else ("yes" if r["read_ratio"] >= r["goal"] else "no")})
         for line in bounds(out["local"]):

@@ -13,7 +13,8 @@ from zarr.core.sync import sync
 
 from ..errors import DiffstoreError
 from ..key import FeatureKey
-from .reader import Layout, Selection, ShardReader, ZarrShards
+from .codec import name_of
+from .reader import Layout, Selection, ShardReader, ZarrShards, flags
 
 
 class ShardedArray:
@@ -56,6 +57,11 @@ class ShardedArray:
         return self._done.shape[0]
 
     @property
+    def codec(self) -> str:
+        """The codec of its chunks (codec.py): as recorded at creation, else (older arrays) read from x."""
+        return self.attrs.get("codec") or name_of(self.x)
+
+    @property
     def key(self) -> FeatureKey | None:
         return FeatureKey(**self.attrs["key"]) if self.path.startswith("features/") else None
 
@@ -84,7 +90,7 @@ class ShardedArray:
         return slice(i * self.shard_rows, min((i + 1) * self.shard_rows, self.n_rows))
 
     def done_mask(self) -> np.ndarray:
-        self._mask = self._done[:].astype(bool)
+        self._mask = flags(self._done).astype(bool)
         return self._mask.copy()
 
     def is_done(self, i: int) -> bool:

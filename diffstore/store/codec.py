@@ -9,6 +9,7 @@ arrays written before the attribute existed used LEGACY, and a resumed or repair
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numcodecs.blosc
@@ -55,13 +56,16 @@ def without_typesize(spec: dict) -> dict:
     return {"name": spec["name"], "configuration": conf} if conf else {"name": spec["name"]}
 
 
-def name_of(specs: list[dict]) -> str:
-    """The name of a chain of compressors as zarr.json records it (their JSON when diffstore has no name for it)."""
-    have = [without_typesize(s) for s in specs]
+def name_of(x) -> str:
+    """The codec of a zarr array's (inner) chunks by its name here, or its JSON when diffstore has no name for it."""
+    codecs = list(x.metadata.to_dict()["codecs"])
+    if codecs[0]["name"] == "sharding_indexed":
+        codecs = list(codecs[0]["configuration"]["codecs"])
+    have = [without_typesize(c) for c in codecs if c["name"] not in ("bytes", "crc32c")]
     for name, make in CODECS.items():
         if [without_typesize(c.to_dict()) for c in make()] == have:
             return name
-    return str(have)
+    return json.dumps(have)
 
 
 def payload_decoder(spec: dict | None):
