@@ -1,11 +1,13 @@
 """Checked reads against a raw .npy memmap copy of the same float16 bytes; the codec table; reads from S3.
 
-(1) codecs  every float16 array of each --codec-stores store (default: synthetic activations, said so) re-stored
-            with each codec in its own layout (Store.create): stored/raw bytes, the codec's decode speed alone
-            (one thread, every chunk decoded into a buffer), and the checked read (one thread).
+(1) codecs  the float16 arrays of each --codec-stores store (every k-th in path order, ~256 MB at most; --quick:
+            32 MB; default: synthetic activations, said so) re-stored with each codec in their own layout
+            (Store.create): stored/raw bytes, the codec's decode speed alone (one thread, every chunk decoded into a
+            buffer), and the checked read (one thread).
 (2) local   keys of 5 MB, 100 MB and 1 GB (--quick: 5 and 100 MB) at the layouts extract writes (shard rows as
             plan.default_shard_rows gives them for one key on CPU), holding synthetic activations (SiLU of scaled,
-            shifted Gaussians) in float16, warm page cache: for each codec x decode threads, the checked read into
+            shifted Gaussians) in float16 or, with --values-from STORE, the float16 values of STORE's arrays (path
+            order, repeated), warm page cache: for each codec x decode threads, the checked read into
             float16 and into float32, each interleaved with a raw .npy memmap copy of the same bytes (best of
             --repeats). "before": the read as it was (zarr's x[:] of the zstd-1 array, then numpy's NaN check);
             "open+read": Store.open + open_array + read, what `ds.open(url).features(...).numpy()` pays.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,13 +80,28 @@ def payloads(a) -> list[np.ndarray]:
     return out
 
 
-def decode_alone(a, repeats: int) -> tuple[float, float]:
-    """Seconds to decode every chunk of `a` into a buffer (its codec alone), and to crc32c them, on one thread."""
-    chunks, lay = payloads(a), a.reader().layout
-    dst = np.empty(lay.chunk_shape, lay.dtype)
+def parts_alone(a, repeats: int) -> dict:
+    """Seconds of each part of a checked read of `a`, each alone on one thread: reading its shard files into a
+    buffer, decoding every chunk into a buffer (the codec alone), crc32c of the chunks, the NaN check."""
+    chunks, rd = payloads(a), a.reader()
+    lay, files = rd.layout, [os.path.join(rd.local, rd.key(i)) for i in range(a.n_shards)]
+    dst, buf = np.empty(lay.chunk_shape, lay.dtype), np.empty(max(os.path.getsize(f) for f in files), np.uint8)
     decode = lay.decode or (lambda src, d: d.reshape(-1).view(np.uint8).__setitem__(slice(None), src))
-    return (best_of(lambda: [decode(c, dst) for c in chunks], repeats),
-            best_of(lambda: [crc32c.crc32c(c) for c in chunks], repeats))
+
+    def read_files():
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                fh.readinto(buf)
+
+    def nan_checks():
+        for c in chunks:
+            decode(c, dst)
+            reader.has_nan(dst)
+
+    decode_s = best_of(lambda: [decode(c, dst) for c in chunks], repeats)
+    return {"files": best_of(read_files, repeats), "decode": decode_s,
+            "crc32c": best_of(lambda: [crc32c.crc32c(c) for c in chunks], repeats),
+            "nan": max(best_of(nan_checks, repeats) - decode_s, 1e-9)}
 
 
 def interleaved(runs: dict, repeats: int) -> dict:
@@ -118,29 +136,56 @@ def codec_sources(spec: str | None, quick: bool) -> dict[str, list]:
     out = {}
     for item in spec.split(","):
         name, path = item.split("=", 1)
-        s = Store.open(path, "r")
-        arrays = [a for a in s.arrays() if a.dtype == np.float16 and a.complete]
-        out[name] = [(a.path, a.read(), a.shard_rows) for a in arrays[:8 if quick else None]]
+        out[name] = [(a.path, a.read(), a.shard_rows) for a in float16_arrays(path, (32 if quick else 256) << 20)]
     return out
+
+
+def float16_arrays(path: str, cap: int) -> list:
+    """The complete float16 arrays of a store, a seeded random subset of at most `cap` bytes (all when they fit)."""
+    arrays = [a for a in Store.open(path, "r").arrays() if a.dtype == np.float16 and a.complete]
+    chosen, total = [], 0
+    for k in np.random.default_rng(0).permutation(len(arrays)):
+        if total + arrays[k].x.nbytes <= cap:
+            chosen.append(arrays[k])
+            total += arrays[k].x.nbytes
+    return sorted(chosen, key=lambda a: a.path)
+
+
+class Values:
+    """Float16 rows for the read keys: synthetic activations, or the values of a store's arrays (`float16_arrays`,
+    flattened in path order, repeated as needed)."""
+
+    def __init__(self, store: str | None):
+        self.rng, self.at = np.random.default_rng(0), 0
+        self.pool = None if store is None else np.concatenate([a.read().reshape(-1)
+                                                               for a in float16_arrays(store, 256 << 20)])
+
+    def __call__(self, n: int, shape: tuple) -> np.ndarray:
+        if self.pool is None:
+            return activations(self.rng, n, shape)
+        take = (self.at + np.arange(n * int(np.prod(shape)))) % len(self.pool)
+        self.at += len(take)
+        return self.pool[take].reshape(n, *shape)
 
 
 def bench_codecs(root: Path, sources: dict, codecs: list[str], repeats: int) -> list[dict]:
     rows = []
-    for source, arrays in sources.items():
+    for n_source, (source, arrays) in enumerate(sources.items()):
         raw = sum(x.nbytes for _, x, _ in arrays)
         stderr.print(f"(1) codecs on {source}: {len(arrays)} arrays, {raw / 1e6:.1f} MB")
         for codec in codecs:
             stored = dec = crc = read1 = 0.0
             for k, (_, x, shard_rows) in enumerate(arrays):
-                a = store_rows(root / f"codec-{codec}-{k}.zarr", lambda sl: x[sl], len(x), x.shape[1:], shard_rows,
-                               codec)
+                url = root / f"codec-{n_source}-{codec}-{k}.zarr"
+                a = store_rows(url, lambda sl: x[sl], len(x), x.shape[1:], shard_rows, codec)
                 assert np.array_equal(a.read().view(np.uint16), x.view(np.uint16))
                 stored += a.nbytes_stored()
-                d, c = decode_alone(a, repeats)
+                parts = parts_alone(a, repeats)
                 reader.set_concurrency(threads=1)
                 read1 += best_of(a.read, repeats)
                 reader.set_concurrency(threads=reader.DEFAULT_THREADS)
-                dec, crc = dec + d, crc + c
+                dec, crc = dec + parts["decode"], crc + parts["crc32c"]
+                shutil.rmtree(url)
             rows.append({"source": source, "codec": codec, "MB": raw / 1e6, "stored_over_raw": stored / raw,
                          "decode_MB_s": raw / dec / 1e6, "crc32c_MB_s": raw / crc / 1e6,
                          "checked_read_1_thread_MB_s": raw / read1 / 1e6})
@@ -148,16 +193,16 @@ def bench_codecs(root: Path, sources: dict, codecs: list[str], repeats: int) -> 
 
 
 # --- (2) local reads ----------------------------------------------------------------------------------------
-def bench_local(root: Path, keys: list[str], codecs: list[str], threads: list[int], repeats: int) -> list[dict]:
+def bench_local(root: Path, keys: list[str], codecs: list[str], threads: list[int], repeats: int,
+                values: Values) -> list[dict]:
     rows = []
     for key in keys:
         n, shape = KEYS[key]
         shard_rows = default_shard_rows(int(np.prod(shape)) * 4, MICRO_BATCH)
         npy = root / f"{key.replace(' ', '')}.npy"
         mm = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16, shape=(n, *shape))
-        rng = np.random.default_rng(0)
         for s in range(0, n, shard_rows):
-            mm[s:s + shard_rows] = activations(rng, min(shard_rows, n - s), shape)
+            mm[s:s + shard_rows] = values(min(shard_rows, n - s), shape)
         mm.flush()
         del mm
         nbytes = npy.stat().st_size
@@ -176,14 +221,14 @@ def bench_local(root: Path, keys: list[str], codecs: list[str], threads: list[in
         for codec in codecs:
             a = arrays[codec]
             assert np.array_equal(a.read().view(np.uint16), np.load(npy, mmap_mode="r").view(np.uint16))
-            dec, crc = decode_alone(a, repeats)
+            parts = parts_alone(a, repeats)
             for t in threads:
                 reader.set_concurrency(threads=t)
                 got = interleaved({"memmap": copy, "read": a.read, "read_f32": lambda: a.read(dtype=np.float32),
                                    "open_read": lambda: Store.open(str(a.url), "r").open_array(PATH).read()}, repeats)
                 rows.append({**base, "codec": codec, "path": "checked read", "threads": t,
                              "stored_over_raw": a.nbytes_stored() / nbytes, **figures(got, nbytes),
-                             "decode_alone_MB_s": nbytes / dec / 1e6, "crc32c_alone_MB_s": nbytes / crc / 1e6})
+                             **{f"{k}_alone_MB_s": nbytes / v / 1e6 for k, v in parts.items()}})
             reader.set_concurrency(threads=reader.DEFAULT_THREADS)
     return rows
 
@@ -219,7 +264,7 @@ def moto_server() -> tuple[subprocess.Popen, dict]:
     raise RuntimeError("moto server did not start")
 
 
-def bench_s3(mb: int, ios: list[int], repeats: int) -> list[dict]:
+def bench_s3(mb: int, ios: list[int], repeats: int, values: Values) -> list[dict]:
     import fsspec
 
     server, _ = moto_server()
@@ -227,7 +272,7 @@ def bench_s3(mb: int, ios: list[int], repeats: int) -> list[dict]:
         shape = KEYS["100 MB"][1]
         n = mb * 2**20 // (int(np.prod(shape)) * 2)
         shard_rows = default_shard_rows(int(np.prod(shape)) * 4, MICRO_BATCH)
-        x = activations(np.random.default_rng(0), n, shape)
+        x = values(n, shape)
         stderr.print(f"(3) s3: writing a {x.nbytes / 1e6:.0f} MB key [{n}, {', '.join(map(str, shape))}] to moto")
         a = store_rows("s3://team/read.zarr", lambda sl: x[sl], n, shape, shard_rows, DEFAULT)
         fs = fsspec.filesystem("s3")
@@ -271,12 +316,13 @@ def bounds(local: list[dict]) -> list[str]:
             best[(r["key"], r["codec"])] = r
     for (key, codec), r in best.items():
         if r["read_ratio"] < r["goal"]:
-            at_most = r["threads"] / (1 / r["decode_alone_MB_s"] + 1 / r["crc32c_alone_MB_s"])
+            parts = {k: r[f"{k}_alone_MB_s"] for k in ("files", "decode", "crc32c", "nan")}
+            at_most = r["threads"] / sum(1 / v for v in parts.values())
             lines.append(f"{key}, {codec}: {r['read_ratio']:.2f} of the memmap copy ({r['read_MB_s']:,.0f} vs "
-                         f"{r['memmap_MB_s']:,.0f} MB/s) misses {r['goal']}: on one thread {codec} decodes at "
-                         f"{r['decode_alone_MB_s']:,.0f} MB/s and crc32c runs at {r['crc32c_alone_MB_s']:,.0f} MB/s "
-                         f"alone, so {r['threads']} thread(s) reach at most {at_most:,.0f} MB/s "
-                         f"({at_most / r['memmap_MB_s']:.2f} of the copy) on {os.cpu_count()} cores")
+                         f"{r['memmap_MB_s']:,.0f} MB/s) misses {r['goal']}. Alone, on one thread: "
+                         + ", ".join(f"{k} {v:,.0f} MB/s" for k, v in parts.items())
+                         + f"; in sequence {r['threads']} thread(s) reach at most {at_most:,.0f} MB/s "
+                         f"({at_most / r['memmap_MB_s']:.2f} of the copy) with {os.cpu_count()} cores")
     return lines
 
 
@@ -286,29 +332,34 @@ def main(argv=None):
     ap.add_argument("--sections", default="codecs,local,s3")
     ap.add_argument("--codec-stores", default=None, help="NAME=PATH,... stores whose float16 arrays the codec table "
                                                          "measures (default: synthetic activations)")
+    ap.add_argument("--values-from", default=None, help="a store whose float16 values fill the read keys "
+                                                        "(default: synthetic activations)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    codecs = ["none", LEGACY, "lz4", DEFAULT] if args.quick else list(CODECS)
+    codecs = list(dict.fromkeys(["none", LEGACY, "shuffle-lz4", "bitshuffle-lz4", DEFAULT] if args.quick else CODECS))
     threads = sorted({1, reader.DEFAULT_THREADS}) if args.quick else sorted({1, 2, 4, reader.DEFAULT_THREADS})
-    out = {"cores": os.cpu_count(), "load_average_at_start": os.getloadavg()}
+    values = Values(args.values_from)
+    out = {"cores": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+           "values": f"the float16 values of {args.values_from}" if args.values_from else "synthetic activations"}
     with tempfile.TemporaryDirectory() as tmp:
         if "codecs" in sections:
             out["codecs"] = bench_codecs(Path(tmp), codec_sources(args.codec_stores, args.quick), list(CODECS),
                                          args.repeats)
         if "local" in sections:
             out["local"] = bench_local(Path(tmp), list(QUICK_KEYS if args.quick else KEYS), codecs, threads,
-                                       args.repeats)
+                                       args.repeats, values)
         if "s3" in sections:
-            out["s3"] = bench_s3(20 if args.quick else 100, [4, 16, 64], args.repeats)
+            out["s3"] = bench_s3(20 if args.quick else 100, [4, 16, 64], args.repeats, values)
     out["load_average_at_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(out, indent=1))
         return
     console = Console(width=200)
     console.print(f"{out['cores']} cores; load average {out['load_average_at_start'][0]:.1f} at start, "
-                  f"{out['load_average_at_end'][0]:.1f} at end (other processes share the cores)")
+                  f"{out['load_average_at_end'][0]:.1f} at end (other processes share the cores); read keys hold "
+                  f"{out['values']}")
     if "codecs" in out:
         show(console, "(1) codecs: stored size and decode speed of float16 activations (MB/s of raw bytes)",
              out["codecs"], {"source": lambda r: r["source"], "codec": lambda r: r["codec"],

@@ -93,19 +93,19 @@ class Features:
             raise DiffstoreError(f"{self.key.path} in {self.store.url} is incomplete ({len(missing)} of "
                                  f"{self.array.n_shards} shards missing): re-run the `diffstore extract` that wrote it")
 
-    def numpy(self) -> np.ndarray:
-        """All rows as a numpy array in the stored dtype (float16 by default)."""
+    def numpy(self, dtype=None) -> np.ndarray:
+        """All rows as a numpy array in the stored dtype (float16 by default), or in `dtype` (float32 is decoded
+        straight into a float32 array: no float16 copy)."""
         self._check_complete()
-        return np.asarray(self.array.read())
+        return self.array.read(dtype=dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        x = self.numpy()
-        return x if dtype is None else x.astype(dtype)
+        return self.numpy(dtype)
 
     def to_torch(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """A CPU tensor (the stored dtype unless `dtype` is given)."""
         torch = require("torch")
-        x = torch.from_numpy(self.numpy())
+        x = torch.from_numpy(self.numpy(np.float32 if dtype == torch.float32 else None))
         return x if dtype is None else x.to(dtype)
 
     def to_dask(self) -> "dask.array.Array":

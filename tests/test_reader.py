@@ -7,7 +7,9 @@ from unittest.mock import patch
 import boto3
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from diffstore.cli import app
 from diffstore.errors import DiffstoreError
 from diffstore.store import Store
 from diffstore.store import reader
@@ -130,9 +132,16 @@ def test_a_chunk_outside_its_object_and_a_bad_index_are_refused(tmp_path):
 
 
 # --- codecs: recorded per array, kept by arrays written before ----------------------------------------------------
+def info_codec(url) -> str:
+    done = CliRunner().invoke(app, ["info", "--store", str(url), P])
+    assert done.exit_code == 0, done.output
+    return json.loads(done.stdout)[0]["codec"]
+
+
 def test_a_new_array_records_its_codec_and_info_shows_it(tmp_path):
     a, _ = filled(tmp_path / "s.zarr", "one chunk per shard, partial last shard")
-    assert a.attrs["codec"] == DEFAULT == name_of(a.x) and "codec" not in a.attrs["layout"]
+    assert a.attrs["codec"] == DEFAULT == name_of(a.x) == info_codec(tmp_path / "s.zarr")
+    assert "codec" not in a.attrs["layout"] and "codec" not in a.attrs.get("recipe", {})
     with pytest.raises(DiffstoreError, match="unknown codec 'brotli'"):
         Store.open(str(tmp_path / "t.zarr")).create(P, "fp", {}, (3,), 4, 2, codec="brotli")
     assert not (tmp_path / "t.zarr").exists()
@@ -155,7 +164,7 @@ def test_an_array_with_the_old_codec_reads_and_resumes_with_it(tmp_path):
         a.write_shard(0, x[a.shard_slice(0)])
         older(url)
         resumed = Store.open(str(url)).create(P, "fp", {}, shape, n, shard_rows)  # as extract calls it
-        assert resumed.codec == LEGACY == name_of(resumed.x) and "codec" not in resumed.attrs
+        assert resumed.codec == LEGACY == name_of(resumed.x) == info_codec(url) and "codec" not in resumed.attrs
         resumed.write_shard(1, x[resumed.shard_slice(1)])
         rebuild_metadata(Store.open(str(url)), P)  # repair drops x's zarr.json: it is made again with the old codec
         again = Store.open(str(url)).create(P, "fp", {}, shape, n, shard_rows)

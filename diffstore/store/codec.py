@@ -1,10 +1,12 @@
 """The codec of a feature array: how each chunk's bytes are compressed before zarr appends its crc32c.
 
-Chosen by measurement (bench/bench_read.py, README "Codec"): float16 activations barely compress (zstd keeps
-~0.6-0.95 of their bytes) while zstd decodes at ~1 GB/s, the bottleneck of a checked read; byte-shuffled lz4 keeps
-most of the saving and decodes several times faster. The codec is recorded in the group's `codec` attribute (shown
-by `info`), not in the fingerprint: it does not change the values. An array keeps the codec it was created with:
-arrays written before the attribute existed used LEGACY, and a resumed or repaired array is re-created with its own.
+Chosen by measurement (bench/bench_read.py, README "Reads and the codec"): float16 activations barely compress
+(zstd keeps ~0.90-0.92 of their bytes) and zstd decodes at ~0.6-1 GB/s a thread, the bottleneck of a checked read;
+byte-shuffled lz4 keeps ~0.95-1.0 of them (and the NaN padding of a last chunk, which "none" stores) and decodes at
+~5-7 GB/s, about as fast as reading them uncompressed. bitshuffle-lz4 stores the least (~0.84-0.90) at ~1-3 GB/s.
+The codec is recorded in the group's `codec` attribute (shown by `info`), not in the fingerprint: it does not
+change the values. An array keeps the codec it was created with: arrays written before the attribute existed used
+LEGACY, and a resumed or repaired array is re-created with its own.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ CODECS: dict[str, Callable[[], list]] = {  # name -> the array's compressors (za
     "shuffle-zstd-1": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
     "bitshuffle-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
 }
-DEFAULT = "shuffle-lz4"  # for new arrays (measured: bench/bench_read.py --codecs)
+DEFAULT = "shuffle-lz4"  # for new arrays (bench/bench_read.py --sections codecs,local)
 LEGACY = "zstd-1"  # what every array without a `codec` attribute was written with
 
 # numcodecs' decoders by the zarr codec name: each decompresses into a caller's buffer, releasing the GIL

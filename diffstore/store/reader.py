@@ -34,6 +34,7 @@ DEFAULT_IO = 16  # GETs in flight on a remote store (each holds one raw shard in
 THREADS, IO_CONCURRENCY = DEFAULT_THREADS, DEFAULT_IO
 EMPTY = 2**64 - 1  # a shard index entry of a chunk never written
 KEEP = 16 << 20  # largest scratch buffer a decode thread keeps between reads
+PARALLEL_BYTES = 1 << 20  # shards of at least this many raw bytes are decoded by several threads
 PIECE = 1 << 15  # float16 -> float32 widening runs in pieces of torch's grain size: inline, on the calling thread
 
 _pool: ThreadPoolExecutor | None = None
@@ -168,8 +169,11 @@ def widen(dst: np.ndarray, src: np.ndarray) -> None:
     if dst.dtype == src.dtype:
         np.copyto(dst, src)
     elif src.dtype == np.float16 and dst.dtype == np.float32 and dst.flags.c_contiguous and src.flags.c_contiguous:
-        import torch
-
+        try:
+            import torch
+        except ImportError:  # a reader without torch (README: reading needs no torch) takes numpy's cast
+            np.copyto(dst, src)
+            return
         d, s = torch.from_numpy(dst.reshape(-1)), torch.from_numpy(src.reshape(-1))
         for i in range(0, len(s), PIECE):
             d[i:i + PIECE].copy_(s[i:i + PIECE])
@@ -209,8 +213,9 @@ class ShardReader:
     def __init__(self, x: zarr.Array, layout: Layout, n_rows: int):
         self.layout, self.n_rows = layout, n_rows
         self.store, path = x.store_path.store, x.store_path.path
-        key = x.metadata.encode_chunk_key
-        self.key = lambda i: f"{path}/{key((i,) + (0,) * (x.ndim - 1))}"
+        # shard i's key, "{path}/c/{i}/0/0/0" in the default encoding: the key of a marker index, cut around it
+        head, tail = x.metadata.encode_chunk_key((987654321,) + (0,) * (x.ndim - 1)).split("987654321")
+        self.key = lambda i: f"{path}/{head}{i}{tail}"
         root = getattr(self.store, "root", None)
         self.local = root if isinstance(self.store, zarr.storage.LocalStore) else None
 
@@ -225,10 +230,13 @@ class ShardReader:
             tasks.append((i, plan, len(plan) == len(ids)))
         if self.local is None:
             found = sync(self._remote(tasks, out))
-        elif len(tasks) == 1:
-            found = [self._local_task(tasks[0], out)]
         else:
-            found = list(pool().map(lambda t: self._local_task(t, out), tasks))
+            # Threads pay only when the GIL-free work (read, checksum, decompress, copy) outweighs a shard's ~30 us
+            # of Python: on big shards. Each thread takes every k-th shard (one future per thread, not per shard).
+            k = min(THREADS, len(tasks)) if lay.chunk_nbytes * lay.chunks >= PARALLEL_BYTES else 1
+            every = lambda j: [self._local_task(t, out) for t in tasks[j::k]]  # noqa: E731
+            parts = list(pool().map(every, range(k))) if k > 1 else [every(0)]
+            found = [parts[n % k][n // k] for n in range(len(tasks))]
         return {i: what for i, what in zip(shards, found) if what}
 
     # --- fetching ---------------------------------------------------------------------------------
@@ -240,7 +248,7 @@ class ShardReader:
 
     def _local_task(self, task, out) -> str | None:
         i, plan, whole = task
-        path = os.path.join(self.local, self.key(i))
+        path = f"{self.local}/{self.key(i)}"
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
