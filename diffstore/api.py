@@ -90,20 +90,20 @@ class Features:
     def class_names(self) -> list[str]:
         return self.store.split(self.key.dataset, self.key.split).class_names
 
-    def numpy(self) -> np.ndarray:
-        """The rows as a numpy array in the stored dtype (float16 by default): all of them, or the first `limit`
-        (their shards must be done; the refusal names the missing ones)."""
+    def numpy(self, dtype=None) -> np.ndarray:
+        """The rows as a numpy array in the stored dtype (float16 by default), or in `dtype` (float32 is decoded
+        straight into a float32 array: no float16 copy): all of them, or the first `limit` (their shards must be
+        done; the refusal names the missing ones)."""
         self.array.require_done(self.n)
-        return np.asarray(self.array.read(slice(0, self.n)))
+        return self.array.read(slice(0, self.n), dtype=dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        x = self.numpy()
-        return x if dtype is None else x.astype(dtype)
+        return self.numpy(dtype)
 
     def to_torch(self, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """A CPU tensor (the stored dtype unless `dtype` is given)."""
         torch = require("torch")
-        x = torch.from_numpy(self.numpy())
+        x = torch.from_numpy(self.numpy(np.float32 if dtype == torch.float32 else None))
         return x if dtype is None else x.to(dtype)
 
     def to_torch_dataset(self, shuffle: bool = True, buffer: int = 8192, seed: int = 0,

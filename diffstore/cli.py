@@ -295,7 +295,8 @@ def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors li
         recipe = {**LEGACY_FORWARD, **a.attrs.get("recipe", {})}  # forward fields absent from older stores
         out.append({"store": store, "path": a.path, **a.attrs, "recipe": recipe, "shape": list(a.shape),
                     "chunks": list(a.x.chunks), "shards": list(a.x.shards), "dtype": str(a.x.dtype),
-                    "shards_done": int(a.done_mask().sum()), "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored()})
+                    "shards_done": int(a.done_mask().sum()), "n_shards": a.n_shards, "bytes_stored": a.nbytes_stored(),
+                    "codec": a.codec})
     print(json.dumps(out, indent=1, default=str))
 
 

@@ -12,11 +12,25 @@ round-robin), so every row comes exactly once an epoch; set_epoch(e) draws a new
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
 from .errors import DiffstoreError, require
+
+
+T = TypeVar("T")
+
+
+def ahead(items: Iterator[T]) -> Iterator[T]:
+    """The items of an iterator, each produced in a background thread while the caller uses the one before."""
+    done = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="diffstore-feed") as ex:
+        pending = ex.submit(next, items, done)
+        while (item := pending.result()) is not done:
+            pending = ex.submit(next, items, done)
+            yield item
 
 
 def buffers(reads: list[Callable[[slice], np.ndarray]], labels: np.ndarray, keep: np.ndarray, chunk_rows: int,
@@ -29,16 +43,11 @@ def buffers(reads: list[Callable[[slice], np.ndarray]], labels: np.ndarray, keep
         chunks = list(chunks)
         rng.shuffle(chunks)
     per_buffer = max(1, buffer_rows // chunk_rows)
-    for g in range(0, len(chunks), per_buffer):
-        xs, ys = [[] for _ in reads], []
-        for c in chunks[g:g + per_buffer]:
-            sl = slice(c * chunk_rows, min((c + 1) * chunk_rows, len(keep)))
-            local = np.flatnonzero(keep[sl])
-            ys.append(labels[sl][local])
-            for x, read in zip(xs, reads):
-                x.append(np.asarray(read(sl))[local])
-        buf_x = [np.concatenate(x).astype(np.float32, copy=False) for x in xs]
-        buf_y = np.concatenate(ys)
+    for g in range(0, len(chunks), per_buffer):  # one read per source and buffer: its shards read concurrently
+        rows = np.concatenate([c * chunk_rows + np.flatnonzero(keep[c * chunk_rows:(c + 1) * chunk_rows])
+                               for c in chunks[g:g + per_buffer]])
+        buf_x = [np.asarray(read(rows), np.float32) for read in reads]
+        buf_y = labels[rows]
         if rng is not None:
             perm = rng.permutation(len(buf_y))
             buf_x, buf_y = [b[perm] for b in buf_x], buf_y[perm]
@@ -71,7 +80,8 @@ def shard_stream(array, labels: np.ndarray, rows: int | None = None, shuffle: bo
                 chunks = chunks[info.id::info.num_workers]
             rng = np.random.default_rng([seed, self.epoch, info.id if info else 0]) if shuffle else None
             keep = np.ones(self.n, bool)
-            for (x,), y in buffers([array.read], labels[:self.n], keep, array.shard_rows, buffer, rng, chunks):
+            read = lambda rows: array.read(rows, np.float32)  # noqa: E731
+            for (x,), y in ahead(buffers([read], labels[:self.n], keep, array.shard_rows, buffer, rng, chunks)):
                 if batch_size is None:
                     for i in range(len(y)):
                         yield torch.from_numpy(x[i]), int(y[i])

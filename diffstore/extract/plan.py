@@ -170,8 +170,7 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
         if existing:
             plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
         elif not plan.shard_rows:
-            row_bytes = sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4
-            plan.shard_rows = int(max(1, min(16, SHARD_BYTES // max(row_bytes * mb, 1)))) * mb
+            plan.shard_rows = default_shard_rows(sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4, mb)
         if o.dry_run:  # nothing written: the arrays there are opened, the others listed
             for tt, b, p in ((tt, b, p) for tt in ts for b in bs for p in ps):
                 if stored[plan.key(tt, b, p).path] is None:
@@ -191,6 +190,12 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
                                                            plan.row_shape(b, p), len(split), plan.shard_rows, o.dtype,
                                                            split=record)
         return plan
+
+
+def default_shard_rows(row_bytes: int, micro_batch: int) -> int:
+    """Rows per shard when none is stored or asked for: up to 16 micro-batches, all of a task's float32 rows
+    (row_bytes: one row of every requested array) within SHARD_BYTES."""
+    return int(max(1, min(16, SHARD_BYTES // max(row_bytes * micro_batch, 1)))) * micro_batch
 
 
 def pending(plan: Plan) -> list[tuple[int, int]]:

@@ -1,10 +1,11 @@
 """Rows of feature arrays, fed to heads in batches: from RAM when they fit, else streamed chunk-wise from the store.
 
-A Rows is anything readable by contiguous row slices (a numpy array, a store ShardedArray, a fusion of several).
-A Feed serves batches from several Rows of the same samples at once, so one pass over the data trains many
-heads side by side. Streaming keeps memory bounded: chunks (store shards) are visited in a seeded shuffled
-order and read in groups into a buffer that is shuffled before batching; the remainder carries over, so
-every batch but the epoch's last is full.
+A Rows is anything readable by row slices and index arrays (a numpy array, a store ShardedArray, a fusion of
+several). A Feed serves batches from several Rows of the same samples at once, so one pass over the data trains
+many heads side by side. Streaming keeps memory bounded: chunks (store shards) are visited in a seeded shuffled
+order and read in groups (one read per source, the next group in a background thread while the current one is
+used) into a buffer that is shuffled before batching; the remainder carries over, so every batch but the epoch's
+last is full.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DiffstoreError
-from ..stream import buffers
+from ..stream import ahead, buffers
 
 DEFAULT_BUDGET = 2 << 30  # bytes of float32 rows a Feed may hold in RAM; above it, rows stream chunk-wise
 
 
 @dataclass
 class Rows:
-    """Rows [N, *row_shape] readable by contiguous slices; chunk_rows is the read unit (a store shard)."""
+    """Rows [N, *row_shape] readable by slices and index arrays (any dtype; a store array reads float32, decoded
+    straight into it); chunk_rows is the read unit (a store shard)."""
 
     n_rows: int
     row_shape: tuple
@@ -36,7 +38,7 @@ class Rows:
         """A numpy array in RAM, or a store ShardedArray (read shard by shard)."""
         if isinstance(array, np.ndarray):
             return cls(len(array), tuple(array.shape[1:]), chunk_rows or 4096, lambda sl: array[sl])
-        return cls(array.n_rows, tuple(array.shape[1:]), array.shard_rows, array.read)
+        return cls(array.n_rows, tuple(array.shape[1:]), array.shard_rows, lambda rows: array.read(rows, np.float32))
 
     def nbytes(self, n: int | None = None) -> int:
         return (self.n_rows if n is None else n) * int(np.prod(self.row_shape)) * 4
@@ -96,7 +98,7 @@ class Feed:
         self.buffer_rows = max(batch_size, budget // 4 // max(row_bytes, 1))
         self.cache = None
         if row_bytes * len(self.positions) <= budget:
-            self.cache = [self._tensor(r.read(slice(0, r.n_rows))[self.positions]) for r in sources]
+            self.cache = [self._tensor(r.read(self.positions)) for r in sources]
             self.cache_y = torch.from_numpy(labels[self.positions]).to(device)
 
     def __len__(self):
@@ -117,9 +119,10 @@ class Feed:
         keep = np.zeros(len(self.labels), bool)
         keep[self.positions] = True
         carry_x, carry_y = [np.empty((0, *r.row_shape), np.float32) for r in self.sources], np.empty(0, np.int64)
-        for xs, ys in buffers([r.read for r in self.sources], self.labels, keep, self.sources[0].chunk_rows,
-                              self.buffer_rows, rng):
-            buf_x = [np.concatenate([cx, x]) for cx, x in zip(carry_x, xs)]
+        groups = buffers([r.read for r in self.sources], self.labels, keep, self.sources[0].chunk_rows,
+                         self.buffer_rows, rng)
+        for xs, ys in ahead(groups):  # the next group is read while this one's batches are used
+            buf_x = [np.concatenate([cx, x]) if len(cx) else x for cx, x in zip(carry_x, xs)]
             buf_y = np.concatenate([carry_y, ys])
             n_full = len(buf_y) // bs * bs
             for i in range(0, n_full, bs):

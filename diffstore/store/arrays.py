@@ -17,6 +17,8 @@ from zarr.core.sync import sync
 from ..errors import DiffstoreError
 from ..key import FeatureKey
 from .attrs import check_size, checked_layout
+from .codec import name_of
+from .reader import Layout, Selection, ShardReader, ZarrShards, flags
 
 
 class ShardedArray:
@@ -33,6 +35,7 @@ class ShardedArray:
         self.x = group["x"]
         self._done = group["done"]
         self._mask: np.ndarray | None = None  # done flags as last read; re-read when a shard looks unfinished
+        self._reader = None
         self.check_layout()
 
     # --- shape ------------------------------------------------------------------------------------
@@ -59,6 +62,11 @@ class ShardedArray:
     @property
     def n_shards(self) -> int:
         return self._done.shape[0]
+
+    @property
+    def codec(self) -> str:
+        """The codec of its chunks (codec.py): as recorded at creation, else (older arrays) read from x."""
+        return self.attrs.get("codec") or name_of(self.x)
 
     @property
     def key(self) -> FeatureKey | None:
@@ -89,7 +97,7 @@ class ShardedArray:
         return slice(i * self.shard_rows, min((i + 1) * self.shard_rows, self.n_rows))
 
     def done_mask(self) -> np.ndarray:
-        self._mask = self._done[:].astype(bool)
+        self._mask = flags(self._done).astype(bool)
         return self._mask.copy()
 
     def is_done(self, i: int) -> bool:
@@ -169,23 +177,31 @@ class ShardedArray:
         self._mask = None
 
     # --- checked reads ----------------------------------------------------------------------------
-    def read(self, rows=slice(None)) -> np.ndarray:
-        """Rows (a slice, an int or an index array), checked: every shard touched is done, passes its crc32c
-        checksums and holds no NaN rows; otherwise a DiffstoreError naming array, shard and fix."""
-        index = np.arange(self.n_rows)[rows]
-        shards = np.unique(np.atleast_1d(index) // self.shard_rows)
-        self._check_done(shards)
-        try:
-            data = self.x[rows]
-        except Exception as e:  # zarr: checksum mismatch, truncated or undecodable shard
-            bad = next((int(i) for i in shards if self.shard_error(int(i))), int(shards[0]))
-            raise self.error(bad, f"fails its checksum or cannot be decoded ({type(e).__name__}: {e})") from None
-        if data.dtype.kind == "f":
-            nan = np.isnan(data.reshape(np.atleast_1d(index).size, -1)).any(axis=1)
-            if nan.any():
-                raise self.error(int(np.atleast_1d(index)[np.argmax(nan)] // self.shard_rows),
-                                 "is marked done but holds NaN rows (its data is missing)")
-        return data
+    def read(self, rows=slice(None), dtype=None) -> np.ndarray:
+        """Rows (a slice, an int or an index array) in `dtype` (default: the stored one; float32 is decoded
+        straight into a float32 output), checked: every shard touched is done, passes its crc32c checksums and
+        holds no NaN rows; otherwise a DiffstoreError naming array, shard and fix. See reader.py."""
+        sel = Selection(rows, self.n_rows)
+        sr = self.shard_rows
+        shards = (range(sel.start // sr, -(-sel.stop // sr)) if sel.index is None
+                  else np.unique(sel.index // sr).tolist())
+        out = np.empty((sel.size, *self.shape[1:]), np.dtype(dtype or self.dtype))
+        if len(shards):
+            self._check_done(np.asarray(shards))
+            self._raise_first(self.reader().run(list(shards), sel, out))
+        return out[0] if sel.scalar else out
+
+    def reader(self):
+        """The shard reader of this array's layout (zarr's own for layouts diffstore does not decode)."""
+        if self._reader is None:
+            layout = Layout.of(self.x)
+            self._reader = ShardReader(self.x, layout, self.n_rows) if layout else ZarrShards(self.x, self.n_rows)
+        return self._reader
+
+    def _raise_first(self, problems: dict[int, str]) -> None:
+        if problems:
+            first = min(problems)
+            raise self.error(first, problems[first])
 
     def __getitem__(self, rows) -> np.ndarray:
         """x[a:b] with the checks of `read` (so cka and dask can take the array itself)."""
@@ -203,15 +219,14 @@ class ShardedArray:
             raise self.error(undone[0], f"is not done (the array is incomplete: {int((~self._mask).sum())} of "
                                         f"{self.n_shards} shards missing)")
 
+    def problems(self, shards: list[int]) -> dict[int, str]:
+        """{shard: what is wrong with its data} for done shards (decodes, checksums match, no NaN row), read
+        concurrently and checked without keeping the rows."""
+        return self.reader().run([int(i) for i in shards], None, None)
+
     def shard_error(self, i: int) -> str | None:
         """What is wrong with done shard i's data (None: it decodes, checksums match, no NaN row)."""
-        try:
-            data = self.x[self.shard_slice(i)]
-        except Exception as e:
-            return f"fails its checksum or cannot be decoded ({type(e).__name__}: {e})"
-        if data.dtype.kind == "f" and np.isnan(data).any():
-            return "is marked done but holds NaN rows (its data is missing)"
-        return None
+        return self.problems([i]).get(i)
 
     def error(self, shard: int, what: str) -> DiffstoreError:
         sl = self.shard_slice(shard)

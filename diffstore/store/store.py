@@ -5,9 +5,10 @@ Layout (readable without diffstore: `xr.open_datatree(url, engine="zarr")`, `zar
     zarr.json                                  attrs {"diffstore": {"format": 2}}
     datasets/{dataset}/{split}/ids, labels     int64 [sample]; attrs: class_names, ids_sha256, source
     features/{dataset}/{split}/{model}/{input}/t{t}/b{block}/p{pool}/
-        zarr.json                              attrs: key, recipe, fingerprint, layout, block, preprocess, provenance
+        zarr.json                              attrs: key, recipe, fingerprint, layout, codec, block, preprocess,
+                                               provenance
         x                                      [sample, channel, height, width] (p x p, or H x W for p=full),
-                                               float16 by default, chunked along rows, sharded, zstd + crc32c
+                                               float16 by default, chunked along rows, sharded, codec + crc32c
         done                                   uint8 [shard], one chunk per shard: 1 = shard durable
         sample, label                          int64 [sample]: the split's ids and labels (xarray coordinates)
     targets/...                                RepFusion teacher targets, same ShardedArray layout
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
@@ -50,6 +51,7 @@ from ..key import BadName, FeatureKey, check_name, select
 from .arrays import ShardedArray
 from .attrs import shown
 from .backend import describe_failure, zarr_store
+from .codec import DEFAULT as DEFAULT_CODEC, LEGACY as LEGACY_CODEC, compressors
 from .labels import SAMPLE, label_names, row_dims
 
 FORMAT = 2
@@ -315,20 +317,22 @@ class Store:
         return self.open_array(path).shard_rows if "x" in g else None
 
     def create(self, path: str, fingerprint: str, attrs: dict, row_shape: tuple, n_rows: int, shard_rows: int,
-               dtype: str = "float16", split: SplitRecord | None = None) -> ShardedArray:
+               dtype: str = "float16", split: SplitRecord | None = None, codec: str = DEFAULT_CODEC) -> ShardedArray:
         """Pre-sized array at `path`, created step by step so that any step can be re-run or raced: the same
         fingerprint reopens (and completes) what is there; a different one is refused, naming the settings that
-        differ, before anything is written. `split` adds its ids and labels as xarray coordinates."""
+        differ, before anything is written. `split` adds its ids and labels as xarray coordinates. `codec` (see
+        codec.py) is recorded in the group; an array that exists keeps its own."""
         if not (isinstance(shard_rows, int) and shard_rows > 0 and n_rows > 0):
             raise DiffstoreError(f"{path}: shard rows and rows must be positive, got {shard_rows} and {n_rows}")
         layout = {"n_rows": int(n_rows), "row_shape": [int(s) for s in row_shape], "shard_rows": int(shard_rows),
                   "dtype": str(np.dtype(dtype))}
+        compressors(codec)  # an unknown codec is refused before anything is written
         self.check(path, fingerprint, attrs)
         g = self._group(path)
         if g is None:
             try:
                 g = self.root.create_group(path, attributes={**attrs, "fingerprint": fingerprint, "layout": layout,
-                                                             "provenance": provenance()})
+                                                             "codec": codec, "provenance": provenance()})
             except (ContainsGroupError, ContainsArrayError):  # another writer was first: read what it made
                 if self._prefetched is not None:
                     self._prefetched.pop(path, None)
@@ -350,7 +354,8 @@ class Store:
         dims = row_dims(len(row_shape), features=path.startswith("features/"))
         coords = stored is not None and split is not None  # format 2: labelled for xarray
         self._create_array(g, "x", shape=(n_rows, *row_shape), dtype=dtype, chunks=(chunk_rows, *row_shape),
-                           shards=(shard_rows, *row_shape), compressors=[ZstdCodec(level=1), Crc32cCodec()],
+                           shards=(shard_rows, *row_shape),
+                           compressors=[*compressors(g.attrs.get("codec", LEGACY_CODEC)), Crc32cCodec()],
                            fill_value=np.nan, dimension_names=(SAMPLE, *dims),
                            attributes={"coordinates": "done label label_name" if coords else "done"})
         if coords:

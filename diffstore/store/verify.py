@@ -38,10 +38,8 @@ def check_array(store: Store, path: str) -> list[Finding]:
         out.append(Finding(path, "incomplete", f"shards {shown} hold data but no done flag (a write was interrupted); "
                            "re-run the command that wrote it (done shards are skipped) or "
                            f"`{a.fix_command}`", interrupted))
-    for i in np.flatnonzero(a.done_mask()):
-        what = a.shard_error(int(i))
-        if what:
-            out.append(Finding(path, "corrupt", f"shard {i} {what}; fix it with `{a.fix_command}`", [int(i)]))
+    for i, what in sorted(a.problems(np.flatnonzero(a.done_mask()).tolist()).items()):
+        out.append(Finding(path, "corrupt", f"shard {i} {what}; fix it with `{a.fix_command}`", [i]))
     return out
 
 
