@@ -14,6 +14,7 @@ backend's default (ADM: the dataset's labels; DiT: its null class).
 from __future__ import annotations
 
 from ..errors import DiffstoreError
+from ..store.provenance import redact
 from .base import DiffusionModel
 
 
@@ -29,6 +30,14 @@ def parse_class_label(value: int | str | None) -> int | str | None:
 def load_model(spec: str = "default", *, name: str | None = None, random_init: int | None = None,
                adm_config: str | None = None, class_label: int | str | None = None,
                prompt: str = "", resolution: int | None = None) -> DiffusionModel:
+    model = load_backend(spec, name=name, random_init=random_init, adm_config=adm_config, class_label=class_label,
+                         prompt=prompt, resolution=resolution)
+    model.source = {**model.source, "given": redact(spec)}  # as the user typed it (hub id, adm:NAME.pt): citable
+    return model
+
+
+def load_backend(spec: str, *, name: str | None, random_init: int | None, adm_config: str | None,
+                 class_label: int | str | None, prompt: str, resolution: int | None) -> DiffusionModel:
     class_label = parse_class_label(class_label)
     if spec == "default":
         from .diffusers_unet import DEFAULT_DIR, load_unet2d

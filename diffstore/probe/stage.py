@@ -265,7 +265,7 @@ def probe_command(store: str = DEFAULT_STORE, dataset: str | None = None, model:
     st = Store.open(store, "r")
     ranking, rho, plots = [], {}, []
     if list_results:
-        results = st.results("probe")
+        results = st.results("probe", with_provenance=True)
     else:
         base = ProbeRecipe(recipe, epochs, lr, weight_decay, step_every, gamma, early_stop, steps=steps,
                            min_steps=min(steps, ProbeRecipe.min_steps), lrs=tuple(parse_list(lrs, "lrs", float) or ()),

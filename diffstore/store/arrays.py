@@ -7,25 +7,30 @@ that fixes it. `.x` is the raw zarr array, unchecked, for code that knows what i
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
 from ..errors import DiffstoreError
 from ..key import FeatureKey
+from .provenance import iso
 
 
 class ShardedArray:
     """One feature (or target) array: rows [N, *row_shape] in shards, with per-shard done markers."""
 
-    def __init__(self, group: zarr.Group, url: str = ""):
+    def __init__(self, group: zarr.Group, url: str = "", x: zarr.Array | None = None, done: zarr.Array | None = None,
+                 mask: np.ndarray | None = None):
+        """`x`, `done` and `mask` (the done flags): nodes already read (store.listing reads many concurrently)."""
         self.group = group
         self.url = url
         self.path = group.path
         self.attrs = dict(group.attrs)
-        self.x = group["x"]
-        self._done = group["done"]
-        self._mask: np.ndarray | None = None  # done flags as last read; re-read when a shard looks unfinished
+        self.x = group["x"] if x is None else x
+        self._done = group["done"] if done is None else done
+        self._mask: np.ndarray | None = mask  # done flags as last read; re-read when a shard looks unfinished
         self.check_layout()
 
     # --- shape ------------------------------------------------------------------------------------
@@ -106,6 +111,13 @@ class ShardedArray:
             raise ValueError(f"shard {i} of {self.path} needs shape {(sl.stop - sl.start, *self.x.shape[1:])}, got {data.shape}")
         self.x[sl] = data.astype(self.x.dtype, copy=False)
         self._done[i] = 1  # after the data write returned: the store holds the shard's object
+        if self._mask is None:
+            self.done_mask()
+        self._mask[i] = True
+        if self._mask.all() and self.done_mask().all():  # this process completed the array: its end time
+            recorded = self.attrs.get("provenance")
+            self.attrs["provenance"] = {**(recorded if isinstance(recorded, dict) else {}), "finished": iso(time.time())}
+            self.group.attrs["provenance"] = self.attrs["provenance"]
         return True
 
     def invalidate(self, shards: list[int]) -> None:

@@ -19,9 +19,10 @@ from .store import Store
 from .verify import Finding, check_array, verify_findings
 
 
-def match(store: Store, texts: list[str]) -> list[str]:
-    """Array paths named by store paths (features/..., targets/...) or selectors like t=90/b=5/p=2."""
-    paths = store.array_paths()
+def match(store: Store, texts: list[str], paths: list[str] | None = None) -> list[str]:
+    """Array paths named by store paths (features/..., targets/...) or selectors like t=90/b=5/p=2, among `paths`
+    (default: every array of the store)."""
+    paths = store.array_paths() if paths is None else paths
     keys = [FeatureKey.from_path(p) for p in paths if p.startswith("features/") and p.count("/") == 7]
     out = []
     for text in texts:

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import os
 import difflib
-import platform
+import os
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -48,21 +45,11 @@ from ..key import FeatureKey
 from .arrays import ShardedArray
 from .backend import describe_failure, zarr_store
 from .labels import SAMPLE, row_dims
+from .provenance import provenance
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
 CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
-
-
-def provenance() -> dict:
-    versions = {}
-    for pkg in ("diffstore", "torch", "diffusers", "zarr", "numpy"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "packages": versions}
 
 
 @dataclass
@@ -426,11 +413,13 @@ class Store:
         path = f"results/{kind}/{name}"
         if self._group(path) is not None:
             del self.root[path]
-        self.root.create_group(path, attributes={"payload": payload, "provenance": provenance()})
+        self.root.create_group(path, attributes={"payload": payload, "provenance": provenance(finished=True)})
 
     def result_paths(self, kind: str | None = None) -> list[str]:
         kinds = [kind] if kind else self.child_groups("results")
         return [f"results/{k}/{name}" for k in kinds for name in self.child_groups(f"results/{k}")]
 
-    def results(self, kind: str) -> list[dict]:
-        return [dict(self._group(p).attrs)["payload"] for p in self.result_paths(kind)]
+    def results(self, kind: str, with_provenance: bool = False) -> list[dict]:
+        """Payloads of the stored results of `kind`; with_provenance: each with its "provenance" record too."""
+        attrs = [dict(self._group(p).attrs) for p in self.result_paths(kind)]
+        return [{**a["payload"], "provenance": a.get("provenance")} if with_provenance else a["payload"] for a in attrs]
