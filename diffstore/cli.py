@@ -188,7 +188,7 @@ def ls_(keys: Optional[list[str]] = SelectorsArg, store: str = StoreOpt, as_json
                 raise DiffstoreError(info.error)
             rows.append(feature_row(store, info))
         except (DiffstoreError, KeyError, TypeError, ValueError) as e:
-            why = e if isinstance(e, DiffstoreError) else f"{info.path}: unreadable attributes ({type(e).__name__}: {e})"
+            why = e if isinstance(e, DiffstoreError) else f"{info.path}: unreadable attributes ({type(e).__name__})"
             Console(stderr=True).print(f"warning: {why}", highlight=False, soft_wrap=True, markup=False)
     emit(rows, f"{store}: {len(rows)} feature arrays", as_json, show_feature_row)
 
@@ -228,8 +228,8 @@ def copy_(src: str = typer.Argument(..., help="Store to copy from: a path or URL
 
 @app.command()
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
-         store: str = StoreOpt):
-    """One array's full key, fingerprint, recipe and provenance (JSON)."""
+         store: str = StoreOpt, as_json: bool = JsonOpt):
+    """One array's full key, fingerprint, recipe and provenance (always JSON; --json is accepted as elsewhere)."""
     from .key import LEGACY_FORWARD
     from .store import Store
     from .store.repair import match

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
@@ -17,9 +16,10 @@ from diffstore.cli import app, main
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
+from diffstore.models import load_model
 from diffstore.store import Store
 from diffstore.store.copy import copy
-from diffstore.store.faults import SHARD_LEVEL, deleted_shard, flipped_byte, truncated_shard
+from diffstore.store.faults import SHARD_LEVEL, deleted_shard
 from diffstore.store.provenance import command_line, redact
 from diffstore.store.verify import verify_findings
 
@@ -78,7 +78,8 @@ def test_copy_local_to_local_is_bit_identical_and_a_rerun_moves_nothing(src, tmp
     assert sum(r["shards"] for r in rows) == 8 * 3
     assert sum(r["bytes"] for r in rows) == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     again = copy(str(src), str(tmp_path / "dst.zarr"), show_progress=False)
-    assert sum(r["bytes"] for r in again) == 0 and {r["action"] for r in again if "features" in r["what"]} == {"up to date"}
+    assert sum(r["bytes"] for r in again) == 0
+    assert {r["action"] for r in again if "features" in r["what"]} == {"up to date"}
     assert verify_findings(Store.open(str(tmp_path / "dst.zarr"), "r")) == ([], 8)
 
 
@@ -100,6 +101,8 @@ def test_only_the_done_shards_dst_lacks_move(src, tmp_path):
     assert sum(r["shards"] for r in rest) == 4 * 3  # the t=300 arrays only
     deleted_shard(dst, array, 1)
     (dst / array / "done" / "c" / "1").unlink()  # DST lacks one shard
+    listed = {r["path"]: r for r in json.loads(invoke("ls", "--store", dst, "--json").stdout)}
+    assert (listed[array]["rows_done"], listed[array]["shards_done"]) == (40 - 16, 2)
     one = copy(str(src), str(dst), show_progress=False)
     assert [(r["what"], r["shards"]) for r in one if r["shards"]] == [(array, 1)]
     assert objects(dst) == objects(src)
@@ -202,13 +205,13 @@ def test_du_sums_equal_the_arrays_bytes(src):
     assert [r["t"] for r in by_t] == [10, 300] and sum(r["bytes"] for r in by_t) == on_disk
 
 
-def test_provenance_is_recorded_with_secrets_redacted(model, tmp_path, monkeypatch):
+def test_provenance_is_recorded_with_secrets_redacted(model, tiny_unet_dir, tmp_path, monkeypatch):
     argv = ["/venv/bin/diffstore", "extract", "--store", "s3://AKIAEXAMPLE:s3cr3tXYZ@team/f.zarr",
             "--storage-options", '{"key": "AKIAEXAMPLE", "secret": "s3cr3tXYZ", "client_kwargs": {"region": "x"}}',
             "--data-root", "https://host/data?X-Amz-Signature=s3cr3tXYZ&x=1"]
     monkeypatch.setattr("sys.argv", argv)
     fill(str(tmp_path / "p.zarr"), model, subset(load_split("digits", "test"), 40), ts="10")
-    info = json.loads(invoke("info", "t=10/p=1", "--store", tmp_path / "p.zarr").stdout)[0]
+    info = json.loads(invoke("info", "t=10/p=1", "--store", tmp_path / "p.zarr", "--json").stdout)[0]
     prov = info["provenance"]
     assert "s3cr3tXYZ" not in json.dumps(info) and "AKIAEXAMPLE" not in prov["command"]
     assert prov["command"].startswith("diffstore extract --store 's3://***@team/f.zarr'")
@@ -218,12 +221,15 @@ def test_provenance_is_recorded_with_secrets_redacted(model, tmp_path, monkeypat
     assert {"torch", "diffusers", "zarr"} <= set(prov["packages"]) and prov["diffstore"]
     assert prov["device"].startswith(("cpu: ", "cuda: ")) and prov["host"] and prov["user"]
     assert prov["started"] <= prov["time"] <= prov["finished"]  # the last shard written by this process
-    assert info["model"]["source"]["given"] == str(model.source["given"])
+    assert info["model"]["source"]["given"] == str(tiny_unet_dir)  # the spec as passed (here a folder)
+    shipped = load_model("default").source
+    assert shipped["given"] == "default" and Path(shipped["folder"]).is_absolute()
 
 
 def test_results_record_provenance_and_probe_list_prints_it(src):
     listed = json.loads(invoke("probe", "--store", src, "--list", "--json").stdout)["results"]
     assert listed and all(r["provenance"]["finished"] and r["provenance"]["command"] for r in listed)
+    assert "linear" in invoke("probe", "--store", src, "--list").stdout  # the table ignores the record
 
 
 def test_redact_and_command_line():

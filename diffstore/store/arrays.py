@@ -116,7 +116,8 @@ class ShardedArray:
         self._mask[i] = True
         if self._mask.all() and self.done_mask().all():  # this process completed the array: its end time
             recorded = self.attrs.get("provenance")
-            self.attrs["provenance"] = {**(recorded if isinstance(recorded, dict) else {}), "finished": iso(time.time())}
+            recorded = recorded if isinstance(recorded, dict) else {}
+            self.attrs["provenance"] = {**recorded, "finished": iso(time.time())}
             self.group.attrs["provenance"] = self.attrs["provenance"]
         return True
 

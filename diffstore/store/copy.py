@@ -3,46 +3,37 @@
 For each selected array (features and targets, default all; plus the students' weights a copied result names):
 absent from DST, it is created from SRC's objects byte for byte (group zarr.json with fingerprint and provenance,
 x/, sample/, label/, then done/, as Store.create orders them); present with the same fingerprint, only the done
-shards DST lacks move; present with another fingerprint, the copy is refused listing what differs. A shard moves
-as writers write it: its data object, then its done flag. The split's ids and labels move when DST lacks them and
-must be identical otherwise; results that name a copied array come along when DST lacks them.
+shards DST lacks move; present with another fingerprint, the copy is refused listing what differs. The split's ids
+and labels move when DST lacks them and must be identical otherwise; results that name a copied array come along
+when DST lacks them.
 
-Everything is checked before the first write: names (no `..`, absolute path or control character), SRC's
-metadata (layout, key attribute, codecs), every conflict with DST (all of them listed at once), and the crc32c of
-every inner chunk of every shard to move (a corrupt SRC is refused naming `diffstore repair`). The crc32c is
-checked on the raw shard object rather than by decoding through the codec: it checks the very bytes that land in
-DST (copied verbatim, so DST is bit-identical), costs one crc32c pass instead of a zstd decompression, and the
-shard's index also shows an inner chunk that is missing (rows that would read as NaN). Checked shards stay in
-memory up to `cache_bytes`, so a copy of that size reads SRC once.
-
-Every object is written whole (local: temporary file + rename; S3: one PUT), parents before children, metadata
-before shards, a shard's data before its flag, results last: killed at any instant, a re-run plans from what DST
-holds and ends with the same bytes. Nothing read from either store is executed, imported or unpickled.
+Planning (here) reads SRC's small objects once into memory (a snapshot: one consistent view, written verbatim)
+and checks, before anything is written: names (no `..`, absolute path or control character), SRC's metadata
+(layout, key attribute, codecs, coordinates), and every conflict with DST, all listed at once. transfer.py then
+checks every shard's crc32c and writes in an order that keeps DST consistent at every instant: killed at any
+instant, a re-run plans from what DST holds and ends with the same bytes. Nothing read from either store is
+executed, imported or unpickled: objects are bytes, attributes JSON.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import crc32c
 import numpy as np
-from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
-from zarr.core.buffer import default_buffer_prototype
+import zarr
+from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, MemoryStore
 
 from ..errors import DiffstoreError
 from ..key import FeatureKey
-from .listing import ROOTS, ArrayInfo, array_paths, bounded, listing, read_arrays, select
+from .listing import ROOTS, ArrayInfo, array_paths, bounded, listing, objects_of, read_arrays, select
 from .repair import referencing
 from .store import Store, fingerprint_diff
+from .transfer import ShardCheck, run_copy
 
-EMPTY = 2**64 - 1  # a shard index entry of a chunk that was never written
 UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 ALL_ROOTS = (*ROOTS, "repfusion", "datasets", "results")
 
@@ -53,51 +44,6 @@ def check_key(key: str) -> None:
     if key.startswith("/") or "\\" in key or UNSAFE.search(key) or any(p in ("", ".", "..") for p in parts):
         raise DiffstoreError(f"{key!r} is not a safe store path (absolute, '..', an empty part or a control "
                              "character); nothing was copied. Remove it from SRC, or pass selectors that leave it out")
-
-
-@dataclass(frozen=True)
-class ShardCheck:
-    """How one array's shard objects are checked: Zarr v3 sharding with the index at the end, crc32c on the index
-    and on every inner chunk (the layout Store.create writes)."""
-
-    grid: tuple[int, ...]  # inner chunks per shard along each axis
-    chunk_rows: int
-    shard_rows: int
-    n_rows: int
-
-    @classmethod
-    def of(cls, a) -> "ShardCheck":
-        codecs = a.x.metadata.codecs
-        sharding = codecs[0] if len(codecs) == 1 else None
-        if not (isinstance(sharding, ShardingCodec) and sharding.index_location == ShardingCodecIndexLocation.end
-                and sharding.index_codecs == (BytesCodec(), Crc32cCodec())
-                and isinstance(sharding.codecs[-1], Crc32cCodec)):
-            raise DiffstoreError(f"{a.where}/x/zarr.json: its codecs are not shards with crc32c checksums, which copy "
-                                 f"checks on every chunk; nothing was copied ({codecs})")
-        grid = tuple(s // c for s, c in zip(a.x.shards, sharding.chunk_shape))
-        return cls(grid, int(sharding.chunk_shape[0]), a.shard_rows, a.n_rows)
-
-    def problem(self, blob: bytes, shard: int) -> str | None:
-        """What is wrong with shard `shard`'s object; None when its index and every chunk pass their crc32c."""
-        size = 16 * math.prod(self.grid) + 4
-        view = memoryview(blob)
-        if len(blob) < size:
-            return f"is truncated ({len(blob)} bytes; its index alone takes {size})"
-        if crc32c.crc32c(view[-size:-4]) != int.from_bytes(blob[-4:], "little"):
-            return "has a chunk index that fails its crc32c"
-        entries = np.frombuffer(blob, "<u8", count=(size - 4) // 8, offset=len(blob) - size).reshape(*self.grid, 2)
-        filled = -(-min(self.shard_rows, self.n_rows - shard * self.shard_rows) // self.chunk_rows)
-        for pos in np.ndindex(*self.grid):
-            offset, nbytes = (int(v) for v in entries[pos])
-            if offset == EMPTY and nbytes == EMPTY:
-                if pos[0] < filled:
-                    return f"lacks its inner chunk {pos} (those rows would read as NaN)"
-            elif nbytes < 4 or offset + nbytes > len(blob) - size:
-                return f"has its inner chunk {pos} outside the object"
-            elif crc32c.crc32c(view[offset:offset + nbytes - 4]) != int.from_bytes(view[offset + nbytes - 4:offset + nbytes],
-                                                                                     "little"):
-                return f"has its inner chunk {pos} failing its crc32c"
-        return None
 
 
 @dataclass
@@ -116,12 +62,17 @@ class ArrayMove:
     shards: list[Shard]
     check: ShardCheck
 
+    def keys(self) -> list[str]:
+        """Every key this move writes, in order."""
+        return [f"{self.path}/{k}" for k in [*self.meta, *(key for s in self.shards for key in (s.data, s.flag))]]
+
 
 @dataclass
 class CopyPlan:
     src: Store
     dst: Store
     sizes: dict[str, int]  # SRC key -> bytes
+    snapshot: dict[str, Buffer] = field(default_factory=dict)  # SRC's small objects, read once (see snapshot)
     parents: list[str] = field(default_factory=list)  # parent groups' zarr.json DST lacks, root first
     splits: dict[str, list[str]] = field(default_factory=dict)  # split path -> keys to write, its zarr.json last
     arrays: list[ArrayMove] = field(default_factory=list)
@@ -130,7 +81,7 @@ class CopyPlan:
 
     def keys(self) -> list[str]:
         return [*self.parents, *(k for keys in self.splits.values() for k in keys),
-                *(f"{m.path}/{k}" for m in self.arrays for k in [*m.meta, *(x for s in m.shards for x in (s.data, s.flag))]),
+                *(k for m in self.arrays for k in m.keys()),
                 *self.results]
 
     def rows(self) -> list[dict]:
@@ -141,8 +92,7 @@ class CopyPlan:
 
         return ([row("(parent groups)", "create", self.parents)] if self.parents else []) + \
             [row(p, "copy ids, labels" if keys else "identical", keys) for p, keys in self.splits.items()] + \
-            [row(m.path, m.action, [f"{m.path}/{k}" for k in [*m.meta, *(x for s in m.shards for x in (s.data, s.flag))]],
-                 len(m.shards)) for m in self.arrays] + \
+            [row(m.path, m.action, m.keys(), len(m.shards)) for m in self.arrays] + \
             [row(k.removesuffix("/zarr.json"), "copy", [k]) for k in self.results]
 
 
@@ -277,7 +227,7 @@ def strings(value):
 
 def plan_copy(src: Store, dst: Store, texts: list[str] | None = None) -> CopyPlan:
     """Everything a copy would write, checked against both stores; refuses (DiffstoreError, listing every
-    problem) before anything is written. Reads metadata and listings only: no shard."""
+    problem) before anything is written. Reads listings and small objects: no shard data."""
     if same_place(src.url, dst.url):
         raise DiffstoreError(f"SRC and DST are the same store ({src.url}); pass another DST")
     objects, theirs = listing(src, ALL_ROOTS), listing(dst, ALL_ROOTS)
@@ -286,16 +236,18 @@ def plan_copy(src: Store, dst: Store, texts: list[str] | None = None) -> CopyPla
         theirs["zarr.json"] = 0
     every = array_paths(objects)
     chosen = select(src, every, texts) if texts else [p for p in every if p.split("/")[0] in ROOTS]
-    infos = {i.path: i for i in read_arrays(src, chosen, objects)}
     plan = CopyPlan(src, dst, objects)
-    weights = sorted(plan_results(src, objects, theirs, infos, plan) & set(every) - set(infos))
-    infos.update({i.path: i for i in read_arrays(src, weights, objects)})
+    seen = snapshot(src, objects, every, chosen, plan.snapshot)
+    infos = {i.path: i for i in read_arrays(seen, chosen, objects)}
+    weights = sorted(plan_results(seen, objects, theirs, infos, plan) & set(every) - set(infos))
+    snapshot(src, objects, every, weights, plan.snapshot)
+    infos.update({i.path: i for i in read_arrays(seen, weights, objects)})
     in_dst = set(array_paths(theirs))
     mine = {i.path: i for i in read_arrays(dst, [p for p in infos if p in in_dst], theirs)}
     problems, records = [], {}
     for name in sorted({split_of(p) for p in infos} - {None}):
         try:
-            records[name], plan.splits[f"datasets/{name[0]}/{name[1]}"] = plan_split(src, dst, *name, objects, theirs)
+            records[name], plan.splits[f"datasets/{name[0]}/{name[1]}"] = plan_split(seen, dst, *name, objects, theirs)
         except DiffstoreError as e:
             problems.append(str(e))
     for path, info in infos.items():
@@ -304,7 +256,7 @@ def plan_copy(src: Store, dst: Store, texts: list[str] | None = None) -> CopyPla
             plan.arrays.append(plan_array(dst, info, mine.get(path), theirs, len(record.ids) if record else None))
         except DiffstoreError as e:
             problems.append(str(e))
-    problems += coordinate_problems(src, plan, records)
+    problems += coordinate_problems(seen, plan, records)
     if problems:
         raise DiffstoreError("copy refused; nothing was written:\n  " + "\n  ".join(problems))
     keys = plan.keys()
@@ -314,6 +266,26 @@ def plan_copy(src: Store, dst: Store, texts: list[str] | None = None) -> CopyPla
                           & set(objects) - set(theirs) - set(keys), key=lambda k: k.count("/"))
     refuse_links(dst, plan.parents + keys)
     return plan
+
+
+def snapshot(src: Store, objects: dict, every: list[str], arrays: list[str], into: dict) -> Store:
+    """Read SRC's small objects once, concurrently, into `into`: everything outside the arrays (zarr.json of the
+    root and parent groups, splits, results) and everything of `arrays` but their shard data. Returns a read-only
+    Store over them: planning reads that one consistent view, and the copy writes those very bytes."""
+    owned = objects_of(objects, every)
+    inside = {f"{p}/{k}" for p, keys in owned.items() for k in keys}
+    keys = [k for k in objects if k not in inside] + [f"{p}/{k}" for p in arrays for k in owned[p]
+                                                       if not k.startswith("x/c/")]
+    keys = [k for k in keys if k not in into]
+
+    async def one(key):
+        return await src.zs.get(key, prototype=default_buffer_prototype())
+
+    for key, buf in zip(keys, sync(bounded(one(k) for k in keys)) if keys else []):
+        if buf is not None:  # (removed since the listing)
+            into[key] = buf
+    memory = MemoryStore(into, read_only=True)
+    return Store(src.url, memory, zarr.open_group(memory, mode="r"))
 
 
 def ancestors(key: str) -> list[str]:
@@ -357,90 +329,6 @@ def refuse_links(dst: Store, keys: list[str]) -> None:
                 raise DiffstoreError(f"{p} is a symbolic link inside DST; copy does not write through links. Replace "
                                      "it with a folder, or copy into another store")
             p = p.parent
-
-
-def run_copy(plan: CopyPlan, workers: int = 16, cache_bytes: int = 1 << 30, show_progress: bool = True) -> None:
-    """Carry out `plan`: check every shard to move (crc32c) before the first write, then write in the order that
-    keeps DST consistent at every instant, at most `workers` objects in flight."""
-    from ..progress import progress
-
-    src, dst = plan.src, plan.dst
-    moves = [(m, s) for m in plan.arrays for s in m.shards]
-    held: dict[str, bytes] = {}  # checked shards (up to cache_bytes) and their flags, until written
-    room = [cache_bytes]
-    gate = asyncio.Semaphore(workers)
-
-    async def get(key: str) -> bytes:
-        buf = await src.zs.get(key, prototype=default_buffer_prototype())
-        if buf is None:
-            raise DiffstoreError(f"{src.url.rstrip('/')}/{key} disappeared during the copy (removed by another "
-                                 "process?); re-run the copy: what is in DST already is kept")
-        return buf.to_bytes()
-
-    async def put(key: str, data: bytes) -> None:
-        await dst.zs.set(key, default_buffer_prototype().buffer.from_bytes(data))
-
-    async def checked(m: ArrayMove, s: Shard) -> bytes:
-        blob = await get(f"{m.path}/{s.data}")
-        problem = m.check.problem(blob, s.index)
-        if problem:
-            raise DiffstoreError(f"{src.url.rstrip('/')}/{m.path}: shard {s.index} {problem}. Fix SRC first with: "
-                                 f"diffstore repair --store {src.url} {m.path} (or leave the array out with selectors)")
-        return blob
-
-    async def check(m: ArrayMove, s: Shard, bar, task) -> None:
-        async with gate:
-            blob, flag = await checked(m, s), await get(f"{m.path}/{s.flag}")
-        held[f"{m.path}/{s.flag}"] = flag
-        if len(blob) <= room[0]:
-            held[f"{m.path}/{s.data}"], room[0] = blob, room[0] - len(blob)
-        bar.advance(task, len(blob) / 1e6)
-
-    async def copy_object(key: str) -> None:
-        async with gate:
-            await put(key, held.pop(key, None) or await get(key))
-
-    async def copy_shard(m: ArrayMove, s: Shard, bar, task) -> None:
-        async with gate:
-            blob = held.pop(f"{m.path}/{s.data}", None) or await checked(m, s)  # not held: read and checked again
-            await put(f"{m.path}/{s.data}", blob)
-            await put(f"{m.path}/{s.flag}", held.pop(f"{m.path}/{s.flag}"))  # only once the data is stored
-        bar.advance(task, len(blob) / 1e6)
-
-    async def copy_split(keys: list[str]) -> None:
-        await gather(*(copy_object(k) for k in keys[:-1]))
-        if keys:
-            await copy_object(keys[-1])  # the split's zarr.json last: the split exists once it is whole
-
-    async def copy_array(m: ArrayMove, bar, task) -> None:
-        for key in m.meta:
-            await copy_object(f"{m.path}/{key}")
-        await gather(*(copy_shard(m, s, bar, task) for s in m.shards))
-
-    async def everything(bar) -> None:
-        total = sum(s.nbytes for _, s in moves) / 1e6
-        task = bar.add_task("check crc32c", total=total)
-        await gather(*(check(m, s, bar, task) for m, s in moves))
-        for key in plan.parents:
-            await copy_object(key)
-        await gather(*(copy_split(keys) for keys in plan.splits.values()))
-        task = bar.add_task(f"copy -> {dst.url}", total=total)
-        await gather(*(copy_array(m, bar, task) for m in plan.arrays))
-        await gather(*(copy_object(k) for k in plan.results))
-
-    with progress("MB", disable=not show_progress) as bar:
-        sync(everything(bar))
-
-
-async def gather(*coros):
-    """asyncio.gather that cancels the others when one fails (no write goes on after the copy has stopped)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
 
 
 def copy(src: str, dst: str, texts: list[str] | None = None, dry_run: bool = False, workers: int = 16,

@@ -110,15 +110,17 @@ class ArrayInfo:
         return sum(a.shard_slice(int(i)).stop - a.shard_slice(int(i)).start for i in np.flatnonzero(self.done))
 
 
-def read_arrays(store: Store, paths: list[str], objects: dict[str, int]) -> list[ArrayInfo]:
-    """ArrayInfo of each path, the metadata and done flags of all of them read concurrently."""
+def read_arrays(store: Store, paths: list[str], objects: dict[str, int], listed_flags: bool = False) -> list[ArrayInfo]:
+    """ArrayInfo of each path, the metadata and done flags of all of them read concurrently. listed_flags: a shard
+    is done when its flag object is listed (writers store 1; zarr deletes a flag set back to its fill value 0),
+    which spares one read per shard (`ls`); readers, verify and copy read the values."""
     owned = objects_of(objects, paths)
 
     async def one(path):
         try:
             g = await store._root._async_group.getitem(path)
             x, done = await asyncio.gather(g.getitem("x"), g.getitem("done"))
-            return g, x, done, await done.getitem(slice(None))
+            return g, x, done, listed(done, owned[path]) if listed_flags else await done.getitem(slice(None))
         except Exception:  # noqa: BLE001 - opened again below, where the failure is named
             return None
 
@@ -140,6 +142,15 @@ def read_arrays(store: Store, paths: list[str], objects: dict[str, int]) -> list
     return out
 
 
+def listed(done, objects: dict[str, int]) -> np.ndarray:
+    """Done flags from the listing: shard i is done when its flag object done/c/{i} is there."""
+    prefix = "done/" + done.metadata.encode_chunk_key((0,))[:-1]
+    mask = np.zeros(done.shape[0], bool)
+    found = [int(k[len(prefix):]) for k in objects if k.startswith(prefix) and k[len(prefix):].isdigit()]
+    mask[[i for i in found if i < len(mask)]] = True
+    return mask
+
+
 def select(store: Store, paths: list[str], texts: list[str] | None) -> list[str]:
     """The paths that `texts` (store paths or selectors such as t=10/model=digits-ddpm) name; all without texts.
     A text naming nothing is refused (repair.match)."""
@@ -149,15 +160,17 @@ def select(store: Store, paths: list[str], texts: list[str] | None) -> list[str]
 
 
 def survey(store: Store, texts: list[str] | None = None, roots: tuple[str, ...] = ROOTS) -> list[ArrayInfo]:
-    """The arrays under `roots` that `texts` select, listed and read concurrently (see the module doc)."""
+    """The arrays under `roots` that `texts` select, listed and their metadata read concurrently (done flags as
+    listed: see read_arrays)."""
     objects = listing(store, roots)
-    return read_arrays(store, select(store, array_paths(objects), texts), objects)
+    return read_arrays(store, select(store, array_paths(objects), texts), objects, listed_flags=True)
 
 
 USAGE_FIELDS = ("kind", "dataset", "split", "model", "input", "t", "block", "pool")
 
 
-def usage(store: Store, texts: list[str] | None = None, by: tuple[str, ...] = ("dataset", "split", "model")) -> list[dict]:
+def usage(store: Store, texts: list[str] | None = None,
+          by: tuple[str, ...] = ("dataset", "split", "model")) -> list[dict]:
     """Bytes of the feature and target arrays grouped by key fields (`du`): from the listing alone, no metadata read.
     An array's bytes are every object in its folder (x shards, done flags, sample/label coordinates, zarr.json)."""
     wrong = [f for f in by if f not in USAGE_FIELDS]
