@@ -80,6 +80,7 @@ def test_copy_local_to_local_is_bit_identical_and_a_rerun_moves_nothing(src, tmp
     again = copy(str(src), str(tmp_path / "dst.zarr"), show_progress=False)
     assert sum(r["bytes"] for r in again) == 0
     assert {r["action"] for r in again if "features" in r["what"]} == {"up to date"}
+    assert {r["action"] for r in again if r["what"].startswith("results/")} == {"DST has it (kept as it is)"}
     assert verify_findings(Store.open(str(tmp_path / "dst.zarr"), "r")) == ([], 8)
 
 

@@ -77,7 +77,7 @@ class CopyPlan:
     splits: dict[str, list[str]] = field(default_factory=dict)  # split path -> keys to write, its zarr.json last
     arrays: list[ArrayMove] = field(default_factory=list)
     results: list[str] = field(default_factory=list)  # result zarr.json keys DST lacks
-    notes: list[str] = field(default_factory=list)  # what is left as it is, and why
+    kept: dict[str, str] = field(default_factory=dict)  # result path -> why it is not copied
 
     def keys(self) -> list[str]:
         return [*self.parents, *(k for keys in self.splits.values() for k in keys),
@@ -93,7 +93,8 @@ class CopyPlan:
         return ([row("(parent groups)", "create", self.parents)] if self.parents else []) + \
             [row(p, "copy ids, labels" if keys else "identical", keys) for p, keys in self.splits.items()] + \
             [row(m.path, m.action, m.keys(), len(m.shards)) for m in self.arrays] + \
-            [row(k.removesuffix("/zarr.json"), "copy", [k]) for k in self.results]
+            [row(k.removesuffix("/zarr.json"), "copy", [k]) for k in self.results] + \
+            [row(path, why, []) for path, why in self.kept.items()]
 
 
 def meta_order(key: str) -> tuple:
@@ -203,12 +204,12 @@ def plan_results(src: Store, objects: dict, theirs: dict, infos: dict[str, Array
             try:
                 payload = dict(src._group(path).attrs).get("payload", {})
             except DiffstoreError as e:
-                plan.notes.append(f"{path} left out: {e}")
+                plan.kept[path] = f"left out: unreadable in SRC ({e})"
                 continue
             if not any(referencing(payload, p, k if isinstance(k, dict) else None, f) for p, k, f in arrays):
                 continue
             if f"{path}/zarr.json" in theirs:
-                plan.notes.append(f"{path}: DST has it already (kept as it is)")
+                plan.kept[path] = "DST has it (kept as it is)"
             else:
                 plan.results.append(f"{path}/zarr.json")
             named |= {s for s in strings(payload) if s.startswith("repfusion/")}
