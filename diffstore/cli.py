@@ -238,15 +238,17 @@ def blocks(
     emit(rows, f"blocks of {title}" + (f" (mid = {table.mid})" if table.mid else ""), as_json)
 
 
-def feature_row(url: str, a) -> dict:
-    """One array as data (ls --json): its store and path, key fields, shape, shards done, bytes on disk."""
+def feature_row(url: str, info) -> dict:
+    """One array as data (ls --json): its store and path, key fields, shape, shards and rows done, bytes stored
+    (every object in its folder). `info`: a store.listing.ArrayInfo."""
     from .store.attrs import shown
 
+    a = info.array
     k, r = a.key, a.attrs["recipe"]
     return {"store": url, "path": a.path, **k.to_dict(), "block_name": shown(a.attrs["block"]["name"], 60),
             "noise_seed": r["noise_seed"], "noise_draws": r["noise_draws"], "dtype": r["storage_dtype"],
-            "shape": list(a.shape), "shards_done": int(a.done_mask().sum()), "shards": a.n_shards,
-            "rows_done": a.done_rows(), "rows": a.n_rows, "bytes": a.nbytes_stored()}
+            "shape": list(a.shape), "shards_done": int(info.done.sum()), "shards": a.n_shards,
+            "rows_done": info.rows_done, "rows": a.n_rows, "bytes": info.bytes}
 
 
 def show_feature_row(r: dict) -> dict:
@@ -262,29 +264,71 @@ def warn(message: str) -> None:
     print(f"warning: {redact(message)}", file=sys.stderr, flush=True)
 
 
+SelectorsArg = typer.Argument(None, help="Only these arrays: store paths or selectors like t=10/model=digits-ddpm "
+                                         "(dataset=, split=, model=, input=, t=, block=, pool=).")
+
+
 @app.command("ls")
-def ls_(store: str = StoreOpt, as_json: bool = JsonOpt):
-    """Every feature array in the store, with its key, shape, completeness and size on disk."""
+def ls_(keys: Optional[list[str]] = SelectorsArg, store: str = StoreOpt, as_json: bool = JsonOpt):
+    """Feature arrays in the store (all, or those the selectors name): key, shape, rows done / total, size."""
     from .store import Store
     from .store.attrs import shown
+    from .store.listing import survey
 
-    s = Store.open(store, mode="r")
     rows = []
-    for k in s.feature_keys():
-        try:
-            rows.append(feature_row(store, s.features(k)))
-        except DiffstoreError as e:  # one broken array does not hide the others
-            warn(str(e))
-    for path in s.invalid:  # a folder whose name is not a key (edited by hand): named, never parsed
+    s = Store.open(store, mode="r")
+    for info in survey(s, keys, roots=("features",)):
+        try:  # one broken array does not hide the others
+            if info.error:
+                raise DiffstoreError(info.error)
+            rows.append(feature_row(store, info))
+        except (DiffstoreError, KeyError, TypeError, ValueError) as e:
+            warn(str(e) if isinstance(e, DiffstoreError) else f"{info.path}: unreadable attributes ({type(e).__name__})")
+    s.feature_keys()  # names the folders that are not keys (a name edited by hand): listed, never parsed
+    for path in s.invalid:
         warn(f"{shown(path)} is not a feature key (names are letters, digits and . _ + -): remove it with "
              f"`diffstore rm --store {store} {shown(path)} --yes`")
     emit(rows, f"{store}: {len(rows)} feature arrays", as_json, show_feature_row)
 
 
 @app.command()
+def du(keys: Optional[list[str]] = SelectorsArg, store: str = StoreOpt,
+       by: str = typer.Option("dataset,split,model", help="Group by these key fields, comma-separated: kind, dataset, "
+                              "split, model, input, t, block, pool."),
+       as_json: bool = JsonOpt):
+    """Bytes stored per dataset, split and model (feature and target arrays; --by for other groupings)."""
+    from .store import Store
+    from .store.listing import usage
+
+    rows = usage(Store.open(store, mode="r"), keys, tuple(f.strip() for f in by.split(",") if f.strip()))
+    total = sum(r["bytes"] for r in rows)
+    emit(rows, f"{store}: {human_bytes(total)} in {sum(r['arrays'] for r in rows)} arrays", as_json,
+         lambda r: {**r, "bytes": human_bytes(r["bytes"])})
+
+
+@app.command("copy")
+def copy_(src: str = typer.Argument(..., help="Store to copy from: a path or URL (s3://bucket/team.zarr)."),
+          dst: str = typer.Argument(..., help="Store to copy into (created when absent; other keys in it are kept)."),
+          keys: Optional[list[str]] = SelectorsArg,
+          dry_run: bool = typer.Option(False, "--dry-run/--no-dry-run", help="List what would move and its bytes; "
+                                       "write nothing."),
+          workers: int = typer.Option(16, help="Objects in flight at once (reads and writes)."),
+          as_json: bool = JsonOpt,
+          quiet: bool = typer.Option(False, "--quiet/--progress", "-q", help="No progress on stderr.")):
+    """Merge arrays (and their splits and results) into another store: only the done shards it lacks move,
+    every chunk's crc32c checked; a conflicting fingerprint is refused before anything is written. Resumable."""
+    from .store.copy import copy as run
+
+    rows = run(src, dst, keys, dry_run=dry_run, workers=workers, show_progress=not quiet)
+    moved = sum(r["bytes"] for r in rows)
+    title = f"{'dry run (nothing written): ' if dry_run else ''}copy {src} -> {dst}: {human_bytes(moved)}"
+    emit(rows, title, as_json, lambda r: {**r, "bytes": human_bytes(r["bytes"])})
+
+
+@app.command()
 def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
-         store: str = StoreOpt):
-    """One array's full key, fingerprint, recipe and provenance (JSON)."""
+         store: str = StoreOpt, as_json: bool = JsonOpt):
+    """One array's full key, fingerprint, recipe and provenance (always JSON; --json is accepted as elsewhere)."""
     from .key import LEGACY_FORWARD
     from .store import Store
 

@@ -31,11 +31,14 @@ def require(module: str, extra: str | None = None):
 CREDENTIALS = (re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@\s]*:[^@\s]*@"),
                re.compile(r"(?P<pre>^|[\s\"'(])[^\s\"'@/:]+:[^\s\"'@/]+@"),
                re.compile(r"(?P<name>(?:aws_)?(?:secret[A-Za-z_]*|access_key[A-Za-z_]*|session_token|token|password)"
-                          r"=)[^&\s'\"]+", re.IGNORECASE))
+                          r"=)[^&\s'\"]+", re.IGNORECASE),
+               re.compile(r"(?P<name>[?&][^=&\s]*(?:secret|token|passw|key|credential|signature|sig|auth)[^=&\s]*=)"
+                          r"[^&\s]+", re.IGNORECASE))  # ?X-Amz-Signature=..., &access_key=...
 
 
 def redact(text: str) -> str:
     """`text` with credentials in URLs (s3://KEY:SECRET@bucket -> s3://***@bucket) and query strings masked."""
     text = CREDENTIALS[0].sub(lambda m: f"{m['scheme']}***@", text)
     text = CREDENTIALS[1].sub(lambda m: f"{m['pre']}***@", text)
-    return CREDENTIALS[2].sub(lambda m: f"{m['name']}***", text)
+    text = CREDENTIALS[2].sub(lambda m: f"{m['name']}***", text)
+    return CREDENTIALS[3].sub(lambda m: f"{m['name']}***", text)

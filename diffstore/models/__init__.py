@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import DiffstoreError
+from ..errors import DiffstoreError, redact
 from ..key import check_name
 
 if TYPE_CHECKING:  # importing the package stays torch-free (extract/quick.py reads DEFAULT_DIR)
@@ -39,7 +39,7 @@ def load_model(spec: str = "default", *, name: str | None = None, random_init: i
                adm_config: str | None = None, class_label: int | str | None = None,
                prompt: str = "", resolution: int | None = None) -> DiffusionModel:
     """The model `spec` names, checked: its name is a valid store path segment (key.check_name), and its source
-    records the spec as the user gave it (provenance, never reloaded from a store)."""
+    records the spec as the user gave it (provenance a paper can cite; never reloaded from a store)."""
     if name is not None:
         check_name("--model-name", name, reserved_ok=False)  # before a load that may take minutes
     model = load_backend(spec, name, random_init, adm_config, parse_class_label(class_label), prompt, resolution)
@@ -47,7 +47,7 @@ def load_model(spec: str = "default", *, name: str | None = None, random_init: i
         check_name("model", model.name)
     except DiffstoreError as e:
         raise DiffstoreError(f"{e}; pass --model-name NAME") from None
-    model.source = {**model.source, "spec": spec}
+    model.source = {**model.source, "spec": redact(spec), "given": redact(spec)}
     return model
 
 

@@ -43,7 +43,7 @@ def compute(o: ProbeOptions) -> ProbeResults:
     ranking, rho, plots = [], {}, []
     show_progress, budget, baseline = o.show_progress, int(o.memory_gb * 2**30), o.baseline
     if o.list_results:
-        results = st.results("probe")
+        results = st.results("probe", with_provenance=True)
     else:
         base = ProbeRecipe(o.recipe, o.epochs, o.lr, o.weight_decay, o.step_every, o.gamma, o.early_stop,
                            steps=o.steps, min_steps=min(o.steps, ProbeRecipe.min_steps), lrs=o.lrs,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+import time
 
 import numpy as np
 import zarr
@@ -18,13 +19,16 @@ from ..errors import DiffstoreError
 from ..key import FeatureKey
 from .attrs import check_size, checked_layout
 from .codec import name_of
+from .provenance import iso
 from .reader import Layout, Selection, ShardReader, ZarrShards, flags
 
 
 class ShardedArray:
     """One feature (or target) array: rows [N, *row_shape] in shards, with per-shard done markers."""
 
-    def __init__(self, group: zarr.Group, url: str = ""):
+    def __init__(self, group: zarr.Group, url: str = "", x: zarr.Array | None = None, done: zarr.Array | None = None,
+                 mask: np.ndarray | None = None):
+        """`x`, `done` and `mask` (the done flags): nodes already read (store.listing reads many concurrently)."""
         self.group = group
         self.url = url
         self.path = group.path
@@ -32,9 +36,9 @@ class ShardedArray:
         check_size(self.attrs, self.where)
         if "layout" in self.attrs:
             checked_layout(self.attrs["layout"], self.where)
-        self.x = group["x"]
-        self._done = group["done"]
-        self._mask: np.ndarray | None = None  # done flags as last read; re-read when a shard looks unfinished
+        self.x = group["x"] if x is None else x
+        self._done = group["done"] if done is None else done
+        self._mask: np.ndarray | None = mask  # done flags as last read; re-read when a shard looks unfinished
         self._reader = None
         self.check_layout()
 
@@ -166,6 +170,14 @@ class ShardedArray:
             raise ValueError(f"shard {i} of {self.path} needs shape {(sl.stop - sl.start, *self.x.shape[1:])}, got {data.shape}")
         self.x[sl] = data.astype(self.x.dtype, copy=False)
         self._done[i] = 1  # after the data write returned: the store holds the shard's object
+        if self._mask is None:
+            self.done_mask()
+        self._mask[i] = True
+        if self._mask.all() and self.done_mask().all():  # this process completed the array: its end time
+            recorded = self.attrs.get("provenance")
+            recorded = recorded if isinstance(recorded, dict) else {}
+            self.attrs["provenance"] = {**recorded, "finished": iso(time.time())}
+            self.group.attrs["provenance"] = self.attrs["provenance"]
         return True
 
     def invalidate(self, shards: list[int]) -> None:

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import os
 import difflib
-import platform
+import os
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -53,22 +50,12 @@ from .attrs import shown
 from .backend import describe_failure, zarr_store
 from .codec import DEFAULT as DEFAULT_CODEC, LEGACY as LEGACY_CODEC, compressors
 from .labels import SAMPLE, label_names, row_dims
+from .provenance import provenance
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
 CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
 CODEC_RATIO = 0.92  # stored / raw bytes of float16 activations under zstd-1 (an MNIST test array, measured)
-
-
-def provenance() -> dict:
-    versions = {}
-    for pkg in ("diffstore", "torch", "diffusers", "zarr", "numpy"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "packages": versions}
 
 
 @dataclass
@@ -389,10 +376,13 @@ class Store:
         if not same:
             arr[:] = values
 
-    def match(self, texts: list[str]) -> list[str]:
-        """Array paths named by store paths (features/..., targets/...) or selectors like t=90/b=5/p=2."""
-        paths = self.array_paths()
-        keys = self.feature_keys()
+    def match(self, texts: list[str], paths: list[str] | None = None) -> list[str]:
+        """Array paths named by store paths (features/..., targets/...) or selectors like t=90/b=5/p=2, among
+        `paths` (default: every array of the store)."""
+        if paths is None:
+            paths, keys = self.array_paths(), self.feature_keys()
+        else:
+            keys = [FeatureKey.from_path(p) for p in paths if p.startswith("features/") and p.count("/") == 7]
         out = []
         for text in texts:
             if text.rstrip("/") in paths:
@@ -529,14 +519,16 @@ class Store:
         g = self.root.create_group(path)
         for array, value in (arrays or {}).items():  # dimension names make the group an xarray Dataset
             g.create_array(array, data=value, dimension_names=[f"{array}_{i}" for i in range(value.ndim)])
-        g.attrs.update({"payload": payload, "provenance": provenance()})
+        g.attrs.update({"payload": payload, "provenance": provenance(finished=True)})
 
     def result_paths(self, kind: str | None = None) -> list[str]:
         kinds = [kind] if kind else self.child_groups("results")
         return [f"results/{k}/{name}" for k in kinds for name in self.child_groups(f"results/{k}")]
 
-    def results(self, kind: str) -> list[dict]:
-        return [a["payload"] for a in (dict(self._group(p).attrs) for p in self.result_paths(kind)) if "payload" in a]
+    def results(self, kind: str, with_provenance: bool = False) -> list[dict]:
+        """Payloads of the stored results of `kind`; with_provenance: each with its "provenance" record too."""
+        attrs = [a for a in (dict(self._group(p).attrs) for p in self.result_paths(kind)) if "payload" in a]
+        return [{**a["payload"], "provenance": a.get("provenance")} if with_provenance else a["payload"] for a in attrs]
 
     def result_arrays(self, kind: str, name: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
         """The float arrays stored with a result (a saved head's weights), by name, read only when their names and
