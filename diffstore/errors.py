@@ -28,7 +28,7 @@ def require(module: str, extra: str | None = None):
 
 # user:password@ in a URL (also where a library quotes the URL's host part alone: botocore's "Invalid bucket name
 # "KEY:SECRET@bucket""), and secret-looking query parameters: masked in every message the CLI prints
-CREDENTIALS = (re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@\s]*:[^@\s]*@"),
+CREDENTIALS = (re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^@\s]+@"),
                re.compile(r"(?P<pre>^|[\s\"'(])[^\s\"'@/:]+:[^\s\"'@/]+@"),
                re.compile(r"(?P<name>(?:aws_)?(?:secret[A-Za-z_]*|access_key[A-Za-z_]*|session_token|token|password)"
                           r"=)[^&\s'\"]+", re.IGNORECASE),

@@ -98,7 +98,7 @@ class Unpickled:
 
 def pickled_model(folder: Path, marker: Path) -> Path:
     """A diffusers model folder (the shipped model's config) whose weights are a pickled .bin holding a payload."""
-    from diffstore.models.diffusers_unet import DEFAULT_DIR
+    from diffstore.models import DEFAULT_DIR
 
     folder.mkdir(parents=True)
     for name in ("config.json", "scheduler_config.json"):

@@ -19,7 +19,7 @@ from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
 from diffstore.store import Store
 from diffstore.store.copy import copy
-from diffstore.store.faults import SHARD_LEVEL, deleted_shard
+from faults import SHARD_LEVEL, deleted_shard
 from diffstore.store.provenance import command_line, redact
 from diffstore.store.verify import verify_findings
 

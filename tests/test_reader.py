@@ -15,7 +15,7 @@ from diffstore.store import Store
 from diffstore.store import reader
 from diffstore.store import store as store_module
 from diffstore.store.codec import CODECS, DEFAULT, LEGACY, name_of
-from diffstore.store.faults import deleted_shard, flipped_byte, shard_file, truncated_shard
+from faults import deleted_shard, flipped_byte, shard_file, truncated_shard
 from diffstore.store.repair import rebuild_metadata
 
 P = "features/d/test/m/noised/t1/b1/p2"
