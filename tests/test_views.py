@@ -66,3 +66,32 @@ def test_limit_counts_samples_not_view_rows(tmp_path, model, split):
     assert plan.rows == range(0, 20) and list(plan.shards()) == [0, 1]
     with pytest.raises(DiffstoreError, match="--views takes flip and crops:K"):
         view_set("rotate")
+
+
+def test_the_validation_carve_keeps_every_view_of_a_sample_on_one_side():
+    from diffstore.probe.feed import split_val
+
+    fit, val = split_val(30, 0.2, seed=3, views=3)
+    assert len(val) == 2 and set(val % 3) == {0}  # validation reads the identity view of 2 of the 10 samples
+    fit_samples, val_samples = set(fit // 3), set(val // 3)
+    assert not fit_samples & val_samples and len(fit) == 3 * len(fit_samples) == 24
+    assert list(split_val(10, 0.2, seed=3)[1]) == sorted(val // 3)  # the same samples as a plain carve
+
+
+def test_probe_augment_trains_on_the_stored_views_and_tests_on_plain_images(tmp_path, model):
+    import diffstore as ds
+
+    pre = Preprocess(model.image_size, model.image_channels)
+    train, test = (subset(load_split("digits", s), n) for s, n in (("train", 80), ("test", 40)))
+    url = str(tmp_path / "s.zarr")
+    for data in (train, view_split(train, "flip", 0, pre), test):
+        extract_features(plan_extraction(Store.open(url), model, data, t="10", blocks="mid", pools="2"),
+                         show_progress=False)
+    kw = dict(t=10, pools=2, show_progress=False)
+    plain = ds.probe(url, **kw).results[0]
+    augmented = ds.probe(url, augment="flip", **kw).results[0]
+    assert augmented["recipe"]["augment"] == "flip" and "augment" not in plain["recipe"]
+    assert augmented["name"] != plain["name"] and augmented["n_test"] == plain["n_test"] == 40
+    assert augmented["n_train"] == 2 * plain["n_train"] and augmented["n_val"] == plain["n_val"]
+    with pytest.raises(DiffstoreError, match="no stored views"):
+        ds.probe(url, augment="crops:2", **kw)

@@ -74,11 +74,15 @@ def fuse_rows(parts: list[Rows]) -> Rows:
     return Rows(parts[0].n_rows, (sum(p.row_shape[0] for p in parts), side, side), parts[0].chunk_rows, read)
 
 
-def split_val(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train positions, val positions), both sorted: a seeded carve of the training split."""
-    order = np.random.default_rng([seed, 7]).permutation(n)
-    n_val = int(round(n * val_frac))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def split_val(n: int, val_frac: float, seed: int, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, val positions), both sorted: a seeded carve of the training split's samples. With views
+    (rows sample-major, `views` per sample, the identity first: extract --views), a sample's views all go to one
+    side: every view of a training sample trains, only the identity of a validation sample validates."""
+    samples = n // views
+    order = np.random.default_rng([seed, 7]).permutation(samples)
+    n_val = int(round(samples * val_frac))
+    fit, val = np.sort(order[n_val:]), np.sort(order[:n_val])
+    return (fit[:, None] * views + np.arange(views)).ravel(), val * views
 
 
 class Feed:

@@ -78,7 +78,7 @@ def knn_votes(bank: Rows, bank_labels: np.ndarray, bank_pos: np.ndarray, queries
 def choose_k(train: Rows, y_train: np.ndarray, recipe, pool: int | None, n_classes: int, device: torch.device,
              budget: int = DEFAULT_BUDGET) -> dict:
     """k with the best validation top-1 (ties: the smaller k), its validation metrics and the top-1 per k."""
-    fit_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
+    fit_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed, recipe.views)
     ks = sorted({min(k, len(fit_pos)) for k in recipe.ks})
     if not len(val_pos):
         if len(ks) > 1:
@@ -107,7 +107,7 @@ def knn_many(sources: list[Rows], tests: list[Rows] | None, pools: list[int | No
             start = time.perf_counter()
             m = choose_k(train, y_train, recipe, pool, n_classes, dev, budget)
             bank_pos = (np.arange(len(y_train)) if recipe.refit or not m["n_val"]
-                        else split_val(len(y_train), recipe.val_frac, recipe.seed)[0])
+                        else split_val(len(y_train), recipe.val_frac, recipe.seed, recipe.views)[0])
             if tests is not None:
                 v = knn_votes(train, y_train, bank_pos, tests[i], m["k"], recipe.temperature, pool, n_classes, dev,
                               budget)

@@ -69,6 +69,9 @@ class ProbeOptions(StoreOptions):
     seed: int = opt(0, "Seed of the validation carve, inits and batch order.", min=0)
     seeds: int = opt(1, "Run seeds seed..seed+K-1 and report mean +- std.", min=1)
     limit: int | None = opt(None, "Only the first N rows of each split.", min=1)
+    augment: str | None = opt(None, "Train on the train split's stored views (extract --views SPEC: flip, crops:K, "
+                                    "flip,crops:K): every view of a sample is a training row; validation and test read "
+                                    "the plain images.")
     baseline: str | None = opt(None, "pixels: the same head on raw preprocessed pixels.", choices=("none", "pixels"))
     data_root: str | None = opt(None, "Dataset directory for --baseline pixels.")
     select: int = opt(0, "Rank every key by a closed-form ridge proxy; train the top K.", min=0)

@@ -55,6 +55,8 @@ class ProbeRecipe:
     val_frac: float = 0.1
     seed: int = 0
     limit: int | None = None  # only the first N rows of each split (as extract --limit): part of a result's name
+    augment: str | None = None  # train on these stored views (extract --views SPEC); validate and test on the plain one
+    views: int = 1  # rows per sample of the training arrays (the identity first): the validation carve is per sample
 
     def __post_init__(self):
         if self.name not in RECIPES:
@@ -82,4 +84,5 @@ class ProbeRecipe:
         part = ("knn" if head == "knn" else "paper" if self.name == "paper" else "linear" if head == "linear"
                 else "iterative")
         d = asdict(self)
-        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in USED[part]}
+        used = (*USED[part], *(("augment",) if self.augment else ()))  # a plain recipe's names are unchanged
+        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in used}

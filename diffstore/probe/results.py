@@ -5,6 +5,8 @@ too, as results/heads/{name} (saved.py); a stored result whose head is not is co
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..errors import DiffstoreError
@@ -63,6 +65,8 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
     writer = Store.open(store.url, "a") if todo else None
     for dataset, items in todo.items():
         train, test = (first_labels(store.split(dataset, s), recipe.limit) for s in ("train", "test"))
+        if recipe.views > 1:  # training rows are (sample, view) pairs, sample-major (extract --views)
+            train = replace(train, ids=np.repeat(train.ids, recipe.views), labels=np.repeat(train.labels, recipe.views))
         for _, _, source, _ in items:
             for rows, split in ((source.train, train), (source.test, test)):
                 if rows.n_rows != len(split.labels):

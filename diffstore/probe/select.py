@@ -36,7 +36,7 @@ def ridge_top1(xf: torch.Tensor, yf: torch.Tensor, xv: torch.Tensor, yv: torch.T
 def proxy_scores(sources: list[Rows], y_train: np.ndarray, n_classes: int, recipe: ProbeRecipe,
                  device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[float]:
     """The ridge proxy's validation top-1 for each source (train rows only: the val split is carved from train)."""
-    train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
+    train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed, recipe.views)
     if not len(val_pos):
         raise DiffstoreError("--select ranks keys on the validation split: pass --val-frac > 0")
     fit_pos = np.random.default_rng([recipe.seed, 11]).permutation(train_pos)[:PROXY_FIT]

@@ -276,7 +276,7 @@ def solve_group(sources: list[Rows], tests: list[Rows] | None, pool: int | None,
                 y_test: np.ndarray | None, n_classes: int, recipe, dev: torch.device, budget: int) -> list[dict]:
     """Every source of one width: the C path on train/val, the chosen C's fit (refit on train + val with
     recipe.refit) as a folded head ("fitted": numpy arrays), and the test hits of that head when tests are given."""
-    fit_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
+    fit_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed, recipe.views)
     fit = Design(sources, y_train, fit_pos, pool, dev, budget)
     val = Design(sources, y_train, val_pos, pool, dev, budget, fit.stats) if len(val_pos) else None
     Cs = sorted(recipe.Cs) if val else [1.0]  # nothing to choose on: scikit-learn's default C

@@ -14,6 +14,7 @@ from ..key import FeatureKey, fingerprint
 from ..key import select as match_selector
 from ..preprocess import Preprocess
 from ..store import Store
+from ..views import view_name, view_set
 from .feed import Rows, first_rows, fuse_rows
 
 ROW_FIELDS = ("dataset", "model", "input", "t", "block", "pool")
@@ -32,9 +33,19 @@ class Source:
     fix: str  # how to get spatial maps, for heads that need them
 
 
-def key_source(store: Store, key: FeatureKey, limit: int | None = None) -> Source:
-    """A train key and its test twin, both complete."""
-    train, test_key = store.features(key).require_done(limit), replace(key, split="test")
+def key_source(store: Store, key: FeatureKey, limit: int | None = None, augment: str | None = None) -> Source:
+    """A train key and its test twin, both done on rows [0, limit); augment: train on the key's stored views
+    (the split SPLIT+VIEWS that `extract --views` writes), every view of a sample a row."""
+    views = 1
+    if augment:
+        views = len(view_set(augment))
+        view_key = replace(key, split=view_name(key.split, augment))
+        if store._group(view_key.path) is None:
+            raise DiffstoreError(f"--augment {augment}: {key.path} has no stored views {view_key.path}; extract them "
+                                 f"with `{store.features(key).extract_hint()} --views {augment}`")
+        key = view_key
+    train = store.features(key).require_done(limit * views if limit else None)
+    test_key = replace(key, split="test")
     try:
         store.features(test_key)
     except DiffstoreError:
@@ -46,7 +57,7 @@ def key_source(store: Store, key: FeatureKey, limit: int | None = None) -> Sourc
     fix = (f"Extract spatial maps with `{train.extract_hint('full')}` (and the same for "
            "--split test), or use a larger pool.")
     return Source(row, "store", [key], [train.attrs["fingerprint"], test.attrs["fingerprint"]],
-                  first_rows(Rows.of(train), limit), first_rows(Rows.of(test), limit), fix)
+                  first_rows(Rows.of(train), limit * views if limit else None), first_rows(Rows.of(test), limit), fix)
 
 
 def joined(values: list) -> str:

@@ -19,6 +19,7 @@ from ..options import api, check_folder, spell
 from ..progress import stderr
 from ..progress import write_csv
 from ..terminal import console as make_console, fold
+from ..views import view_set
 from .frame import COLUMNS, ProbeResults
 from .fusion import auto_keys, compare, comparison_table, fusion_runs
 from .heads import HeadSpec
@@ -48,7 +49,11 @@ def compute(o: ProbeOptions) -> ProbeResults:
         base = ProbeRecipe(o.recipe, o.epochs, o.lr, o.weight_decay, o.step_every, o.gamma, o.early_stop,
                            steps=o.steps, min_steps=min(o.steps, ProbeRecipe.min_steps), lrs=o.lrs,
                            weight_decays=o.weight_decays, batch_size=o.batch_size, val_frac=o.val_frac, seed=o.seed,
-                           limit=o.limit, Cs=o.cs, refit=o.refit, ks=o.ks, temperature=o.temperature)
+                           limit=o.limit, Cs=o.cs, refit=o.refit, ks=o.ks, temperature=o.temperature,
+                           augment=o.augment, views=len(view_set(o.augment)) if o.augment else 1)
+        if o.augment and o.baseline == "pixels":
+            raise DiffstoreError(f"{spell('augment', ProbeOptions)} trains on stored views, which pixels do not have: "
+                                 f"drop {spell('baseline', ProbeOptions)} pixels (or run it in a separate call)")
         specs = [HeadSpec(k, o.head_pool, o.batchnorm, o.hidden, o.channels, o.dim, o.depth, o.n_heads)
                  for k in o.head]
         select, fuse = o.select, o.fuse
@@ -60,13 +65,13 @@ def compute(o: ProbeOptions) -> ProbeResults:
         if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
             mine = [k for k in keys if o.model is None or k.model == o.model]
             if fuse == "auto":
-                ranking, rho = rank_keys(st, [key_source(st, k, o.limit) for k in mine], base, o.device, budget,
+                ranking, rho = rank_keys(st, [key_source(st, k, o.limit, o.augment) for k in mine], base, o.device, budget,
                                          show_progress)
             chosen = auto_keys(ranking, select) if fuse == "auto" else parse_fuse(fuse, mine)
-            singles = [key_source(st, k, o.limit) for k in chosen]
+            singles = [key_source(st, k, o.limit, o.augment) for k in chosen]
             sources = [fuse_source(singles)]
         else:
-            sources = [key_source(st, k, o.limit) for k in keys]
+            sources = [key_source(st, k, o.limit, o.augment) for k in keys]
         if select and not fuse:
             ranking, rho = rank_keys(st, sources, base, o.device, budget, show_progress)
             sources = [r["source"] for r in ranking if r["rank"] <= select]

@@ -177,7 +177,7 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
     """Train every job's head(s) side by side over the shared sample order; metrics per job, with the chosen head
     ("fitted", an nn.Module). Jobs without test rows (y_test None) are fitted only."""
     dev = pick_device(device)
-    train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
+    train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed, recipe.views)
     sources, source_index = [], {}  # several heads on one array share its rows
     for j in jobs:
         source_index.setdefault(id(j.train), len(sources))
