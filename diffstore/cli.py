@@ -29,7 +29,7 @@ LOADING = signal.signal(signal.SIGINT, lambda *_: sys.exit(130)) \
 import typer  # noqa: E402
 
 from .errors import DiffstoreError, redact  # noqa: E402
-from .interrupts import INTERRUPTED, Interrupts  # noqa: E402
+from .interrupts import Interrupts  # noqa: E402
 from .key import DEFAULT_STORE  # noqa: E402
 from .options import STORE_HELP, STYLE, flag_of, is_list  # noqa: E402
 
@@ -472,9 +472,8 @@ def main():
         except (KeyboardInterrupt, Exception):  # (typer returns 130 for a KeyboardInterrupt inside a command)
             if not interrupts.received:  # a bug: its traceback is shown
                 raise  # (an error after Ctrl-C, e.g. a module whose import it stopped, is the interrupt's doing)
-        if interrupts.received or code == 130:  # (a second Ctrl-C ends the process at once: nothing escapes here)
-            code = 130
-            print_error(INTERRUPTED)
+        if interrupts.received or code == 130:
+            interrupts.end()  # the message, then exit 130 at once
     sys.exit(code)
 
 

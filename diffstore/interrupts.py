@@ -1,11 +1,15 @@
 """Ctrl-C in a command: exit code 130, always (the CLI's main() runs every command inside `Interrupts`).
 
-Python's own handling falls short in three ways, each seen in real runs: a KeyboardInterrupt that is lost (Python
-drops one raised inside a __del__ or a weakref callback; a library may catch it) lets the command run on (an audit
-saw `probe --grid` train on for minutes); one that arrives while the interpreter tears down, after its signal
-handling is gone, kills the process by the signal (a shell shows 130, a parent process sees -2); one that stops an
-import midway leaves a half-initialised module that fails the next import, so nothing is imported after a Ctrl-C
-(the CLI's error printer imports nothing). Standard library only.
+Python's own handling falls short in four ways, each seen in real runs:
+- a KeyboardInterrupt that is lost (Python drops one raised inside a __del__ or a weakref callback; a library may
+  catch it) lets the command run on (an audit saw `probe --grid` train on for minutes);
+- one that arrives while the interpreter tears down, after its signal handling is gone, kills the process by the
+  signal (a shell shows 130, a parent process sees -2);
+- one that stops an import midway leaves a half-initialised module that fails the next import (so the CLI's error
+  printer imports nothing);
+- the teardown after one prints what it cut short ("Exception ignored ... Event loop is closed" from zarr writes
+  in flight).
+Standard library only.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ GRACE_S = 10.0  # after Ctrl-C, seconds a command has to stop cleanly before it 
 
 class Interrupts:
     """Ctrl-C always ends a command with exit code 130. The first Ctrl-C raises KeyboardInterrupt (the command
-    stops, keeping finished shards and results). Should it be lost, the command still exits 130, and ends after
-    GRACE_S or at once on a second Ctrl-C: the store survives kill -9 at any instant, so ending hard is safe. Once
-    the command has finished (on leaving the `with`), Ctrl-C is ignored: while the interpreter tears down (with torch
+    stops, keeping finished shards and results), and once it has unwound the caller calls `end()`: the process ends
+    at once, without Python's teardown, which would report the work the interrupt cut short (zarr writes in flight:
+    "Exception ignored ... Event loop is closed") and which the store does not need, since it survives kill -9 at
+    any instant. Should the KeyboardInterrupt be lost, the process ends after GRACE_S, or at once on a second Ctrl-C.
+    A command that finished (on leaving the `with`) ignores Ctrl-C: while the interpreter tears down (with torch
     loaded, a moment) Python would otherwise die by the signal, and the exit code must be the command's."""
 
     def __init__(self):
@@ -47,6 +53,7 @@ class Interrupts:
 
     @staticmethod
     def end() -> None:
+        """The interrupted message on stderr, then exit 130 now."""
         with contextlib.suppress(Exception):
             print(f"error: {INTERRUPTED}", file=sys.stderr, flush=True)
             sys.stdout.flush()

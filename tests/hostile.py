@@ -143,10 +143,8 @@ def edit_attrs(group: Path, change: Callable[[dict], None]) -> None:
 
 
 def plant(store: Path, marker: Path) -> Planted:
-    """Every array of `store` names a payload in its attributes, one kind per array in turn: a py: spec of a file
-    inside the store (absolute, and relative to the store's folder, the working directory), a hub id, a pickled .bin
-    folder inside the store, the adm: backend with an ADM config JSON, and a dataset root that is a folder of
-    images; every array also loses one done flag, so that verify says `repair`. Returns what was planted."""
+    """Payloads in a folder inside `store`, named by every feature array's attributes (name_payloads) and by every
+    split's dataset root; every array also loses one done flag, so that verify says `repair`."""
     planted = Planted(store, marker)
     evil = store / "evil"
     evil.mkdir()
@@ -155,23 +153,31 @@ def plant(store: Path, marker: Path) -> Planted:
     (evil / "adm.json").write_text(json.dumps({"image_size": 16, "num_channels": 8}))
     image_folder(evil / "images")
     planted.payloads += [evil / "plugin.py", evil / "pickled", evil / "adm.json", evil / "images"]
+    for array in name_payloads(planted, "features"):
+        (array / "done" / "c" / "0").unlink()
+    for split in (p.parent for p in store.glob("datasets/*/*/zarr.json")):
+        edit_attrs(split, lambda attrs: attrs["source"].update(root=str(evil / "images")))
+    return planted
+
+
+def name_payloads(planted: Planted, under: str) -> list[Path]:
+    """Every array under `under` (features, targets) names a payload in its attributes, one kind per array in turn:
+    a py: spec of a file inside the store (absolute, and relative to the store's folder, the working directory), a
+    hub id, a pickled .bin folder inside the store, the adm: backend with an ADM config JSON; and all of them a
+    dataset root that is a folder of images. Returns the arrays."""
+    store, evil = planted.store, planted.store / "evil"
     specs = [f"py:{evil / 'plugin.py'}:factory", f"py:{store.name}/evil/plugin.py:factory", "owner/evil-model",
              str(evil / "pickled"), f"adm:{evil / 'pickled' / 'diffusion_pytorch_model.bin'}"]
-    arrays = sorted(p.parent.parent for p in store.glob("features/**/done/zarr.json"))
+    arrays = sorted(p.parent.parent for p in store.glob(f"{under}/**/done/zarr.json"))
     for i, array in enumerate(arrays):
-        spec = specs[i % len(specs)]
-
-        def change(attrs, spec=spec):
+        def change(attrs, spec=specs[i % len(specs)]):
             attrs["model"]["source"] = {"spec": spec, "path": str(evil / "pickled"), "factory": "factory",
                                         "adm_config": str(evil / "adm.json"), "file": str(evil / "plugin.py")}
             attrs["dataset"]["source"]["root"] = str(evil / "images")
             attrs["provenance"]["weights"] = str(evil / "pickled" / "diffusion_pytorch_model.bin")
 
         edit_attrs(array, change)
-        (array / "done" / "c" / "0").unlink()
-    for split in (p.parent for p in store.glob("datasets/*/*/zarr.json")):
-        edit_attrs(split, lambda attrs: attrs["source"].update(root=str(evil / "images")))
-    return planted
+    return arrays
 
 
 class Guard:
@@ -259,8 +265,9 @@ def plugin(folder: Path, name: str) -> str:
 
 
 # --- the test bed: a store, and files to misuse ------------------------------------------------------------
-STORE_ARGS = ["--split", "train,test", "--t", "10,20", "--blocks", "2,mid", "--pools", "1", "--limit", "64",
-              "--shard-rows", "16", "-q"]  # the shipped model, 64 rows of each digits split: 8 arrays of 4 shards
+LIMIT = ["--limit", "64"]  # readers read the rows done
+STORE_ARGS = ["--split", "train,test", "--t", "10,20", "--blocks", "2,mid", "--pools", "1", *LIMIT, "--shard-rows",
+              "16", "-q"]  # the shipped model, the first 64 rows of each digits split: 8 arrays, 4 shards done in each
 ARRAY = "features/digits/test/digits-ddpm/noised/t10/b2/p1"
 
 
@@ -340,12 +347,13 @@ def bad_inputs(bed: Bed) -> list[Case]:
 
     no_gpu = [] if torch.cuda.is_available() else [
         c("extract --device cuda (no GPU)", "no CUDA device", *extract, "--store", new, "--device", "cuda"),
-        c("probe --device cuda (no GPU)", "no CUDA device", "probe", "--store", store, "--device", "cuda", "-q")]
+        c("probe --device cuda (no GPU)", "no CUDA device", "probe", "--store", store, *LIMIT, "--device", "cuda",
+          "-q")]
     cases = no_gpu + [
         c("extract --device banana", "not a device", *extract, "--store", new, "--device", "banana"),
         c("repair --device banana", "not a device", "repair", "--store", store, "--device", "banana", "-q"),
-        c("probe --plot EXISTING_FILE", "a file is there", "probe", "--store", store, "--plot", work / "exists.png",
-          "-q"),
+        c("probe --plot EXISTING_FILE", "a file is there", "probe", "--store", store, *LIMIT, "--plot",
+          work / "exists.png", "-q"),
         c("plugin: block shape depends on the batch size (new store)", "depends on the batch size",
           *extract, "--store", new, "--model", shape_spec, "--blocks", "mid", "--pools", "full"),
         c("plugin: block shape depends on the batch size (existing store)", "depends on the batch size",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile import STORE_ARGS, cli
+from hostile import LIMIT, STORE_ARGS, cli
 
 DS = str(Path(sys.executable).parent / "diffstore")
 FRACTIONS = (0.5, 0.8, 1.0)  # of an uninterrupted run's length: importing or working, working or saving, exiting
@@ -50,8 +50,8 @@ def interrupted(args: list, kind: str, store: Path, at: float) -> tuple[subproce
 def test_ctrl_c_at_any_instant_exits_130_and_leaves_a_store_that_verifies(kind, store, tmp_path):
     def command(target: Path) -> list:
         return {"extract": ["extract", "--store", target, *EXTRACT],
-                "probe": ["probe", "--store", target, "--grid", "--retrain"],
-                "cka": ["cka", "--store", target, "--by", "block", "--split", "test", "--t", "10"]}[kind]
+                "probe": ["probe", "--store", target, "--grid", "--retrain", *LIMIT],
+                "cka": ["cka", "--store", target, "--by", "block", "--split", "test", "--t", "10", *LIMIT]}[kind]
 
     t0 = time.perf_counter()
     reference = tmp_path / "reference.zarr" if kind == "extract" else store
