@@ -54,23 +54,27 @@ def planted(bed, tmp_path, monkeypatch):
 
 # --- done when: nothing read from a store is executed, imported, downloaded, unpickled or decoded ----------------
 def test_no_command_runs_or_fetches_what_a_store_names(planted, tmp_path, unet_spec):
-    s = str(planted.store)
-    commands = [["ls"], ["info", "t=10/b=2"], ["verify"], ["probe", *LIMIT, "-q"],  # verify 1, probe 2: shard 0 lost
-                ["cka", "--by", "block", "--split", "test", "--t", "10", *LIMIT, "-q"],
-                ["repair", "-q", "--model", f"py:{unet_spec}"],  # another model: refused by its fingerprint
-                ["repair", "-q"], ["repair", "-q", "--model", "default"],  # the model that wrote them: repaired
-                ["verify", "--json"], ["probe", *LIMIT, "-q", "--grid"],
-                ["cka", "--by", "t", "--split", "test", "--block", "2", *LIMIT, "-q"],
-                ["repfusion", "targets", "--split", "test", "--t-grid", "0:100:50", "--views", "none", "-q"],
-                ["repfusion", "train", "--epochs", "1", "--decoder-steps", "2", "--batch-size", "32", "-q"],
-                ["repfusion", "analyze", "--tsne-ts", "1", "--tsne-points", "20", "--out", str(tmp_path / "plots"),
-                 "-q"],
-                ["rm", "split=train", "--yes"], ["ls"]]
+    s, copied = str(planted.store), str(tmp_path / "copied.zarr")
+    st = ["--store", s]
+    commands = [["ls", *st], ["du", *st], ["info", *st, "t=10/b=2"], ["verify", *st],  # verify 1: shard 0 lost,
+                ["probe", *st, *LIMIT, "-q"], ["cka", *st, "--by", "block", "--split", "test", "--t", "10", *LIMIT,
+                                               "-q"],  # so probe and cka refuse (2)
+                ["repair", *st, "-q", "--model", f"py:{unet_spec}"],  # another model: refused by its fingerprint
+                ["repair", *st, "-q"], ["repair", *st, "-q", "--model", "default"],  # the model that wrote them
+                ["verify", *st, "--json"], ["probe", *st, *LIMIT, "-q", "--grid"],
+                ["cka", *st, "--by", "t", "--split", "test", "--block", "2", *LIMIT, "-q"],
+                ["finetune", *st, "--t", "10", "--block", "mid", "--pool", "1", *LIMIT, "--steps",
+                 "2", "--lrs", "0.001", "--weight-decays", "0", "--min-steps", "1", "--eval-every", "1", "-q"],
+                ["copy", s, copied, "-q"], ["ls", "--store", copied], ["verify", "--store", copied],
+                ["repfusion", "targets", *st, "--split", "test", "--t-grid", "0:100:50", "--views", "none", "-q"],
+                ["repfusion", "train", *st, "--epochs", "1", "--decoder-steps", "2", "--batch-size", "32", "-q"],
+                ["repfusion", "analyze", *st, "--tsne-ts", "1", "--tsne-points", "20", "--out",
+                 str(tmp_path / "plots"), "-q"],
+                ["rm", *st, "split=train", "--yes"], ["ls", *st]]
     codes = []
     for args in commands:
         with Guard(planted) as guard:
-            where = 2 if args[0] == "repfusion" else 1
-            r = cli(*args[:where], "--store", s, *args[where:])
+            r = cli(*args)
         codes.append(r.returncode)
         assert guard.events == [] and not planted.ran(), (args, guard.events)
         assert r.returncode in (0, 1, 2) and "Traceback" not in r.stderr, (args, r.stderr)
@@ -78,7 +82,7 @@ def test_no_command_runs_or_fetches_what_a_store_names(planted, tmp_path, unet_s
             assert name_payloads(planted, "targets")
         if args[:2] == ["repfusion", "analyze"]:  # (before rm: the API reads what is stored)
             reads_through_the_api(planted)
-    assert codes == [0, 0, 1, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], codes  # refused while incomplete; then repaired
+    assert codes == [0, 0, 0, 1, 2, 2, 2] + [0] * 14, codes  # refused while incomplete; then repaired, read, copied
 
 
 def reads_through_the_api(planted):
