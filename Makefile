@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 DS     := $(VENV)/bin/diffstore
 STORE  ?= data/default.zarr
 
-.PHONY: install test demo cka bench clean
+.PHONY: install test demo cka cka-networks bench clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,16 @@ demo: install
 cka: install
 	$(PY) pipelines/cka.py --store $(STORE) --out data/cka
 
+# Diffusion blocks x ResNet-50 blocks (Fig. 6 bottom). Offline: seeded random ResNet weights (a control) at 64 px;
+# `make cka-networks WEIGHTS=resnet50-11ad3fa6.pth` uses a torchvision weight file you downloaded, at 224 px.
+cka-networks: install
+	$(PY) pipelines/cka_networks.py --store $(STORE) --out data/cka-networks $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+docs: install
+	$(PY) -m diffstore.reference > docs/cli.md
+
 bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) data/*.zarr data/*-probe data/*-repfusion data/*-cka data/cka
+	rm -rf $(VENV) data/*.zarr data/*-probe data/*-repfusion data/*-cka data/cka data/cka-networks

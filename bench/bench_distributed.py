@@ -33,11 +33,13 @@ from rich.console import Console
 from rich.table import Table
 
 from diffstore.datasets import load_split
-from diffstore.distributed import cluster_client, extract_distributed, extract_job
+from diffstore.extract.distributed import extract_distributed, extract_job
+from diffstore.extract.options import ExtractOptions
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
 from diffstore.progress import stderr
+from diffstore.scale import cluster_client
 from diffstore.store import Store
 
 BLOCKS, POOLS = "all", "1,2"
@@ -55,13 +57,14 @@ def bench_model(root: Path) -> tuple[object, dict, str]:
     UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
                 norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")).save_pretrained(root / "unet32")
-    spec = {"spec": str(root / "unet32"), "name": "unet32-untrained"}
-    return load_model(**spec), spec, "random-init U-Net 32x32 (32, 64, 64) (no default model shipped)"
+    spec = {"model": str(root / "unet32"), "model_name": "unet32-untrained"}
+    return (load_model(spec["model"], name=spec["model_name"]), spec,
+            "random-init U-Net 32x32 (32, 64, 64) (no default model shipped)")
 
 
 def warm(job) -> None:
     """On every worker: load the model (and build a throwaway plan) before anything is timed."""
-    from diffstore.distributed import worker_plan
+    from diffstore.extract.distributed import worker_plan
 
     worker_plan(job)
 
@@ -76,8 +79,13 @@ class Bench:
     def plan(self, shard_rows: int):
         self.n += 1
         url = str(self.root / f"run{self.n}.zarr")
-        return url, plan_extraction(Store.open(url), self.model, self.split, str(self.args.t), BLOCKS, POOLS,
+        return url, plan_extraction(Store.open(url), self.model, self.split, t=str(self.args.t), blocks=BLOCKS, pools=POOLS,
                                     shard_rows=shard_rows)
+
+    def options(self, url: str) -> ExtractOptions:
+        """What the workers are told: the model spec, the split and the CPU (they load both themselves)."""
+        return ExtractOptions.build(store=url, **self.model_spec, split="train", batch_size=self.args.batch_size,
+                                    device="cpu", show_progress=False)
 
     def in_process(self, shard_rows: int) -> dict:
         _, plan = self.plan(shard_rows)
@@ -88,8 +96,7 @@ class Bench:
 
     def on_cluster(self, client, shard_rows: int) -> dict:
         url, plan = self.plan(shard_rows)
-        s = extract_distributed(plan, url, self.model_spec, {"name": "digits", "split": "train"}, self.args.batch_size,
-                                device="cpu", client=client, show_progress=False)
+        s = extract_distributed(plan, self.options(url), client=client)
         compute = sum(r["compute_s"] for r in s["task_times"])
         setup = sum(r["setup_s"] for r in s["task_times"])
         overhead = s["wall_s"] * len({r["pid"] for r in s["task_times"]}) - compute - setup
@@ -102,8 +109,7 @@ class Bench:
         start = time.perf_counter()
         with cluster_client(workers) as client:
             url, plan = self.plan(64)
-            client.run(warm, extract_job(plan, url, self.model_spec, {"name": "digits", "split": "train"},
-                                         device="cpu"))
+            client.run(warm, extract_job(plan, self.options(url)))
             yield client, time.perf_counter() - start
 
 

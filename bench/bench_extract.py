@@ -79,7 +79,7 @@ def main():
     gflops_machine = matmul_gflops()
 
     with tempfile.TemporaryDirectory() as d:
-        plan = plan_extraction(Store.open(f"{d}/s.zarr"), model, split, ",".join(map(str, ts)), ",".join(map(str, blocks)), ",".join(pools))
+        plan = plan_extraction(Store.open(f"{d}/s.zarr"), model, split, t=",".join(map(str, ts)), blocks=",".join(map(str, blocks)), pools=",".join(pools))
         t0 = time.perf_counter()
         extract_features(plan, batch_size=args.batch_size, show_progress=False)
         t_ours = time.perf_counter() - t0

@@ -138,13 +138,13 @@ def run_case(case: dict, tmp: Path, args, device: torch.device) -> dict:
     write_jpegs(data, case["n"], model.image_size)
     split = load_split("imagefolder", "test", str(data))
     url = str(tmp / f"{case['name'].replace(' ', '_')}.zarr")
-    plan = plan_extraction(Store.open(url), model, split, case["t"], case["blocks"], "1,2", compute_dtype=compute,
+    plan = plan_extraction(Store.open(url), model, split, t=case["t"], blocks=case["blocks"], pools="1,2", compute_dtype=compute,
                            compile=args.compile)
     t0 = time.perf_counter()
     extract_features(plan, batch_size=plan.recipe.micro_batch, show_progress=False)
     extract_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = plan_extraction(Store.open(url), model, split, case["t"], case["blocks"], "1,2", compute_dtype=compute)
+    again = plan_extraction(Store.open(url), model, split, t=case["t"], blocks=case["blocks"], pools="1,2", compute_dtype=compute)
     assert extract_features(again, show_progress=False)["tasks_run"] == 0
     noop_s = time.perf_counter() - t0
     extract_rate = len(split) / extract_s

@@ -10,8 +10,12 @@
 (c) agreement every train key of --agree-store (of models matching --agree-model): the converged default vs
               scikit-learn (as in (a), tol --sk-tol), key by key: how many within 0.5 points, the lowest and
               largest difference, keys where the chosen C differs; --agree-out FILE keeps the per-key rows.
+(d) grid      the C grid's cost and effect: every train key of --agree-store (of --agree-model) solved side by side
+              with the earlier 4-point grid {1e-3 .. 1} and with the default 13-point grid {1e-4 .. 1e2}, in one run
+              (seconds and their ratio; C chosen, keys at a grid end, test top-1 wide minus narrow with its paired
+              interval on the key with the largest change), then scikit-learn on the wide grid for each --key.
 
-Usage: python bench/bench_linear.py [--parts accuracy,speed,agreement] [--key data/default.zarr:t=50/b=7/p=2 ...]
+Usage: python bench/bench_linear.py [--parts accuracy,speed,agreement,grid] [--key data/default.zarr:t=50/b=7/p=2 ...]
                                     [--train-rows N]
                                     [--speed-store data/default.zarr] [--agree-store data/default.zarr
                                     --agree-model digits-ddpm --agree-out FILE] [--threads 1] [--json]
@@ -142,6 +146,40 @@ def agree_summary(rows: list[dict]) -> str:
             f"{sum(r['C_ours'] != r['C_sklearn'] for r in rows)} keys; converged {sum(r['converged'] for r in rows)}")
 
 
+NARROW = (1e-3, 1e-2, 1e-1, 1.0)  # the grid of earlier releases
+
+
+def grid_rows(url: str, model: str, recipe: ProbeRecipe) -> dict:
+    """Every train key (of `model`) with the narrow and the wide grid, side by side in one run."""
+    store = Store.open(url, "r")
+    keys = [k for k in store.feature_keys() if k.split == "train" and (not model or k.model == model)]
+    y, y_test = store.split(keys[0].dataset, "train").labels, store.split(keys[0].dataset, "test").labels
+    n_classes = len(store.split(keys[0].dataset, "train").class_names)
+    trains = [Rows.of(store.features(k)) for k in keys]
+    tests = [Rows.of(store.features(replace(k, split="test"))) for k in keys]
+    out = {"store": url, "keys": len(keys)}
+    for name, Cs in (("narrow", NARROW), ("wide", recipe.Cs)):
+        stderr.print(f"grid: {len(keys)} keys of {url}, {len(Cs)} values of C")
+        t0 = time.perf_counter()
+        out[name] = solve_many(trains, tests, [None] * len(keys), y, y_test, n_classes, replace(recipe, Cs=Cs),
+                               show_progress=False)
+        out[f"{name}_s"] = time.perf_counter() - t0
+    gains = [difference(w["hits"], n["hits"]) for w, n in zip(out["wide"], out["narrow"])]
+    worst = max(range(len(keys)), key=lambda i: abs(gains[i]["diff"]))
+    out.update(ratio=out["wide_s"] / out["narrow_s"],
+               C_changed=sum(w["C"] != n["C"] for w, n in zip(out["wide"], out["narrow"])),
+               at_end={g: sum(r["C_at_grid_end"] is not None for r in out[g]) for g in ("narrow", "wide")},
+               converged={g: sum(r["converged"] for r in out[g]) for g in ("narrow", "wide")},
+               mean_gain=float(np.mean([g["diff"] for g in gains])), keys_higher=sum(g["diff"] > 0 for g in gains),
+               keys_lower=sum(g["diff"] < 0 for g in gains),
+               largest_change={"key": f"{keys[worst].model} {keys[worst].short()}", **gains[worst]},
+               chosen_C={g: {f"{c:g}": sum(r["C"] == c for r in out[g]) for c in sorted({r["C"] for r in out[g]})}
+                         for g in ("narrow", "wide")})
+    for g in ("narrow", "wide"):
+        out[g] = [{"key": f"{k.model} {k.short()}", "C": r["C"], "top1": r["top1"]} for k, r in zip(keys, out[g])]
+    return out
+
+
 def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -150,7 +188,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--key", action="append", help="STORE:selector of one train array (repeatable)")
     ap.add_argument("--train-rows", type=int, help="accuracy: only the first N train rows (test stays whole)")
-    ap.add_argument("--parts", default="accuracy,speed", help="which of accuracy, speed, agreement to run")
+    ap.add_argument("--parts", default="accuracy,speed", help="which of accuracy, speed, agreement, grid to run")
     ap.add_argument("--speed-store", default="data/default.zarr")
     ap.add_argument("--agree-store", default="data/default.zarr", help="its every train key is checked against scikit-learn")
     ap.add_argument("--agree-model", default="", help="only this model's keys (e.g. digits-ddpm: not its twin)")
@@ -166,10 +204,12 @@ def main(argv=None):
     acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe, args.train_rows)] if "accuracy" in parts else []
     speed = speed_rows(args.speed_store, recipe) if "speed" in parts else []
     agree = agree_rows(args.agree_store, args.agree_model, recipe, args.sk_tol) if "agreement" in parts else []
+    grid = grid_rows(args.agree_store, args.agree_model, recipe) if "grid" in parts else None
     if args.agree_out:
         Path(args.agree_out).write_text(json.dumps(agree, indent=1))
     if args.json:
-        print(json.dumps({"accuracy": acc, "speed": speed, "agreement": agree, "threads": args.threads}, indent=1))
+        print(json.dumps({"accuracy": acc, "speed": speed, "agreement": agree, "grid": grid, "threads": args.threads},
+                         indent=1))
         return
     console = Console(width=200)
     if acc:
@@ -194,6 +234,17 @@ def main(argv=None):
                           pct(r["mean_top1"]), "-" if r["converged_keys"] is None else str(r["converged_keys"]), f"{100 * r['converged_minus_paper_mean']:+.2f}",
                           str(r["keys_where_paper_higher"]))
         console.print(table)
+    if grid:
+        g, d = grid, grid["largest_change"]
+        console.print(f"C grid on {g['keys']} keys of {g['store']}, side by side in one run: 4 values "
+                      f"{g['narrow_s']:.1f} s, "
+                      f"13 values {g['wide_s']:.1f} s ({g['ratio']:.2f}x); chosen C {g['chosen_C']['narrow']} -> "
+                      f"{g['chosen_C']['wide']} (changed on {g['C_changed']} keys); at a grid end: narrow "
+                      f"{g['at_end']['narrow']}, wide {g['at_end']['wide']}; converged {g['converged']}; test top-1 "
+                      f"wide "
+                      f"minus narrow: mean {100 * g['mean_gain']:+.2f} points, higher on {g['keys_higher']} keys, "
+                      f"lower on {g['keys_lower']}; largest change {d['key']}: {100 * d['diff']:+.1f} "
+                      f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]", highlight=False)
     if agree:
         console.print(f"agreement with scikit-learn (tol {args.sk_tol:g}) on every key of {args.agree_store}: {agree_summary(agree)}")
 

@@ -110,7 +110,7 @@ def run_case(args) -> None:
     times, cpus = [], []
     for r in range(args.repeats):
         store = Store.open(f"{args.tmp}/s-{os.getpid()}-{r}.zarr")
-        plan = plan_extraction(store, model, split, "10", "all", "1,2")
+        plan = plan_extraction(store, model, split, t="10", blocks="all", pools="1,2")
         t0, c0 = time.perf_counter(), cpu_seconds()
         extract_features(plan, batch_size=args.batch_size, show_progress=False, **kw)
         times.append(time.perf_counter() - t0)
@@ -135,7 +135,7 @@ def run_noop(args) -> None:
     t0 = time.perf_counter()
     model, split = load_model("default"), load_split("digits", "test")
     t1 = time.perf_counter()
-    plan = plan_extraction(Store.open(args.root), model, split, "10,50,150,300", "all", "1,2")
+    plan = plan_extraction(Store.open(args.root), model, split, t="10,50,150,300", blocks="all", pools="1,2")
     t2 = time.perf_counter()
     summary = extract_features(plan, show_progress=False)
     t3 = time.perf_counter()

@@ -35,7 +35,7 @@ from diffstore.models import load_model
 from diffstore.preprocess import Preprocess
 from diffstore.probe.recipe import ProbeRecipe
 from diffstore.probe.train import Job, train_many
-from diffstore.probe.stage import key_source
+from diffstore.probe.sources import key_source
 from diffstore.progress import stderr
 from diffstore.store import Store
 from timing import best_of

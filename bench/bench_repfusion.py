@@ -29,7 +29,8 @@ from torch.distributions import Categorical
 
 from diffstore.blocks import first_tensor
 from diffstore.datasets import load_split
-from diffstore.extract import pick_device, run_truncated
+from diffstore.device import pick_device
+from diffstore.extract import run_truncated
 from diffstore.models import load_model
 from diffstore.repfusion.distill import load_images
 from diffstore.repfusion.losses import Distiller

@@ -11,9 +11,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DiffstoreError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class BlockInfo:
 
 def first_tensor(output):
     """Modules return a tensor, a tuple (diffusers down blocks: (h, skips)) or an output object."""
+    import torch
+
     while not isinstance(output, torch.Tensor):
         if isinstance(output, (tuple, list)):
             output = output[0]
@@ -88,12 +93,14 @@ class BlockTable:
         return [b.to_dict() for b in self.blocks]
 
 
-def trace_blocks(module: torch.nn.Module, units: list[tuple[str, str]], run, mid_path: str | None = None) -> BlockTable:
+def trace_blocks(module: "torch.nn.Module", units: list[tuple[str, str]], run, mid_path: str | None = None) -> BlockTable:
     """Run `run()` (a dummy forward) with hooks on `units` [(name, module path)] and record the table.
 
     Units that never fire are dropped; the order is the order in which they fire, so a wrong candidate
     order cannot produce a wrong numbering.
     """
+    import torch
+
     fired: list[tuple[str, str, tuple]] = []
     handles = []
     for name, path in units:

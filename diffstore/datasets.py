@@ -36,9 +36,13 @@ from typing import Callable
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from .errors import DiffstoreError
 from .key import fingerprint, sha256_files
-from .preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from .preprocess import Preprocess
 
 DIGITS_TRAIN = 1437
 DATA_ENV = "DIFFSTORE_DATA"
@@ -90,12 +94,16 @@ class Split:
             return self
         return replace(self.take(self.ids[:limit]), source={**self.source, "limit": int(limit)})
 
-    def fingerprint(self, preprocess: Preprocess) -> str:
-        """Source + split + the exact sample order + preprocessing. The local root is left out: colleagues
-        with the same files in other folders share one store."""
-        source = {k: v for k, v in self.source.items() if k != "root"}
-        return fingerprint({"name": self.name, "split": self.split, "source": source,
-                            "ids_sha256": self.ids_sha256(), "preprocess": preprocess.to_dict()})
+    def fingerprint(self, preprocess: "Preprocess") -> str:
+        return dataset_fingerprint(self.name, self.split, self.source, self.ids_sha256(), preprocess.to_dict())
+
+
+def dataset_fingerprint(name: str, split: str, source: dict, ids_sha256: str, preprocess: dict) -> str:
+    """Source + split + the exact sample order + preprocessing. The local root is left out: colleagues with the
+    same files in other folders share one store."""
+    source = {k: v for k, v in source.items() if k != "root"}
+    return fingerprint({"name": name, "split": split, "source": source, "ids_sha256": ids_sha256,
+                        "preprocess": preprocess})
 
 
 def in_memory(images: np.ndarray) -> Callable[[np.ndarray], list]:
@@ -267,6 +275,9 @@ def load_folder(name: str, kind: str, split: str, root: str | Path | None, skip_
         ok = np.array([readable(split_dir / f) for f in track(files, f"checking {name}/{split} images",
                                                               console=Console(stderr=True), transient=True)])
         skipped = [int(i) for i in ids[~ok]]
+        if not ok.any():
+            raise DiffstoreError(f"every one of the {len(files)} images in {split_dir} is unreadable; nothing to "
+                                 "extract. Check the folder (a failed download or copy?)")
         ids, labels, files = ids[ok], labels[ok], [f for f, good in zip(files, ok) if good]
     else:
         skipped = []

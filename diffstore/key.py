@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .errors import DiffstoreError
 
 # Bump when a change to extraction alters stored values; it is part of every feature fingerprint.
 EXTRACTOR_VERSION = "1"
@@ -26,6 +29,32 @@ INPUT_MODES = ("noised", "clean")
 # The forward settings every store written before they became recipe fields was computed with.
 LEGACY_FORWARD = {"micro_batch": 16, "attention": "eager", "compile": False}
 DEFAULT_STORE = "data/default.zarr"  # where every command reads and writes unless --store says otherwise
+
+
+# Names are path segments of a shared store: letters, digits and . _ + - only (no "/", "..", spaces, control or
+# markup characters), at most 128 characters. ".random-init-s<int>" is reserved: `--random-init S` appends it.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+RANDOM_INIT = ".random-init-s"
+SPLITS = ("train", "test")
+
+
+class BadName(DiffstoreError, ValueError):
+    """A name or key that cannot be a store path (a DiffstoreError for users, a ValueError for parsers)."""
+
+
+def check_name(kind: str, name, reserved_ok: bool = True) -> str:
+    """`name` if it is a valid model, dataset or result name; else BadName saying what is allowed.
+    reserved_ok=False: a name the user chose, which may not end in the reserved .random-init-s<int>."""
+    text = name if isinstance(name, str) else repr(name)
+    shown = text if len(text) <= 60 else text[:60] + "..."
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise BadName(f"{kind} name {shown!r} is not allowed: use 1-128 letters, digits and . _ + - (no '/', '..', "
+                      "spaces or brackets), starting with a letter or digit")
+    base, marker, seed = name.partition(RANDOM_INIT)
+    if marker and (not reserved_ok or not seed.isdigit() or RANDOM_INIT in seed or not base):
+        raise BadName(f"{kind} name {shown!r} uses the reserved suffix {RANDOM_INIT}<int>: pass --random-init S "
+                      "(it names the model NAME.random-init-sS) and choose another --model-name")
+    return name
 
 
 def canonical_json(value) -> str:
@@ -70,10 +99,16 @@ class FeatureKey:
     pool: str  # "1", "2", "4", ... (adaptive average pool to p x p) or "full" (the unpooled map)
 
     def __post_init__(self):
+        check_name("dataset", self.dataset)
+        check_name("split", self.split)
+        check_name("model", self.model)
         if self.input not in INPUT_MODES:
-            raise ValueError(f"input must be one of {INPUT_MODES}, got {self.input!r}")
-        if self.pool != "full" and not (self.pool.isdigit() and int(self.pool) > 0):
-            raise ValueError(f"pool must be a positive integer or 'full', got {self.pool!r}")
+            raise BadName(f"input must be one of {INPUT_MODES}, got {self.input!r}")
+        for name, value, low in (("t", self.t, 0), ("block", self.block, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise BadName(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.pool, str) or (self.pool != "full" and not (self.pool.isdigit() and int(self.pool) > 0)):
+            raise BadName(f"pool must be a positive integer or 'full', got {self.pool!r}")
 
     @property
     def path(self) -> str:
@@ -81,9 +116,12 @@ class FeatureKey:
 
     @classmethod
     def from_path(cls, path: str) -> "FeatureKey":
-        parts = path.strip("/").split("/")
-        if len(parts) != 8 or parts[0] != "features":
-            raise ValueError(f"not a feature path: {path!r}")
+        """The key of a store path; BadName for anything that is not exactly features/<6 names>/t<int>/b<int>/p<p>."""
+        parts = path.strip("/").split("/") if isinstance(path, str) else []
+        if len(parts) != 8 or parts[0] != "features" or not (re.fullmatch(r"t\d{1,9}", parts[5]) and
+                                                              re.fullmatch(r"b\d{1,9}", parts[6]) and
+                                                              parts[7].startswith("p")):
+            raise BadName(f"not a feature path: {str(path)[:200]!r} (features/DATASET/SPLIT/MODEL/INPUT/tT/bB/pP)")
         _, dataset, split, model, input_, t, block, pool = parts
         return cls(dataset, split, model, input_, int(t[1:]), int(block[1:]), pool[1:])
 
@@ -140,6 +178,8 @@ def parse_selector(text: str) -> dict:
             raise ValueError(f"cannot read {part!r} in {text!r}: use name=value parts such as t=90/b=5/p=2 "
                              f"(names: {', '.join(SELECTOR_FIELDS)})")
         field_ = SELECTOR_FIELDS[name]
+        if field_ in ("dataset", "split", "model"):
+            check_name(field_, value)  # a name that cannot be a store path selects nothing: say why
         if field_ in ("t", "block"):
             if not value.lstrip("-").isdigit():
                 raise ValueError(f"cannot read {part!r} in {text!r}: {name} takes an integer (e.g. {name}=90)")

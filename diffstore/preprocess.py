@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -34,6 +38,11 @@ class Preprocess:
 
     def one(self, image: np.ndarray) -> np.ndarray:
         """uint8 HxW or HxWxC -> float32 CxSxS in [-1, 1]."""
+        arr = np.asarray(self.pil(image), dtype=np.float32) / 127.5 - 1.0
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def pil(self, image: np.ndarray) -> Image.Image:
+        """uint8 HxW or HxWxC -> the S x S PIL image: resized, center-cropped, channels matched, flipped if asked."""
         pil = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[:, :, 0])
         pil = pil.convert("L" if self.channels == 1 else "RGB")
         w, h = pil.size
@@ -45,11 +54,12 @@ class Preprocess:
             pil = pil.crop((left, top, left + self.size, top + self.size))
         if self.flip:
             pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return pil
 
-    def __call__(self, images) -> torch.Tensor:
+    def __call__(self, images) -> "torch.Tensor":
         """A sequence of uint8 images (HxW or HxWxC, any sizes) -> float32 [B, C, S, S] in [-1, 1]."""
+        import torch  # here, not at import: a re-run that finds everything stored never loads torch
+
         if isinstance(images, np.ndarray) and self.ready(images[0]):
             return torch.from_numpy(self.scale(images))
         images = [np.asarray(im) for im in images]
@@ -67,6 +77,8 @@ class Preprocess:
     def scale(images: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W(, C)] -> float32 [B, C, H, W] in [-1, 1]: the values one() computes, batched, and the
         same memory layout as stacking one()'s outputs (channels-last for RGB: kernels may pick algorithms by it)."""
+        import torch
+
         # a cast, then in-place divide and subtract: one()'s float32 roundings, 2.3x faster than a 256-entry table
         # gather (numpy widens every uint8 index to 64 bits): 0.35 vs 0.79 ms a 256px RGB image, stack included
         x = torch.from_numpy(np.asarray(images, dtype=np.uint8).astype(np.float32, order="C")).div_(127.5).sub_(1.0)

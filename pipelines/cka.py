@@ -20,6 +20,7 @@ import sys
 from itertools import groupby
 from pathlib import Path
 
+from diffstore.cka.options import CKAOptions
 from diffstore.cka.stage import cka_command
 from diffstore.errors import DiffstoreError
 from diffstore.store import Store
@@ -55,7 +56,7 @@ def grids(keys: list, axes: list[str]) -> list[dict]:
                 if len(along) > 1:
                     dataset, split, model, input_mode = group
                     out.append({"by": axis, "dataset": dataset, "split": split, "model": model,
-                                "input_mode": input_mode, **dict(zip(FIXED[axis], values))})
+                                "input": input_mode, **dict(zip(FIXED[axis], values))})
     return out
 
 
@@ -91,8 +92,8 @@ def main():
             raise DiffstoreError(f"{args.store} has a single array per model: extract several blocks, t or pools "
                                  "(e.g. `diffstore extract --blocks all --t 10,50,90`) to compare them")
         for spec in todo:
-            cka_command(args.store, **spec, method=args.method, batch_size=args.batch_size, seed=args.seed,
-                        out=args.out, plot=args.out)
+            cka_command(CKAOptions.build(store=args.store, **spec, method=args.method, batch_size=args.batch_size,
+                                         seed=args.seed, out=args.out, plot=args.out))
     except DiffstoreError as e:
         sys.exit(f"error: {e}")
     print(f"{len(todo)} CKA matrices: JSON + PNG in {args.out}/, also under results/cka in {args.store}")

@@ -32,7 +32,9 @@ from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
 from diffstore.probe.heads import HEADS
 from diffstore.probe.report import block_label, signed, summary, with_ci
-from diffstore.probe.stage import probe_command, summary_json
+from diffstore.probe import ProbeOptions
+from diffstore.probe.frame import summary_json
+from diffstore.probe.stage import probe_command
 from diffstore.progress import stderr
 from diffstore.store import Store
 
@@ -88,20 +90,21 @@ def main(argv=None):
     extract(store, models, splits, args.t, args.blocks, args.pools, args.extract_batch_size)
     results, plots = [], []
     for recipe in recipes:
-        grid = probe_command(head="linear", t=args.t, blocks=args.blocks, pools=args.pools, baseline="pixels",
-                             grid=True, plot=str(out / "plots"), recipe=recipe, **common)
-        results += grid["results"]
-        plots += grid.get("plots", [])
+        grid = probe_command(ProbeOptions.build(head="linear", t=args.t, blocks=args.blocks, pools=args.pools,
+                                                baseline="pixels", grid=True, plot=str(out / "plots"), recipe=recipe,
+                                                **common))
+        results += grid.results
+        plots += grid.plots
     ranked = sorted((r for r in results if r["model"] == name and r["recipe"]["name"] == recipes[0]),
                     key=lambda r: -r["val_top1"])
     pairs = list(dict.fromkeys((r["t"], r["block"]) for r in ranked))[:args.top]
     for t, b in pairs:
         extract(store, models, splits, str(t), str(b), "full", args.extract_batch_size)
         for recipe in recipes:
-            results += probe_command(head="mlp", t=str(t), blocks=str(b), pools=args.pools, baseline="pixels",
-                                     recipe=recipe, **common)["results"]
-            results += probe_command(head="cnn,attention", t=str(t), blocks=str(b), pools="full", baseline="pixels",
-                                     recipe=recipe, **common)["results"]
+            results += probe_command(ProbeOptions.build(head="mlp", t=t, blocks=b, pools=args.pools,
+                                                        baseline="pixels", recipe=recipe, **common)).results
+            results += probe_command(ProbeOptions.build(head="cnn,attention", t=t, blocks=b, pools="full",
+                                                        baseline="pixels", recipe=recipe, **common)).results
 
     lines = summary(results)
     print(f"\n{args.dataset}, {name}: best setting per head and recipe (chosen by validation top-1; test top-1 with "

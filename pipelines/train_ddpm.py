@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffstore.datasets import load_split
-from diffstore.models.diffusers_unet import DEFAULT_DIR
+from diffstore.models import DEFAULT_DIR
 from diffstore.preprocess import Preprocess
 from diffstore.progress import progress, stderr
 

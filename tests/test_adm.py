@@ -220,7 +220,7 @@ def test_extraction_uses_sdpa_by_default_and_eager_is_another_recipe(tmp_path):
     split = load_split("digits", "test")
     split = split.take(split.ids[:20])
     store = Store.open(str(tmp_path / "s.zarr"))
-    plan = plan_extraction(store, model, split, "50", "mid", "1")
+    plan = plan_extraction(store, model, split, t="50", blocks="mid", pools="1")
     assert plan.recipe.attention == "sdpa"
     model.set_attention("eager")  # the pipeline must put the recipe's attention on the network itself
     extract_features(plan, show_progress=False, workers=0)
@@ -230,7 +230,7 @@ def test_extraction_uses_sdpa_by_default_and_eager_is_another_recipe(tmp_path):
     stored = plan.arrays[(50, model.blocks.mid, "1")].read()
     assert np.array_equal(stored, direct[(model.blocks.mid, "1")].numpy().astype(np.float16))
     with pytest.raises(DiffstoreError, match="attention: stored 'sdpa', requested 'eager'"):
-        plan_extraction(store, model, split, "50", "mid", "1", attention="eager")
+        plan_extraction(store, model, split, t="50", blocks="mid", pools="1", attention="eager")
 
 
 @pytest.mark.parametrize("new_order", [False, True])

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 
 import diffstore as ds
-from diffstore import api, cli
+from diffstore import cli
 from diffstore.errors import DiffstoreError
 
-TRAIN, TEST = 256, 128
+TRAIN, TEST = 256, 360  # train: the first 256 rows of 1437 extracted (--limit); test: all of it
 
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory):
     """The shipped model on the first rows of digits: t=10, the mid block and block 6, pools 1 and 2."""
     url = str(tmp_path_factory.mktemp("api") / "s.zarr")
-    for split, n in (("train", TRAIN), ("test", TEST)):
-        ds.extract(url, split=split, t=[10], blocks=["mid", 6], pools=[1, 2], limit=n, show_progress=False)
+    ds.extract(url, t=[10], blocks=["mid", 6], pools=[1, 2], limit=f"train={TRAIN}", show_progress=False)
     return url
 
 
@@ -31,12 +30,12 @@ def test_extract_features_and_own_sklearn_head_end_to_end(store_url):
     from sklearn.preprocessing import StandardScaler
 
     store = ds.open(store_url)
-    train = store.features(t=10, block="mid", pool=2, split="train")
+    train = store.features(t=10, block="mid", pool=2, split="train", limit=TRAIN)  # the rows extracted
     test = store.features(t=10, block="mid", pool=2, split="test")
     assert train.block_name == "mid" and train.shape[0] == TRAIN and test.shape[0] == TEST
     x_train, x_test = np.asarray(train).reshape(TRAIN, -1), test.numpy().reshape(TEST, -1)
-    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, store.labels("train"))
-    accuracy = head.score(x_test, store.labels("test"))
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x_train, train.labels)
+    accuracy = head.score(x_test, test.labels)
     assert accuracy > 0.7, accuracy  # 10 classes: chance is 0.1; the shipped model's mid block separates digits
 
 
@@ -47,7 +46,7 @@ def test_features_convert_to_torch_dask_and_labelled_xarray(store_url):
     assert np.array_equal(f.to_torch().numpy(), x)
     assert np.array_equal(f.to_dask().compute(), x)
     xa = f.to_xarray()
-    assert xa.dims == ("sample", "channel", "y", "x") and xa.shape == x.shape
+    assert xa.dims == ("sample", "channel", "height", "width") and xa.shape == x.shape
     np.testing.assert_array_equal(xa["sample"].values, store.ids("test"))
     np.testing.assert_array_equal(xa["label"].values, store.labels("test"))
     assert xa["label_name"].values[0] == str(store.labels("test")[0])  # digits' class names are "0".."9"
@@ -67,35 +66,29 @@ def test_keys_select_by_block_name_index_and_lists(store_url):
         store.keys(layer=3)
 
 
-def test_limit_keeps_the_split_name_records_the_limit_and_never_mixes(store_url):
+def test_limit_fills_rows_of_the_whole_split_and_reading_past_them_is_refused(store_url):
     from diffstore.datasets import load_split
     from diffstore.store import Store
 
     s = Store.open(store_url, mode="r")
     full = load_split("digits", "train")
-    assert s.split("digits", "train").ids.tolist() == full.ids[:TRAIN].tolist()
+    assert s.split("digits", "train").ids.tolist() == full.ids.tolist()  # the whole split's order, stored once
     key = ds.open(store_url).keys(split="train", block="mid", pool=2)[0]
-    assert key.split == "train"
-    assert s.features(key).attrs["dataset"]["source"]["limit"] == TRAIN  # in the dataset fingerprint
-    with pytest.raises(DiffstoreError, match="other sample ids"):
-        ds.extract(store_url, split="train", t=[10], blocks=["mid"], pools=[2], show_progress=False)
+    array = s.features(key)
+    assert array.n_rows == len(full) and TRAIN <= array.done_rows() < len(full)
+    assert "limit" not in array.attrs["dataset"]["source"]  # the key is the whole split's
+    with pytest.raises(DiffstoreError, match=rf"(?s)incomplete.*--limit {array.done_prefix()} reads them"):
+        ds.open(store_url).features(key).numpy()
 
 
 def test_cka_and_probe_from_python_return_results_without_printing(store_url, capsys):
-    m = ds.cka(store_url, by="block", t=10, pool=2, show_progress=False)
-    assert m["method"] == "unbiased" and m["n"] == TEST  # the default split is test
-    assert np.allclose(np.diag(np.array(m["matrix"])), 1)
-    out = ds.probe(store_url, t="10", pools="2", show_progress=False)
+    m = ds.cka(store_url, by="block", t=10, pool=2, show_progress=False)  # a labelled DataArray
+    assert m.attrs["method"] == "unbiased" and m.attrs["n"] == TEST  # the default split is test
+    assert m.dims == ("row", "col") and list(m["row_block"].values) == [6, 7] and np.allclose(np.diag(m.values), 1)
+    assert m.to_pandas().loc[m["row"].values[0], m["col"].values[1]] == m.values[0, 1]
+    out = ds.probe(store_url, t="10", pools="2", limit=TRAIN, show_progress=False)
     assert len(out["results"]) == 2  # one linear head per key: blocks 6 and mid at t=10, p=2
     assert capsys.readouterr().out == ""
-
-
-def option_defaults(fn, rename: dict) -> dict:
-    out = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        default = getattr(p.default, "default", p.default)  # a typer.Option holds its default
-        out[rename.get(name, name)] = default
-    return out
 
 
 def test_stage_packages_are_callable_and_importable():
@@ -106,29 +99,34 @@ def test_stage_packages_are_callable_and_importable():
     assert callable(ds.extract) and callable(ds.probe)
 
 
-def test_cli_and_api_share_defaults():
-    cli_extract = option_defaults(cli.extract, {"input_mode": "input"})
-    api_extract = option_defaults(api.extract, {})
-    shared = set(cli_extract) & set(api_extract)
-    assert len(shared) >= 25
-    assert {k: cli_extract[k] for k in shared} == {k: api_extract[k] for k in shared}
-    from diffstore.cka.stage import compute
-    cli_cka = option_defaults(cli.cka, {})
-    stage = option_defaults(compute, {})
-    shared = set(cli_cka) & set(stage) - {"input_mode"}
-    assert {k: cli_cka[k] for k in shared} == {k: stage[k] for k in shared} and "method" in shared
-    from diffstore.probe.stage import probe_command
-    cli_probe = option_defaults(cli.probe, {"input_mode": "input"})
-    stage = option_defaults(probe_command, {})
-    shared = set(cli_probe) & set(stage)
-    assert {k: cli_probe[k] for k in shared} == {k: stage[k] for k in shared} and "head" in shared
+def test_every_option_is_defined_once_and_reaches_cli_and_api():
+    """Options dataclass -> CLI command and API signature: same names, same defaults, help shows every option."""
+    import dataclasses
+
+    import typer.main
+
+    from diffstore.cka.options import CKAOptions
+    from diffstore.extract.options import ExtractOptions
+    from diffstore.probe.options import ProbeOptions
+
+    commands = typer.main.get_command(cli.app).commands
+    for name, cls, fn in (("extract", ExtractOptions, ds.extract), ("probe", ProbeOptions, ds.probe),
+                          ("cka", CKAOptions, ds.cka)):
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert dict((k, p.default) for k, p in inspect.signature(fn).parameters.items()) == fields
+        params = {p.name: p.default for p in commands[name].params if p.name not in ("as_json", "as_csv")}
+        assert set(params) == set(fields), name
+        for k, default in fields.items():
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            assert params[k] == (shown or None if isinstance(default, tuple) else shown), (name, k)
+        assert all(f.metadata["help"] in fn.function().__doc__ for f in dataclasses.fields(cls))
 
 
 def test_reading_a_store_never_imports_torch_or_matplotlib(store_url):
     code = f"""
 import sys, numpy as np, diffstore as ds
 s = ds.open({store_url!r})
-f = s.features(t=10, block="mid", pool=2, split="train")
+f = s.features(t=10, block="mid", pool=2, split="train", limit=256)
 f.numpy(); f.to_xarray(); s.labels("train")
 from diffstore.cli import app
 for argv in (["ls", "--store", {store_url!r}, "--json"], ["info", "--store", {store_url!r}, "t=10/p=2"],
@@ -154,7 +152,8 @@ def test_version_and_json_outputs_are_data(store_url):
     for r in rows:
         assert r["store"] == store_url and r["path"].startswith("features/digits/")
         assert isinstance(r["shape"], list) and all(isinstance(v, int) for v in r["shape"])
-        assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["shards_done"] == r["shards"]
+        assert isinstance(r["bytes"], int) and r["bytes"] > 0 and r["rows"] == (1437 if r["split"] == "train" else 360)
+        assert r["rows_done"] == (TRAIN if r["split"] == "train" else 360)
 
 
 READER_ONLY = """
@@ -164,7 +163,7 @@ for name in {blocked!r}:  # as if not installed: import fails, importlib.util.fi
 import numpy as np, diffstore as ds
 s = ds.open({url!r})
 f = s.features(t=10, block="mid", pool=2, split="test")
-assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "y", "x")
+assert f.numpy().shape[0] == len(s.labels("test")) and f.to_xarray().dims == ("sample", "channel", "height", "width")
 try:
     f.to_torch()
 except ds.DiffstoreError as e:
@@ -180,3 +179,66 @@ def test_a_reader_only_environment_opens_stores_and_reads_labelled_features(stor
     done = subprocess.run([sys.executable, "-c", READER_ONLY.format(blocked=blocked, url=store_url)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_probe_results_are_data_a_tidy_table_and_paired_differences(store_url, capsys):
+    out = ds.probe(store_url, t=[10], blocks=["mid", 6], pools=[2], limit=TRAIN, baseline="pixels",
+                   show_progress=False)
+    frame = out.to_pandas()
+    assert len(frame) == 3 and list(frame.columns[:6]) == ["name", "dataset", "model", "input", "t", "block"]
+    keys = frame[frame["kind"] == "store"]
+    assert keys["t"].tolist() == [10, 10] and sorted(keys["block"].tolist()) == [6, 7] and keys["pool"].tolist() == [2, 2]
+    pixels = frame[frame["kind"] == "pixels"].iloc[0]
+    assert frame["t"].isna().sum() == 1 and frame["block"].isna().sum() == 1  # the control has no key
+    assert pixels["resolution"] == 16 and (frame["ci_low"] <= frame["top1"]).all() and (frame["top1"] <= frame["ci_high"]).all()
+    mid = dict(model="digits-ddpm", block=7, head="linear")
+    d = out.paired(mid, dict(model="pixels"))
+    hits = out.to_pandas(hits=True).set_index("name")["hits"]
+    assert d["diff"] == pytest.approx(hits[d["a"]].mean() - hits[d["b"]].mean())
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    with pytest.raises(DiffstoreError, match="picks 2 results"):
+        out.paired(dict(model="digits-ddpm"), dict(model="pixels"))
+    # the CLI prints the same table as CSV
+    capsys.readouterr()
+    code = cli_main(capsys, "probe", "--store", store_url, "--t", "10", "--pools", "2", "--limit", str(TRAIN),
+                    "--baseline", "pixels", "--csv", "-q")
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert code == 0 and [r["name"] for r in rows] == frame["name"].tolist()
+
+
+def cli_main(capsys, *args) -> int:
+    argv, sys.argv = sys.argv, ["diffstore", *args]
+    try:
+        cli.main()
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def test_a_torch_dataset_streams_every_row_once_with_its_label_in_a_seeded_order(store_url):
+    import torch
+
+    f = ds.open(store_url).features(t=10, block="mid", pool=2, split="test")
+    x, y = f.numpy().astype(np.float32), f.labels
+    data = f.to_torch_dataset(shuffle=True, buffer=100, seed=3)
+    rows = list(data)
+    order = [int(np.flatnonzero((x == r.numpy()).all(axis=(1, 2, 3)))[0]) for r, _ in rows]
+    assert sorted(order) == list(range(len(x))) and order != list(range(len(x)))  # each row once, shuffled
+    assert [label for _, label in rows] == y[order].tolist()
+    again = [int(np.flatnonzero((x == r.numpy()).all(axis=(1, 2, 3)))[0]) for r, _ in data]
+    assert again == order  # the seed fixes the order
+    loader = torch.utils.data.DataLoader(f.to_torch_dataset(buffer=64, batch_size=32), batch_size=None,
+                                         num_workers=2)
+    seen = torch.cat([b for b, _ in loader]).numpy()
+    assert len(seen) == len(x) and np.array_equal(np.sort(seen.reshape(len(x), -1), axis=0),
+                                                  np.sort(x.reshape(len(x), -1), axis=0))  # workers: disjoint shards
+    partial = ds.open(store_url).features(t=10, block="mid", pool=2, split="train")
+    with pytest.raises(DiffstoreError, match="incomplete"):
+        partial.to_torch_dataset()
+    first = ds.open(store_url).features(t=10, block="mid", pool=2, split="train", limit=TRAIN)
+    assert len(list(first.to_torch_dataset())) == TRAIN

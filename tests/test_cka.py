@@ -10,7 +10,9 @@ from scipy.stats import ortho_group
 from conftest import feature_array
 from diffstore.cka import CKAConfig, cka, cka_matrix
 from diffstore.cka import math as cka_math
-from diffstore.cka.stage import cka_command, parse_keyset
+from diffstore.cka import stage
+from diffstore.cka.options import CKAOptions
+from diffstore.cka.stage import parse_keyset
 from diffstore.datasets import Split
 from diffstore.errors import DiffstoreError
 from diffstore.key import FeatureKey, Recipe
@@ -184,6 +186,10 @@ def make_store(url, n=300, ids=None, split="train", blocks=(1, 2, 3), ts=(10, 90
             feature_array(store, FeatureKey("toy", split, "tiny", "noised", t, b, "2"), recipe, (4, 2, 2), n, 128,
                           rows=feats.reshape(-1, 4, 2, 2), block=block)
     return store
+
+
+def cka_command(store, json_out=False, **kw):
+    return stage.cka_command(CKAOptions.build(store=store, **kw), "json" if json_out else None)
 
 
 def test_cka_command_block_matrix_end_to_end(tmp_path, capsys):

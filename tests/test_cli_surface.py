@@ -7,7 +7,7 @@ import typer.main
 
 from diffstore.cli import app
 
-MODE_FLAGS = {"json", "as_json", "quiet", "list_results", "show_all", "version", "help", "yes"}  # modes and confirmations: by presence
+MODE_FLAGS = {"json", "as_json", "as_csv", "quiet", "list_results", "show_all", "version", "help", "yes"}  # modes and confirmations: by presence
 
 
 def all_commands(cmd, path: str = "diffstore"):

@@ -10,7 +10,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from conftest import digests, forkserver, subset
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
-from diffstore.extract import extract_features, plan_extraction
+from diffstore.extract import ExtractOptions, extract_features, plan_extraction
 from diffstore.store import Store
 
 T, BLOCKS, POOLS = "10,300", "mid", "1,full"  # tasks (t, shards) of 2 arrays each
@@ -39,26 +39,26 @@ def digits48():
 def reference(model, digits48, tmp_path_factory) -> dict:
     """The same extraction in this process (the single-machine path)."""
     store = Store.open(str(tmp_path_factory.mktemp("ref") / "ref.zarr"))
-    extract_features(plan_extraction(store, model, digits48, T, BLOCKS, POOLS, shard_rows=16), batch_size=16,
+    extract_features(plan_extraction(store, model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16), batch_size=16,
                      show_progress=False)
     return digests(store)
 
 
 def extract_on(cluster, plan, url, model_dir, **kw) -> dict:
     """Extract a plan made in this process (the driver) on the cluster; workers load the model and data themselves."""
-    from diffstore.distributed import extract_distributed
+    from diffstore.extract.distributed import extract_distributed
 
-    return extract_distributed(plan, url, model_spec=dict(spec=str(model_dir)),
-                               data_spec=dict(name="digits", split="test"), batch_size=16,
-                               scheduler=cluster.scheduler_address, show_progress=False, **kw)
+    options = ExtractOptions.build(store=url, model=str(model_dir), split="test", batch_size=16,
+                                   scheduler=cluster.scheduler_address, show_progress=False)
+    return extract_distributed(plan, options, **kw)
 
 
 def test_cluster_extraction_into_s3_is_byte_identical_to_in_process(cluster, model, digits48, tiny_unet_dir,
                                                                     reference):
-    from diffstore.distributed import worker_model
+    from diffstore.extract.distributed import worker_model
 
     url = "s3://team/dist.zarr"
-    plan = plan_extraction(Store.open(url), model, digits48, T, BLOCKS, POOLS, shard_rows=16)
+    plan = plan_extraction(Store.open(url), model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16)
     summary = extract_on(cluster, plan, url, tiny_unet_dir, shards_per_task=2)
     assert summary["tasks_run"] == summary["tasks_total"] == 6  # 2 t x 3 shards, as tasks (t, shards 0-1) and (t, 2)
     assert sorted(tuple(r["shards"]) for r in summary["task_times"]) == [(0, 1), (0, 1), (2,), (2,)]
@@ -120,7 +120,7 @@ def test_worker_killed_mid_task_gives_identical_arrays(cluster, model, digits48,
         client.register_plugin(DieAfterFirstWrite(str(marker)))
         try:
             url = "s3://team/killed.zarr"  # as README says: a killed worker on a moto S3 store
-            plan = plan_extraction(Store.open(url), model, digits48, T, BLOCKS, POOLS, shard_rows=16)
+            plan = plan_extraction(Store.open(url), model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16)
             summary = extract_on(cluster, plan, url, tiny_unet_dir)
         finally:
             client.unregister_worker_plugin(DieAfterFirstWrite.name)
@@ -131,24 +131,25 @@ def test_worker_killed_mid_task_gives_identical_arrays(cluster, model, digits48,
 
 
 def test_worker_with_other_weights_refuses_and_writes_nothing(cluster, model, digits48, tiny_unet_dir, tmp_path):
-    from diffstore.distributed import extract_distributed
+    from diffstore.extract.distributed import extract_distributed
 
     url = str(tmp_path / "other.zarr")
-    plan = plan_extraction(Store.open(url), model, digits48, "10", "2", "1", shard_rows=16)
+    plan = plan_extraction(Store.open(url), model, digits48, t="10", blocks="2", pools="1", shard_rows=16)
     with pytest.raises(DiffstoreError, match="is not the driver's"):
         # the worker is told to load other weights than the plan's
-        extract_distributed(plan, url, model_spec=dict(spec=str(tiny_unet_dir), random_init=1),
-                            data_spec=dict(name="digits", split="test"), scheduler=cluster.scheduler_address,
-                            show_progress=False)
+        extract_distributed(plan, ExtractOptions.build(store=url, model=str(tiny_unet_dir), random_init=1,
+                                                       split="test", scheduler=cluster.scheduler_address,
+                                                       show_progress=False))
     assert not any(a.done_mask().any() for a in Store.open(url, mode="r").arrays())
 
 
 def test_jobs_carry_no_secrets_and_urls_with_passwords_are_refused(s3_env, model, digits48, tiny_unet_dir, tmp_path):
-    from diffstore.distributed import extract_job, worker_url
+    from diffstore.extract.distributed import extract_job
+    from diffstore.scale import worker_url
 
-    plan = plan_extraction(Store.open(str(tmp_path / "job.zarr")), model, digits48, T, BLOCKS, POOLS, shard_rows=16)
-    job = pickle.dumps(extract_job(plan, "s3://team/job.zarr", dict(spec=str(tiny_unet_dir)),
-                                   dict(name="digits", split="test")))
+    plan = plan_extraction(Store.open(str(tmp_path / "job.zarr")), model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16)
+    job = pickle.dumps(extract_job(plan, ExtractOptions.build(store="s3://team/job.zarr", model=str(tiny_unet_dir),
+                                                              split="test")))
     assert s3_env["AWS_SECRET_ACCESS_KEY"].encode() not in job and b"s3://team/job.zarr" in job
     with pytest.raises(DiffstoreError, match="environment"):
         worker_url("s3://key:secret@team/job.zarr")
@@ -159,16 +160,17 @@ def probe_store(model, tmp_path_factory):
     """digits train (64) and test (48) features at t=10 for blocks 1, 2 and mid, pool 1, extracted in-process."""
     url = str(tmp_path_factory.mktemp("probe") / "probe.zarr")
     for split, n in (("train", 64), ("test", 48)):
-        plan = plan_extraction(Store.open(url), model, subset(load_split("digits", split), n), "10", "1,2,mid", "1")
+        plan = plan_extraction(Store.open(url), model, subset(load_split("digits", split), n), t="10", blocks="1,2,mid", pools="1")
         extract_features(plan, batch_size=32, show_progress=False)
     return Store.open(url, mode="r")
 
 
 def test_probe_sweep_on_cluster_matches_in_process(cluster, probe_store):
-    from diffstore.distributed import probe_distributed
+    from diffstore.probe.distributed import probe_distributed
     from diffstore.probe.heads import HeadSpec
     from diffstore.probe.recipe import ProbeRecipe
-    from diffstore.probe.stage import key_source, run_probes, select_keys
+    from diffstore.probe.results import run_probes
+    from diffstore.probe.sources import key_source, select_keys
 
     sources = [key_source(probe_store, k) for k in select_keys(probe_store)]
     specs, recipe = [HeadSpec("linear"), HeadSpec("mlp", hidden=(32,))], ProbeRecipe(epochs=3, batch_size=16, seed=3, steps=30, min_steps=10, eval_every=10)
@@ -184,7 +186,7 @@ def test_probe_sweep_on_cluster_matches_in_process(cluster, probe_store):
 
 def test_cka_tiles_on_cluster_match_in_process_matrix(cluster, probe_store):
     from diffstore.cka import CKAConfig, cka_matrix
-    from diffstore.distributed import cka_distributed
+    from diffstore.cka.distributed import cka_distributed
 
     keys = [k for k in probe_store.feature_keys() if k.split == "train"]
     assert len(keys) == 3

@@ -263,7 +263,7 @@ def test_sit_plugin_extracts_its_blocks_on_its_own_interpolant(sit_spec, tmp_pat
     assert [(b.name, b.channels, b.height) for b in model.blocks] == [(f"layer{d}", 32, 4) for d in range(1, 5)]
     digits = load_split("digits", "test")
     store = Store.open(str(tmp_path / "sit.zarr"), mode="a")
-    plan = plan_extraction(store, model, digits, t="500", blocks="layer2", pools="full", storage_dtype="float32",
+    plan = plan_extraction(store, model, digits, t="500", blocks="layer2", pools="full", dtype="float32",
                            shard_rows=16)
     extract_features(plan, batch_size=16, show_progress=False)
     stored = store.features(store.feature_keys()[0]).read()[:16]

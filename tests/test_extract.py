@@ -79,21 +79,21 @@ def test_rerun_is_a_noop(tmp_path, model, digits100):
 
 
 def test_pools_are_averages_of_the_full_map(tmp_path, model, digits100):
-    a, _, _ = extract(tmp_path, model, digits100, storage_dtype="float32")
+    a, _, _ = extract(tmp_path, model, digits100, dtype="float32")
     full = a[(300, 2, "full")]
     np.testing.assert_allclose(a[(300, 2, "1")][:, :, 0, 0], full.mean(axis=(2, 3)), rtol=1e-4, atol=1e-5)
 
 
 def test_settings_that_change_values_change_features(tmp_path, model, digits100):
     base, _, _ = extract(tmp_path, model, digits100, "base.zarr", t="300", blocks="mid", pools="1")
-    for i, kw in enumerate([dict(noise_seed=1), dict(noise_draws=2), dict(input_mode="clean"), dict(compute_dtype="bfloat16")]):
+    for i, kw in enumerate([dict(noise_seed=1), dict(noise_draws=2), dict(input="clean"), dict(compute_dtype="bfloat16")]):
         other, _, _ = extract(tmp_path, model, digits100, f"o{i}.zarr", t="300", blocks="mid", pools="1", **kw)
         assert not np.array_equal(base[(300, model.blocks.mid, "1")], other[(300, model.blocks.mid, "1")]), kw
 
 
 def test_t0_noised_equals_clean_input(tmp_path, model, digits100):
-    a, _, _ = extract(tmp_path, model, digits100, "a.zarr", t="0", input_mode="noised")
-    b, _, _ = extract(tmp_path, model, digits100, "b.zarr", t="0", input_mode="clean")
+    a, _, _ = extract(tmp_path, model, digits100, "a.zarr", t="0", input="noised")
+    b, _, _ = extract(tmp_path, model, digits100, "b.zarr", t="0", input="clean")
     assert_same(a, b)
 
 
@@ -115,10 +115,10 @@ def test_early_exit_skips_later_modules(model):
     (dict(blocks="2,down9.9"), "unknown block"),
     (dict(pools="8"), "larger than block"),
     (dict(pools="two"), "positive integers"),
-    (dict(input_mode="latent"), "--input"),
-    (dict(storage_dtype="int8"), "--dtype"),
-    (dict(t="20", shard_rows=7), r"--shard-rows must be a positive multiple of the micro-batch \(16\), got 7"),
-    (dict(t="20", shard_rows=-16), r"--shard-rows must be a positive multiple of the micro-batch \(16\), got -16"),
+    (dict(input="latent"), "input= must be one of noised, clean"),
+    (dict(dtype="int8"), "dtype= must be one of float16, float32"),
+    (dict(t="20", shard_rows=7), r"shard_rows= must be a positive multiple of the micro-batch \(16\), got 7"),
+    (dict(t="20", shard_rows=-16), r"shard_rows= must be >= 1, got -16"),
 ])
 def test_bad_input_is_refused_and_store_untouched(tmp_path, model, digits100, kw, match):
     _, _, store = extract(tmp_path, model, digits100, blocks="mid", pools="1", t="10")
@@ -140,7 +140,7 @@ def test_model_that_does_not_load_is_refused(tmp_path):
 def test_unadaptable_channels_are_refused(tmp_path, digits100):
     build_tiny_unet(channels=2).save_pretrained(tmp_path / "two")
     with pytest.raises(DiffstoreError, match="2-channel input"):
-        plan_extraction(Store.open(str(tmp_path / "s.zarr")), load_model(str(tmp_path / "two")), digits100, "10", "mid", "1")
+        plan_extraction(Store.open(str(tmp_path / "s.zarr")), load_model(str(tmp_path / "two")), digits100, t="10", blocks="mid", pools="1")
     assert not (tmp_path / "s.zarr" / "features").exists()
 
 
@@ -150,10 +150,10 @@ LIMIT = 160  # 10 shards of 16 rows per array
 
 @pytest.fixture(scope="module")
 def uninterrupted(model, tmp_path_factory) -> dict:
-    """The first 160 digits test rows extracted in this process, uninterrupted: what a resumed run must equal."""
+    """The digits test rows [0, 160) extracted in this process, uninterrupted: what a resumed run must equal."""
     store = Store.open(str(tmp_path_factory.mktemp("ref") / "full.zarr"))
-    extract_features(plan_extraction(store, model, load_split("digits", "test", limit=LIMIT), **RESUME, shard_rows=16),
-                     show_progress=False)
+    extract_features(plan_extraction(store, model, load_split("digits", "test"), **RESUME, shard_rows=16,
+                                     limit=str(LIMIT)), show_progress=False)
     return digests(store)
 
 
@@ -188,5 +188,5 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, tiny_unet_dir
     assert resumed.exit_code == 0, resumed.output
     assert {f: m for f, m in done_shard_files(url).items() if f in before} == before, "done shards are never rewritten"
     store = Store.open(url, mode="r")
-    assert len(uninterrupted) == 12 and all(a.complete for a in store.arrays())
+    assert len(uninterrupted) == 12 and all(a.done_prefix() == LIMIT for a in store.arrays())
     assert digests(store) == uninterrupted

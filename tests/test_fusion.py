@@ -18,6 +18,7 @@ from diffstore.models import load_model
 from diffstore.probe.feed import Rows
 from diffstore.probe.fusion import token_rows
 from diffstore.probe.recipe import ProbeRecipe
+from diffstore.probe import ProbeOptions
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 
@@ -55,7 +56,7 @@ def store_url(model_dir, tmp_path_factory):
 def probe(url, capsys=None, **kw):
     if capsys is not None:
         capsys.readouterr()
-    out = probe_command(url, json_out=True, **{**FAST, **kw})
+    out = probe_command(ProbeOptions.build(store=url, **{**FAST, **kw}), "json").to_json()
     if capsys is not None:
         assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
     return out
@@ -110,7 +111,7 @@ def test_comparison_shows_best_single_key_and_concatenation_with_paired_margins(
         assert row["fusion_minus"]["diff"] == pytest.approx(fusion["top1"] - row["top1"], abs=1e-9)
         lo, hi = row["fusion_minus"]["ci95"]
         assert lo <= row["fusion_minus"]["diff"] <= hi
-    probe_command(store_url, fuse="t=0/b=2/p=full,t=50/b=5/p=full", head="attention,mlp,fusion", **FAST)
+    probe_command(ProbeOptions.build(store=store_url, fuse="t=0/b=2/p=full,t=50/b=5/p=full", head="attention,mlp,fusion", **FAST)).to_json()
     assert "fusion minus it" in capsys.readouterr().out
 
 

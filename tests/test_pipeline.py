@@ -176,7 +176,7 @@ def test_batched_preprocessing_equals_the_pil_path(channels, shape):
 def test_attention_option_exists_only_where_the_model_can_switch(tmp_path, model, digits):
     with pytest.raises(DiffstoreError, match="one attention implementation"):
         plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, digits, **ARGS, attention="sdpa")
-    with pytest.raises(DiffstoreError, match="--micro-batch must be >= 1"):
+    with pytest.raises(DiffstoreError, match="micro_batch= must be >= 1"):
         plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, digits, **ARGS, micro_batch=0)
     assert not (tmp_path / "s.zarr" / "features").exists()
 
@@ -197,7 +197,7 @@ def test_compiled_layers_keep_hooks_and_values(tiny_unet_dir, digits):
 
 def test_corrupt_image_in_a_loader_worker_is_a_clear_error(tmp_path, model, imagefolder_root):
     split = load_split("imagefolder", "train", str(imagefolder_root))  # holds dog/broken.jpg (truncated)
-    plan = plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, split, "10", "mid", "1", micro_batch=1)
+    plan = plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, split, t="10", blocks="mid", pools="1", micro_batch=1)
     with pytest.raises(DiffstoreError, match="cannot decode image .*broken.jpg") as e:
         extract_features(plan, batch_size=1, show_progress=False, workers=1)  # 4 batches: one worker loads them
     assert "Traceback" not in str(e.value) and "--skip-bad" in str(e.value)

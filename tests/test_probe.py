@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import diffstore as ds
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +21,10 @@ from diffstore.key import FeatureKey
 from diffstore.models import load_model
 from diffstore.probe.intervals import bootstrap_interval, difference, pack, result_hits, unpack
 from diffstore.probe.recipe import ProbeRecipe
-from diffstore.probe.report import grid_tables, write_plots
+from diffstore.probe.figures import write_plots
+from diffstore.probe.report import grid_tables
 from diffstore.probe.train import convergence, train_probe
+from diffstore.probe import ProbeOptions
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 
@@ -55,7 +59,7 @@ def store_url(tiny_unet, tmp_path_factory):
 def probe(url, capsys=None, **kw):
     if capsys is not None:
         capsys.readouterr()  # drop what earlier calls printed
-    out = probe_command(url, json_out=True, **{**FAST, **kw})
+    out = probe_command(ProbeOptions.build(store=url, **{**FAST, **kw}), "json").to_json()
     if capsys is not None:
         assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))  # stdout holds exactly the JSON
     return out
@@ -118,7 +122,7 @@ def test_stored_result_is_shown_cached_and_listed(store_url, capsys):
 
 
 def test_random_init_twin_and_pixel_baseline_in_one_table(store_url, capsys):
-    out = probe_command(store_url, model="tiny", blocks="1", pools="1", baseline="pixels", show_all=True, **FAST)
+    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", blocks="1", pools="1", baseline="pixels", show_all=True, **FAST)).to_json()
     table = capsys.readouterr().out
     models = [r["model"] for r in out["results"]]
     assert models == ["tiny", "tiny.random-init-s1", "pixels"]
@@ -128,7 +132,7 @@ def test_random_init_twin_and_pixel_baseline_in_one_table(store_url, capsys):
 
 
 def test_summary_names_best_key_and_paired_margins_without_the_full_table(store_url, capsys):
-    out = probe_command(store_url, model="tiny", t="0", blocks="1,3", pools="1", baseline="pixels", **FAST)
+    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", blocks="1,3", pools="1", baseline="pixels", **FAST)).to_json()
     text = capsys.readouterr().out
     assert "probe results" not in text and "--all" in text  # the summary, not the 4-row table
     assert "vs its random-init twin" in text
@@ -171,11 +175,12 @@ def test_select_ranks_every_key_and_trains_the_top_k(store_url, capsys):
 
 
 def test_grid_table_values_equal_stored_results_and_plots_are_written(store_url, tmp_path, capsys):
-    out = probe_command(store_url, model="tiny", t="0", grid=True, plot=str(tmp_path), **FAST)
+    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", grid=True, plot=str(tmp_path), **FAST)).to_json()
     assert "t x block" in capsys.readouterr().out
-    assert len(out["plots"]) == 3  # (tiny p=1, tiny p=full, random-init p=1) x heatmap: one t has no curve over t
+    # (tiny p=1, tiny p=full, random-init p=1) x heatmap, tiny minus twin at p=1: one t has no curve over t
+    assert len(out["plots"]) == 4
     two_t = write_plots(out["results"] + [{**r, "t": 50} for r in out["results"]], str(tmp_path / "two_t"))
-    assert sorted(p.endswith("_vs_t.png") for p in two_t) == [False] * 3 + [True] * 3  # with two t, the curves too
+    assert sorted(p.endswith("_vs_t.png") for p in two_t) == [False] * 4 + [True] * 3  # with two t, the curves too
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in out["plots"] + two_t)
     stored = {r["name"]: r for r in Store.open(store_url, "r").results("probe")}
     tables = {t.title: t for t in grid_tables(out["results"])}
@@ -195,9 +200,10 @@ def test_refuses_spatial_head_on_pooled_vectors(store_url):
 
 
 def test_refuses_unknown_head_and_baseline(store_url):
-    with pytest.raises(DiffstoreError, match=r"unknown head 'resnet': choose one of linear, mlp, cnn, attention"):
+    with pytest.raises(DiffstoreError,
+                       match=r"head= must be one of linear, mlp, cnn, attention, fusion, knn, got 'resnet'"):
         probe(store_url, head="linear,resnet")
-    with pytest.raises(DiffstoreError, match=r"--baseline takes 'pixels'"):
+    with pytest.raises(DiffstoreError, match=r"baseline= must be one of none, pixels, got 'random'"):
         probe(store_url, baseline="random")
 
 
@@ -224,7 +230,7 @@ def synthetic_store(tmp_path, n_rows: int, done_shards: list[int], splits=("trai
 
 def test_refuses_incomplete_array_naming_shards_and_command(tmp_path):
     url = synthetic_store(tmp_path, 40, done_shards=[0, 2])
-    with pytest.raises(DiffstoreError, match=r"(?s)incomplete: 2 of 4 shards are missing \(1, 3\)"
+    with pytest.raises(DiffstoreError, match=r"(?s)incomplete: 2 of 4 shards are not done \(1, 3\)"
                                               r".*diffstore extract .*--t 10 --blocks 2"):
         probe(url)
 
@@ -333,15 +339,14 @@ def test_a_head_still_improving_at_its_budget_is_never_called_converged():
 def test_the_lr_and_weight_decay_grid_is_an_option_and_its_default_is_the_recipe_default(store_url):
     import inspect
 
-    defaults = inspect.signature(probe_command).parameters
-    assert tuple(float(v) for v in defaults["lrs"].default.split(",")) == ProbeRecipe.lrs
-    assert tuple(float(v) for v in defaults["weight_decays"].default.split(",")) == ProbeRecipe.weight_decays
+    defaults = inspect.signature(ds.probe).parameters
+    assert defaults["lrs"].default == ProbeRecipe.lrs and defaults["weight_decays"].default == ProbeRecipe.weight_decays
     kw = dict(model="tiny", t="0", blocks="1", pools="1", head="mlp", hidden="16", steps=100, recipe="converged")
     r = probe(store_url, lrs="0.003", weight_decays="0.5", **kw)["results"][0]
     assert list(r["val_top1_per_lr_wd"]) == ["lr=0.003,wd=0.5"] and (r["lr"], r["weight_decay"]) == (0.003, 0.5)
     assert r["recipe"]["lrs"] == [0.003] and r["recipe"]["weight_decays"] == [0.5]
     for bad in (dict(lrs="0"), dict(weight_decays="-1"), dict(lrs="fast")):
-        with pytest.raises(DiffstoreError, match="--lrs|--weight-decays"):
+        with pytest.raises(DiffstoreError, match="lrs|weight.decays"):
             probe(store_url, **bad, **kw)
 
 
@@ -382,5 +387,5 @@ def test_limit_probes_the_first_rows_of_each_split_and_names_its_results(store_u
     assert (cut["n_train"] + cut["n_val"], cut["n_test"]) == (300, 300)
     assert (full["n_train"] + full["n_val"], full["n_test"]) == (1437, 360)
     assert cut["name"] != full["name"] and cut["recipe"]["limit"] == 300
-    with pytest.raises(DiffstoreError, match="--limit must be >= 1"):
+    with pytest.raises(DiffstoreError, match="limit= must be >= 1"):
         probe(store_url, t="0", blocks="3", pools="1", limit=0, capsys=capsys)

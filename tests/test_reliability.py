@@ -22,8 +22,9 @@ from diffstore.extract import extract_features, plan_extraction
 from diffstore.key import parse_selector
 from diffstore.models import load_model
 from diffstore.store import Store
-from diffstore.store.faults import CORRUPTIONS, SHARD_LEVEL, deleted_shard, done_flag_cleared, unreadable_zarr_json
-from diffstore.store.repair import plan_removal, remove, repair
+from diffstore.extract.repair import repair
+from diffstore.store.remove import plan_removal, remove
+from faults import CORRUPTIONS, SHARD_LEVEL, deleted_shard, done_flag_cleared, unreadable_zarr_json
 from diffstore.store.verify import verify_findings
 
 DS = [str(Path(sys.executable).parent / "diffstore")]
@@ -131,7 +132,7 @@ def test_a_shard_finished_by_another_writer_is_skipped(clean, tmp_path):
 
 # --- readers never return a silently wrong answer; verify finds it; repair restores it bit-identical ----------
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__)
-def test_corruption_is_found_refused_and_repaired_bit_identical(clean, tmp_path, corrupt):
+def test_corruption_is_found_refused_and_repaired_bit_identical(clean, tmp_path, corrupt, model):
     url = copy(clean, tmp_path)
     corrupt(url, X, 1)
     store = Store.open(str(url), mode="r")
@@ -143,7 +144,7 @@ def test_corruption_is_found_refused_and_repaired_bit_identical(clean, tmp_path,
         assert "shard 1 (rows 16-31)" in str(e.value)
     else:
         assert f"{X}/x/zarr.json" in str(e.value)
-    rows = repair(Store.open(str(url)), show_progress=False)
+    rows = repair(Store.open(str(url)), model, show_progress=False)
     assert [r["array"] for r in rows] == [X] and rows[0]["shards recomputed"] == (1 if corrupt in SHARD_LEVEL else 0)
     assert hashes(url) == clean[1]
 
@@ -223,7 +224,8 @@ def test_s3_without_credentials_says_credentials(tmp_path):
     assert r.returncode == 2 and "no credentials" in r.stderr and "AWS_ACCESS_KEY_ID" in r.stderr, r.stderr
 
 
-def test_disk_full_and_read_only_are_named_and_store_stays_consistent(clean, tmp_path, monkeypatch, capsys):
+def test_disk_full_and_read_only_are_named_and_store_stays_consistent(clean, tmp_path, monkeypatch, capsys, model,
+                                                                     tiny_unet_dir):
     import errno
 
     import zarr.storage._local as local
@@ -237,14 +239,15 @@ def test_disk_full_and_read_only_are_named_and_store_stays_consistent(clean, tmp
             raise OSError(code, os.strerror(code), str(path))
 
         monkeypatch.setattr(local, "_put", refuse)
-        monkeypatch.setattr(sys, "argv", ["diffstore", "repair", "--store", str(url), "-q"])
+        monkeypatch.setattr(sys, "argv", ["diffstore", "repair", "--store", str(url), "--model", str(tiny_unet_dir),
+                                          "--model-name", "tiny-unet", "-q"])
         with pytest.raises(SystemExit) as e:
             cli.main()
         assert e.value.code == 2 and needle in " ".join(capsys.readouterr().err.split())
         monkeypatch.undo()
     monkeypatch.undo()
     assert [f.kind for f in verify_findings(Store.open(str(url), "r"))[0]] == ["incomplete"]
-    repair(Store.open(str(url)), show_progress=False)
+    repair(Store.open(str(url)), model, show_progress=False)
     assert hashes(url) == clean[1]
 
 

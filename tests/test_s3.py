@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,15 +19,15 @@ from diffstore.store.verify import verify_findings
 
 URL = "s3://team/shared.zarr"
 READER = """
-import hashlib, json, sys
+import json, sys
+from conftest import digests
 from diffstore.store import Store
-s = Store.open(sys.argv[1], mode="r")
-print(json.dumps({a.path: hashlib.sha256(a.read().tobytes()).hexdigest() for a in s.arrays()}))
+print(json.dumps(digests(Store.open(sys.argv[1], mode="r"))))
 """
 
 
 def fill(url, model, split) -> dict:
-    plan = plan_extraction(Store.open(url), model, split, "10,300", "2", "1,full")
+    plan = plan_extraction(Store.open(url), model, split, t="10,300", blocks="2", pools="1,full")
     return extract_features(plan, batch_size=32, show_progress=False)
 
 
@@ -44,7 +45,8 @@ def s3_store(s3_env, model, split) -> str:
 
 def test_s3_store_round_trip_matches_local_bytes(s3_env, s3_store, model, split, tmp_path):
     fill(str(tmp_path / "local.zarr"), model, split)
-    remote = subprocess.run([sys.executable, "-c", READER, s3_store], env=s3_env, capture_output=True, text=True)
+    remote = subprocess.run([sys.executable, "-c", READER, s3_store], env=s3_env, capture_output=True, text=True,
+                            cwd=Path(__file__).parent)  # conftest.digests: done flags and done shards hashed
     assert remote.returncode == 0, remote.stderr
     local = digests(Store.open(str(tmp_path / "local.zarr"), mode="r"))
     assert len(local) == 4 and json.loads(remote.stdout) == local
@@ -96,12 +98,12 @@ def test_s3_outage_mid_extraction_resumes_bit_identical(s3_env, tiny_unet_dir, t
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:  # resume in-process (the same code the CLI runs) and compare with a clean local run
-        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test", limit=160)
+        model, split = load_model(str(tiny_unet_dir)), load_split("digits", "test")
         options = {"client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
         remote = Store.open("s3://outage/s.zarr", storage_options=options)
         assert 0 < sum(a.done_mask().sum() for a in remote.arrays()) < 2 * 10
         for store in (remote, Store.open(str(tmp_path / "local.zarr"))):
-            plan = plan_extraction(store, model, split, "10", "2,mid", "1", shard_rows=16)
+            plan = plan_extraction(store, model, split, t="10", blocks="2,mid", pools="1", shard_rows=16, limit="160")
             extract_features(plan, batch_size=16, show_progress=False)
         hashes = [digests(store) for store in (remote, Store.open(str(tmp_path / "local.zarr"), "r"))]
         assert len(hashes[0]) == 2 and hashes[0] == hashes[1]

@@ -43,7 +43,7 @@ def test_batch_size_and_shard_size_change_neither_key_nor_values(tmp_path, model
     last micro-batch is padded and shards end mid-batch)."""
     def extract(name, batch_size, shard_rows):
         store = Store.open(str(tmp_path / name))
-        plan = plan_extraction(store, model, digits100, "10,300", "2,mid", "1,full", shard_rows=shard_rows)
+        plan = plan_extraction(store, model, digits100, t="10,300", blocks="2,mid", pools="1,full", shard_rows=shard_rows)
         extract_features(plan, batch_size=batch_size, show_progress=False)
         return {a.path: (a.attrs["fingerprint"], a.shard_rows, a.read()) for a in store.arrays()}
 
@@ -168,11 +168,15 @@ def test_verify_catches_a_flipped_byte(tmp_path):
     assert "checksum" in problems[0]["problem"] and "diffstore repair" in problems[0]["problem"]
 
 
-def test_verify_reports_incomplete_arrays(tmp_path):
+def test_verify_accepts_a_partly_filled_array_and_reports_a_half_written_shard(tmp_path):
     store = Store.open(str(tmp_path / "s.zarr"))
-    make_array(store).write_shard(0, np.zeros((16, 3, 2, 2)))
+    a = make_array(store)
+    a.write_shard(0, np.zeros((16, 3, 2, 2)))  # shards 1 and 2 not extracted yet: a normal state (--limit 16)
+    assert verify_store(store)[0] == []
+    a.x[a.shard_slice(1)] = np.zeros((16, 3, 2, 2), np.float16)  # data written, done flag not: a killed writer
     problems, _ = verify_store(store)
-    assert "shards [1, 2]" in problems[0]["problem"]
+    assert len(problems) == 1 and problems[0]["kind"] == "incomplete" and problems[0]["shards"] == [1]
+    assert "shards [1] hold data but no done flag" in problems[0]["problem"]
 
 
 def test_verify_reports_nan_rows_in_a_done_shard(tmp_path):

@@ -19,7 +19,7 @@ X = "features/digits/test/tiny-unet/noised/t10/b2/p2"
 def store_url(tmp_path_factory, tiny_unet_dir):
     url = str(tmp_path_factory.mktemp("xr") / "s.zarr")
     split = subset(load_split("digits", "test"), 40)
-    plan = plan_extraction(Store.open(url), load_model(str(tiny_unet_dir)), split, "10", "2,mid", "2,full", shard_rows=16)
+    plan = plan_extraction(Store.open(url), load_model(str(tiny_unet_dir)), split, t="10", blocks="2,mid", pools="2,full", shard_rows=16)
     extract_features(plan, batch_size=16, show_progress=False)
     return url, split
 
@@ -59,3 +59,20 @@ def test_to_xarray_labels_format_1_arrays_too(store_url, tmp_path):
     lab1 = a1.to_xarray(lazy=False)
     assert lab1.dims == labelled.dims and lab1.coords["sample"].values.tolist() == split.ids.tolist()
     np.testing.assert_array_equal(lab1.values, labelled.values)
+
+
+def test_to_xarray_is_the_view_open_datatree_gives(store_url):
+    """One labelled view: the same dims, coordinates (sample ids, labels, class names) and values either way."""
+    import diffstore as ds
+
+    url, split = store_url
+    tree = xr.open_datatree(url, engine="zarr", consolidated=False)
+    for path in (X, X.replace("p2", "pfull")):
+        on_disk = tree[path]["x"]
+        ours = ds.open(url).features(path).to_xarray()
+        assert ours.dims == on_disk.dims == ("sample", "channel", "height", "width")
+        assert set(ours.coords) == set(on_disk.coords) == {"sample", "label", "label_name"}
+        for name in ("sample", "label", "label_name"):
+            np.testing.assert_array_equal(ours[name].values.astype(on_disk[name].dtype), on_disk[name].values)
+        np.testing.assert_array_equal(ours.values, on_disk.values)
+    assert tree[X]["x"]["label_name"].values[0] == str(split.labels[0])  # digits' class names are "0".."9"

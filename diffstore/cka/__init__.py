@@ -1,18 +1,30 @@
 """CKA between stored feature arrays.
 
-    math.py     the estimators (exact, unbiased, minibatch; linear and RBF), streamed from any array-like
-    stage.py    `diffstore cka`: choose arrays from the store(s), check they cover the same samples, compute
-    report.py   axis labels, the terminal table and the PNG heatmap
+    options.py       CKAOptions: every option of `diffstore cka` / `ds.cka`
+    math.py          the estimators (exact, unbiased, minibatch; linear and RBF), streamed from any array-like
+    stage.py         `diffstore cka`: choose arrays from the store(s), check they cover the same samples, compute
+    report.py        axis labels, the terminal table and the PNG heatmap
+    distributed.py   tiles of the matrix on a dask cluster
 
-The package is callable: `ds.cka(store, by="block", ...)` runs api.cka (see api.StageModule).
+The package is callable: `ds.cka(store, by="block", ...)` is stage.cka (options.StagePackage).
 """
 
-from .math import CKAConfig, CKAResult, bias_floor, cka, cka_matrix
+import sys as _sys
 
-__all__ = ["CKAConfig", "CKAResult", "bias_floor", "cka", "cka_matrix"]
+from ..options import StagePackage as _StagePackage
+from .options import CKAOptions
 
-import sys as _sys  # noqa: E402  (last: the package becomes callable, `ds.cka(...)` = api.cka)
+__all__ = ["CKAConfig", "CKAOptions", "CKAResult", "bias_floor", "cka", "cka_matrix"]
 
-from ..api import StageModule as _StageModule  # noqa: E402
+_sys.modules[__name__].__class__ = _StagePackage
 
-_sys.modules[__name__].__class__ = _StageModule
+
+def __getattr__(name: str):
+    """The estimators (math.py: CKAConfig, cka, cka_matrix, ...) load numpy and scipy: on first use only."""
+    if not name.startswith("_") and name != "math":
+        from importlib import import_module
+
+        math = import_module(f"{__name__}.math")
+        if hasattr(math, name):
+            return getattr(math, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,10 +36,9 @@ import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
 from ..errors import DiffstoreError
+from .options import KERNELS, METHODS
 
-METHODS = ("exact", "unbiased", "minibatch", "auto")  # auto: exact when its accumulators fit max_gram_gib
 STREAMED = ("exact", "unbiased")  # one pass through feature-space Grams: linear kernel only
-KERNELS = ("linear", "rbf")
 
 
 @dataclass

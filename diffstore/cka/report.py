@@ -13,6 +13,7 @@ from rich.table import Table
 from ..errors import require
 from ..key import FeatureKey
 from ..store import ShardedArray
+from ..terminal import console as terminal_console
 
 AXIS_NAMES = {"block": "block", "t": "time step t", "pool": "pool p"}
 
@@ -38,22 +39,27 @@ def estimator(payload: dict) -> str:
 
 
 def axis_title(payload: dict, side: str) -> str:
-    """The heatmap's axis name: the key field that varies along it ('block', 'time step t'), else 'key'."""
+    """The heatmap's axis name: the key field that varies along it ('block', 'time step t'), else 'key'; with the
+    model when each axis holds another one ('block of digits-ddpm' vs 'block of resnet50')."""
     entries = payload[side]
     fields = [f for f in ("block", "t", "pool") if len({e["key"][f] for e in entries}) > 1]
-    return " / ".join(AXIS_NAMES[f] for f in fields) or "key"
+    name = " / ".join(AXIS_NAMES[f] for f in fields) or "key"
+    models = {e["key"]["model"] for e in entries}
+    others = {e["key"]["model"] for e in payload["cols" if side == "rows" else "rows"]}
+    return f"{name} of {models.pop()}" if len(models) == 1 and models != others else name
 
 
-def draw(payload: dict, path: Path) -> Path:
-    """PNG heatmap like the paper's Figure 6: block names (or t, pool) on both axes, a fixed 0-1 colour range
-    (so two matrices compare by colour), the estimator in the title."""
+def draw(payload: dict, stem: Path, formats=("png",), dpi: int | None = None) -> list[Path]:
+    """The heatmap like the paper's Figure 6, as stem.png (.pdf, .svg): block names (or t, pool) on both axes, a
+    fixed 0-1 colour range (so two matrices compare by colour), the estimator in the title."""
     require("matplotlib", "plots")
-    from ..plots import heatmap
+    from ..plots import heatmap, save_as
 
     m = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)
-    return heatmap(m, [r["label"] for r in payload["rows"]], [c["label"] for c in payload["cols"]],
-                   f"{payload['kernel']} CKA ({estimator(payload)})\n{payload['title']}", path, cbar_label="CKA",
-                   fmt="{:.2f}", vmin=0.0, vmax=1.0, xlabel=axis_title(payload, "cols"), ylabel=axis_title(payload, "rows"))
+    fig = heatmap(m, [r["label"] for r in payload["rows"]], [c["label"] for c in payload["cols"]],
+                  f"{payload['kernel']} CKA ({estimator(payload)})\n{payload['title']}", cbar_label="CKA", fmt="{:.2f}",
+                  vmin=0.0, vmax=1.0, xlabel=axis_title(payload, "cols"), ylabel=axis_title(payload, "rows"))
+    return save_as(fig, stem, formats, dpi)
 
 
 def render(payload: dict) -> None:
@@ -65,7 +71,8 @@ def render(payload: dict) -> None:
         table.add_column(c["tick"], justify="right", no_wrap=True, min_width=4)
     for r, values in zip(payload["rows"], payload["matrix"]):
         table.add_row(r["label"], *("-" if v is None else f"{v:.2f}" for v in values))
-    console = Console()  # a terminal's width, or 80 when piped (too narrow for a title and a wide matrix)
-    console = Console(width=max(console.width if console.is_terminal else 160, 20 + 7 * len(payload["cols"])))
+    console = terminal_console()  # a terminal's width, unlimited in a file
+    if console.is_terminal:
+        console = Console(width=max(console.width, 20 + 7 * len(payload["cols"])))
     console.print(f"[bold]{payload['kernel']} CKA ({estimator(payload)})[/]: {payload['title']}", highlight=False)
     console.print(table)

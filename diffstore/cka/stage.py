@@ -19,31 +19,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ..errors import DiffstoreError
-from ..key import DEFAULT_STORE, FeatureKey, parse_selector
-from ..progress import progress
+
+from ..errors import DiffstoreError, require
+from ..key import FeatureKey, check_name, parse_selector
+from ..options import api, check_folder, spell
+from ..progress import progress, write_csv
 from ..store import ShardedArray, Store
 from .math import CKAConfig, bias_floor, cka_matrix, width
+from .options import CKAOptions
 from .report import draw, label, render
 
 FIELDS = ("dataset", "split", "model", "input", "t", "block", "pool")
-AXES = ("block", "t", "pool")
 
 
-def field_value(field: str, text: str):
-    text = text.strip()
-    if field in ("t", "block"):
-        if not text.lstrip("-").isdigit():
-            raise DiffstoreError(f"{field} takes integers (e.g. {field}=5), got {text!r}")
-        return int(text)
-    return text
-
-
-def parse_values(field: str, value) -> set | None:
-    """A CLI filter ("10,50,90", 90 or None) -> set of values, or None when not given."""
-    if value is None or value == "":
+def as_filter(value) -> set | None:
+    """An option's value as a key filter: None (no filter), or the set of values allowed."""
+    if value is None:
         return None
-    return {field_value(field, v) for v in str(value).split(",") if v.strip()}
+    return set(value) if isinstance(value, tuple) else {value}
 
 
 def parse_keyset(spec: str) -> list[dict]:
@@ -75,16 +68,6 @@ def select(store: Store, keys: list[FeatureKey], want: dict, free: str | None) -
             raise DiffstoreError(f"{store.url} holds several {f} values for {asked}: {', '.join(map(str, values))}. "
                                  f"Pick one with --{f} (or {f}= in a key set)")
     return sorted(matches, key=lambda k: axis_order(free, getattr(k, free)) if free else 0)
-
-
-def open_feature(store: Store, key: FeatureKey) -> ShardedArray:
-    arr = store.features(key)
-    missing = arr.missing()
-    if missing:
-        raise DiffstoreError(f"{key.path} in {store.url} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                             f"of {arr.n_shards} are not done. Finish it with `{arr.fix_command}` (or re-run the "
-                             "extract command: done shards are skipped)")
-    return arr
 
 
 def check_same_samples(entries: list[tuple[Store, ShardedArray]]) -> dict:
@@ -123,8 +106,6 @@ def choose(store: Store, store_b: Store | None, by: str | None, a: str | None, b
     if by:
         if a or b:
             raise DiffstoreError("pass either --by or --a/--b, not both")
-        if by not in AXES:
-            raise DiffstoreError(f"--by must be one of {', '.join(AXES)}, got {by!r}")
         rows = select(store, store.feature_keys(), filters, by)
         if store_b is None:
             return rows, store, rows
@@ -183,25 +164,29 @@ def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
             f"they say, run: {command} --method unbiased")
 
 
-def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=None, pool=None, model: str | None = None,
-            dataset: str | None = None, split: str | None = None, input_mode: str | None = None,
-            a: str | None = None, b: str | None = None, store_b: str | None = None,
-            method: str = "unbiased", kernel: str = "linear", batch_size: int = 256, seed: int = 0,
-            sigma_frac: float = 1.0, limit: int | None = None, name: str | None = None, save: bool = True,
-            show_progress: bool = True, workers: int | None = None, scheduler: str | None = None) -> dict:
-    """One CKA matrix from the store(s), stored under results/cka/ (save=True); returns its payload (matrix,
-    row and column keys with labels, estimator, N, sample fingerprints). Nothing is printed."""
-    cfg = CKAConfig(method=method, kernel=kernel, batch_size=batch_size, seed=seed, sigma_frac=sigma_frac)
-    if limit is not None and limit < 1:
-        raise DiffstoreError(f"--limit must be >= 1, got {limit}")
+def compute(o: CKAOptions) -> dict:
+    """One CKA matrix from the store(s), stored under results/cka/ (save=True), its heatmap written under `plot`
+    in each of `plot_format`; returns its payload (matrix, row and column keys with labels, estimator, N, sample
+    fingerprints). Nothing is printed."""
+    by, a, b, limit, workers, scheduler = o.by, o.a, o.b, o.limit, o.workers, o.scheduler
+    store, store_b, name, save, show_progress = o.store, o.store_b, o.name, o.save, o.show_progress
+    check_folder(o, "plot", "out")
+    if o.plot:  # refused before any work: a missing extra, no format
+        require("matplotlib", "plots")
+        if not o.plot_format:
+            raise DiffstoreError(f"{spell('plot_format', CKAOptions)} needs a format: png, pdf or svg")
+    if o.name is not None:
+        check_name("result", o.name)
+    cfg = CKAConfig(method=o.method, kernel=o.kernel, batch_size=o.batch_size, seed=o.seed, sigma_frac=o.sigma_frac)
     if limit and (workers or scheduler):
         raise DiffstoreError("--limit is not supported on a dask cluster yet: drop --limit or --workers/--scheduler")
-    filters = {f: parse_values(f, v) for f, v in zip(FIELDS, (dataset, split, model, input_mode, t, block, pool))}
+    filters = {f: as_filter(getattr(o, f)) for f in FIELDS}
     st = Store.open(store, mode="r")
     st_b = Store.open(store_b, mode="r") if store_b else None
     row_keys, col_store, col_keys = choose(st, st_b, by, a, b, default_split(st, filters))
-    row_arrays = [open_feature(st, k) for k in row_keys]
-    col_arrays = row_arrays if (col_store is st and col_keys == row_keys) else [open_feature(col_store, k) for k in col_keys]
+    row_arrays = [st.features(k).require_done(limit) for k in row_keys]
+    col_arrays = row_arrays if (col_store is st and col_keys == row_keys) else \
+        [col_store.features(k).require_done(limit) for k in col_keys]
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
@@ -211,13 +196,14 @@ def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=Non
     n = min(row_arrays[0].n_rows, limit or row_arrays[0].n_rows)
     started = time.perf_counter()
     if workers or scheduler:  # tiles of the matrix on a dask cluster
-        from ..distributed import cka_distributed
+        from .distributed import cka_distributed
 
         result = cka_distributed([(st.url, k) for k in row_keys], [(col_store.url, k) for k in col_keys], cfg,
                                  workers=workers, scheduler=scheduler, show_progress=show_progress)
     else:
         with progress("row", disable=not show_progress) as bar:
-            task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)}", total=n)
+            on = ", ".join(dict.fromkeys(f"{k.dataset}/{k.split} {k.model}" for k in row_keys + col_keys))
+            task = bar.add_task(f"CKA {len(row_keys)}x{len(col_keys)} on {on}", total=n)
             result = cka_matrix(list(xs_rows.values()), xs_cols, cfg, on_rows=lambda k: bar.advance(task, k))
     seconds = time.perf_counter() - started
 
@@ -245,24 +231,53 @@ def compute(store: str = DEFAULT_STORE, by: str | None = None, t=None, block=Non
     }
     if save:
         Store.open(store, mode="a").put_result("cka", payload["name"], payload)
+    if o.plot:
+        draw(payload, Path(o.plot) / payload["name"], o.plot_format, o.dpi)
     return payload
 
 
-def cka_command(store: str = DEFAULT_STORE, json_out: bool = False, plot: str | None = None, out: str | None = None,
-                command: str = "diffstore cka", **options) -> dict:
-    """`diffstore cka`: compute() (same options), then write JSON (--out) and PNG (--plot) and print the matrix
-    (or the payload as JSON). A biased estimate on few rows prints a warning naming the command that avoids it."""
-    payload = compute(store, **options)
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
-    if plot:
-        draw(payload, Path(plot) / f"{payload['name']}.png")
+def cka_command(o: CKAOptions, fmt: str | None = None, command: str = "diffstore cka") -> dict:
+    """`diffstore cka`: compute() (which writes the heatmap, --plot), then write JSON (--out) and print the matrix
+    (or the payload as JSON, or the matrix as CSV). A biased estimate on few rows prints a warning naming the
+    command that avoids it."""
+    payload = compute(o)
+    if o.out:
+        Path(o.out).mkdir(parents=True, exist_ok=True)
+        (Path(o.out) / f"{payload['name']}.json").write_text(json.dumps(payload, indent=1))
     warning = bias_warning(payload, [e["width"] for e in payload["rows"] + payload["cols"]], command)
     if warning:
         print(warning, file=sys.stderr)
-    if json_out:
+    if fmt == "json":
         print(json.dumps(payload))
+    elif fmt == "csv":
+        cols = [c["label"] for c in payload["cols"]]
+        write_csv([{"": r["label"], **dict(zip(cols, row))} for r, row in zip(payload["rows"], payload["matrix"])],
+                  ["", *cols])
     else:
         render(payload)
     return payload
+
+
+def labelled(payload: dict):
+    """A CKA payload as a labelled xarray.DataArray: dims (row, col), labels as coordinates with each side's key
+    fields (t, block, block_name, pool, model, ...); estimator, N and the sample fingerprints in attrs."""
+    xr = require("xarray", "xarray")
+    coords = {}
+    for dim, side in (("row", payload["rows"]), ("col", payload["cols"])):
+        coords[dim] = [e["label"] for e in side]
+        for field in FIELDS:
+            coords[f"{dim}_{field}"] = (dim, [e["key"][field] for e in side])
+        coords[f"{dim}_block_name"] = (dim, [e.get("block_name") or "" for e in side])
+    attrs = {k: v for k, v in payload.items() if k not in ("rows", "cols", "matrix") and v is not None
+             and not isinstance(v, (dict, list))}
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in payload["matrix"]], dtype=float)
+    return xr.DataArray(matrix, dims=("row", "col"), coords=coords, name=payload["name"], attrs=attrs)
+
+
+def cka(o: CKAOptions):
+    """Linear (or RBF) CKA between stored feature arrays, stored under results/cka/; returns the matrix as a
+    labelled xarray.DataArray (dims row, col; .to_pandas() gives a DataFrame). Nothing is printed."""
+    return labelled(compute(o))
+
+
+cka = api(CKAOptions)(cka)  # noqa: F811 - the API function: the signature and help of CKAOptions

@@ -1,22 +1,33 @@
 """The producer: run the U-Net once per (batch, t) and fill every requested (block, pool) array.
 
-Follow `diffstore extract` from the CLI: cli.extract -> plan.plan_extraction (validate everything, refuse
-before writing) -> pipeline.extract_features (loader workers -> run_units -> forward.forward_blocks: one
-truncated forward with hooks -> ShardWriter thread) -> ShardedArray.write_shard (store.py).
+Follow `diffstore extract` from the CLI: cli.py builds the command from options.ExtractOptions -> stage.run ->
+plan.plan_extraction (validate everything, refuse before writing) -> pipeline.extract_features (loader workers ->
+run_units -> forward.forward_blocks: one truncated forward with hooks -> ShardWriter thread) ->
+ShardedArray.write_shard (store/arrays.py). distributed.py runs the same plan on a dask cluster; repair.py
+recomputes the shards `verify` reports bad; recorded.py checks a given model and data root against what an array
+recorded (repair and finetune rebuild its inputs from them).
+
+The package is callable: `ds.extract(store, t=[10, 50], ...)` is stage.extract (options.StagePackage). Importing
+it is cheap: `diffstore extract --help` reads options.py through it; the names below load torch on first use.
 """
 
-from .forward import encode_images, forward_blocks, pool_map, prepare_model, run_truncated
-from .pipeline import default_workers, extract_features, run_task
-from .plan import (ATTENTION, COMPUTE_DTYPES, MICRO_BATCH, SHARD_BYTES, STORAGE_DTYPES, Plan, default_micro_batch,
-                   done_masks, parse_pools, parse_ts, pending, pick_device, plan_extraction)
+import sys as _sys
+from importlib import import_module as _import
 
-__all__ = ["ATTENTION", "COMPUTE_DTYPES", "MICRO_BATCH", "SHARD_BYTES", "STORAGE_DTYPES", "Plan", "default_micro_batch",
-           "default_workers", "done_masks", "encode_images", "extract_features", "forward_blocks", "parse_pools",
-           "parse_ts", "pending", "pick_device", "plan_extraction", "pool_map", "prepare_model", "run_task",
-           "run_truncated"]
+from ..options import StagePackage as _StagePackage
+from .options import ATTENTION, COMPUTE_DTYPES, MICRO_BATCH, STORAGE_DTYPES, ExtractOptions, RepairOptions
 
-import sys as _sys  # noqa: E402  (last: the package becomes callable, `ds.extract(...)` = api.extract)
+_LAZY = {"encode_images": "forward", "forward_blocks": "forward", "pool_map": "forward", "prepare_model": "forward",
+         "run_truncated": "forward", "default_workers": "pipeline", "extract_features": "pipeline",
+         "run_task": "pipeline", "SHARD_BYTES": "plan", "Plan": "plan", "default_micro_batch": "plan",
+         "done_masks": "pipeline", "pending": "plan", "plan_extraction": "plan"}
+__all__ = ["ATTENTION", "COMPUTE_DTYPES", "MICRO_BATCH", "STORAGE_DTYPES", "ExtractOptions", "RepairOptions",
+           *_LAZY]
 
-from ..api import StageModule as _StageModule  # noqa: E402
+_sys.modules[__name__].__class__ = _StagePackage
 
-_sys.modules[__name__].__class__ = _StageModule
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(_import(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,7 +28,8 @@ from ..errors import DiffstoreError
 from ..noise import add_noise, noise, noised
 from ..progress import progress
 from .forward import encode_images, forward_blocks, prepare_model
-from .plan import SHARD_BYTES, Plan, done_masks
+from ..store.arrays import done_masks
+from .plan import SHARD_BYTES, Plan
 
 PREFETCH = 4  # batches each loader worker prepares ahead of the device
 WRITE_QUEUE = 2  # finished shards waiting for the writer (each up to SHARD_BYTES)
@@ -139,6 +140,25 @@ class ShardWriter:
             raise self.error
 
 
+def checked(out: torch.Tensor, array, plan: Plan, t: int, block: int, dtype: str) -> torch.Tensor:
+    """One (block, pool) output, flat in the storage dtype, refused before anything of it is written when its shape
+    is not the array's (a network whose map size depends on the batch size) or it holds NaN or inf: a stored NaN row
+    would read as missing data, and a reader could not tell a broken model from a broken disk."""
+    info = plan.model.blocks[block]
+    if tuple(out.shape[1:]) != tuple(array.shape[1:]):
+        raise DiffstoreError(f"model {plan.model.name} block {block} ({info.name}) gives maps of shape "
+                             f"{tuple(out.shape[1:])} in a batch of {plan.recipe.micro_batch}, but {tuple(array.shape[1:])}"
+                             " when traced on one image: its output shape depends on the batch size. diffstore "
+                             "stores one shape per block; fix the network (or its plugin's run function)")
+    x = out.flatten(1).to(getattr(torch, dtype))
+    if not bool(torch.isfinite(x).all()):
+        what = "NaN" if bool(torch.isnan(x).any()) else "values that overflow " + dtype
+        hint = " (pass --dtype float32)" if what != "NaN" and dtype == "float16" else ""
+        raise DiffstoreError(f"model {plan.model.name} block {block} ({info.name}) outputs {what} at t={t}{hint}; "
+                             "nothing of it was stored. Check the model (its weights, its run/encode functions)")
+    return x
+
+
 def default_workers() -> int:
     """Loader processes: every core but the one that drives the device (at most 8)."""
     return max(0, min(8, len(os.sched_getaffinity(0)) - 1))
@@ -151,7 +171,8 @@ def share_by_file(_worker_id: int) -> None:
 
 
 def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_batch=None) -> None:
-    """Compute every unit and hand its shards to the writer. on_batch(t, n) after each batch's forward at t."""
+    """Compute every unit and hand its shards to the writer. on_batch(n, k) after each batch: n images through
+    the forward at each of the unit's k time steps."""
     model, r = plan.model, plan.recipe
     device = next(model.module.parameters()).device
     prepare_model(model, r)
@@ -202,8 +223,9 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
                 out = forward_blocks(model, x0, t, plan.split.ids[rows], plan.split.labels[rows], r.noise_seed,
                                      r.noise_draws, plan.input_mode, unit.blocks, unit.pools, r.compute_dtype, mb,
                                      inputs=inputs or None)
-                pieces += [out[(b, p)].flatten(1) for (tt, b, p) in unit.arrays if tt == t]
-            flat = torch.cat(pieces, dim=1).to(storage)  # the cast is the one write_shard would do, bit for bit
+                pieces += [checked(out[(b, p)], unit.arrays[(t, b, p)], plan, t, b, r.storage_dtype)
+                           for (tt, b, p) in unit.arrays if tt == t]
+            flat = torch.cat(pieces, dim=1)  # cast as write_shard would, bit for bit
             if device.type == "cuda":  # one device-to-host copy per batch, overlapped with the next batch's forward
                 host, event = torch.empty(flat.shape, dtype=storage, pin_memory=True), torch.cuda.Event()
                 host.copy_(flat, non_blocking=True)
@@ -214,8 +236,7 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
                 finish(*waiting, writer)
             waiting = (item, host, event)
             if on_batch:
-                for t in unit.ts:
-                    on_batch(t, len(rows))
+                on_batch(len(rows), len(unit.ts))
         if waiting is not None:
             finish(*waiting, writer)
 
@@ -226,27 +247,30 @@ def run_task(plan: Plan, t: int, shard: int, batch_size: int, on_batch=None) -> 
     todo = {(tt, b, p): a for (tt, b, p), a in plan.arrays.items() if tt == t and not a.is_done(shard)}
     if todo:
         run_units(plan, make_units(plan, {shard: todo}), batch_size, workers=0,
-                  on_batch=(lambda _t, n: on_batch(n)) if on_batch else None)
+                  on_batch=(lambda n, _k: on_batch(n)) if on_batch else None)
 
 
 def extract_features(plan: Plan, batch_size: int = 64, show_progress: bool = True, workers: int | None = None) -> dict:
     """Run every pending (t, shard); returns a summary. Re-running a finished plan does nothing (and reads only
     one listing of the store's done flags). workers: loader processes (None: default_workers())."""
     masks = done_masks(plan.arrays)
-    n_shards = -(-len(plan.split) // plan.shard_rows)
+    shards = plan.shards()
     todo: dict = {}
     for k, a in plan.arrays.items():
-        for shard in np.flatnonzero(~masks[k]):
-            todo.setdefault(int(shard), {})[k] = a
+        for shard in shards:
+            if not masks[k][shard]:
+                todo.setdefault(shard, {})[k] = a
     tasks = {(t, shard) for shard, arrays in todo.items() for t, _, _ in arrays}
-    summary = {"arrays": len(plan.arrays), "tasks_total": len(plan.ts) * n_shards, "tasks_run": len(tasks),
+    summary = {"arrays": len(plan.arrays), "tasks_total": len(plan.ts) * len(shards), "tasks_run": len(tasks),
                "shard_rows": plan.shard_rows, "micro_batch": plan.recipe.micro_batch}
     if not tasks:
         return summary
     units = make_units(plan, todo)
-    with progress("img", disable=not show_progress) as bar:
-        bars = {t: bar.add_task(f"t={t}", total=sum(len(u.rows) for u in units if t in u.ts))
-                for t in plan.ts if any(t in u.ts for u in units)}
+    ts = sorted({t for u in units for t in u.ts})
+    whole = all(u.ts == ts for u in units)  # each image runs at every t in one go: count images, else (image, t)
+    with progress("img" if whole else "img x t", disable=not show_progress) as bar:
+        what = f"extract {plan.split.name}/{plan.split.split} {plan.model.name} t={','.join(map(str, ts))}"
+        task = bar.add_task(what, total=sum(len(u.rows) * (1 if whole else len(u.ts)) for u in units))
         run_units(plan, units, batch_size, default_workers() if workers is None else workers,
-                  on_batch=lambda t, n: bar.advance(bars[t], n))
+                  on_batch=lambda n, k: bar.advance(task, n if whole else n * k))
     return summary

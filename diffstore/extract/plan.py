@@ -2,42 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-import posixpath
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from zarr.core.sync import sync
 
 from ..datasets import Split
 from ..errors import DiffstoreError
-from ..key import INPUT_MODES, LEGACY_FORWARD, FeatureKey, Recipe
+from ..key import LEGACY_FORWARD, FeatureKey, Recipe
 from ..models.base import DiffusionModel
+from ..options import spell
 from ..preprocess import Preprocess
 from ..store import Store
+from ..store.arrays import done_masks
+from .grow import grow_split, stored_prefix
+from .options import MICRO_BATCH, ExtractOptions, check_pools, check_ts, row_range
 
-COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STORAGE_DTYPES = ("float16", "float32")
-ATTENTION = ("eager", "sdpa")
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> autocast dtype
 SHARD_BYTES = 256 << 20  # default shard size bound: all (block, pool) buffers of one task stay in RAM
 # Every forward runs on exactly micro_batch rows from a fixed partition of row indices (the last one padded):
 # CPU/GPU kernels pick algorithms and split work by tensor size, so values would otherwise depend on
 # --batch-size at the ulp level. Fixed shapes make features bit-identical whatever the batch size. The
-# micro-batch is a recipe field; MICRO_BATCH is the CPU default (and what every store before it used).
-MICRO_BATCH = LEGACY_FORWARD["micro_batch"]
+# micro-batch is a recipe field; MICRO_BATCH (options.py) is the CPU default.
 # On CUDA: the largest power of two whose activations fit this share of the card's memory, within these bounds.
 CUDA_MEMORY_SHARE = 0.25
 CUDA_MICRO_BATCH = (128, 512)
-
-
-def pick_device(device: str | None = "auto") -> torch.device:
-    """'auto' (or None): CUDA when present, else the CPU; anything else as torch names it."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()
@@ -52,7 +43,7 @@ def default_micro_batch(model: DiffusionModel, compute_dtype: str) -> int:
     torch.cuda.synchronize(param.device)
     base = torch.cuda.memory_allocated(param.device)
     torch.cuda.reset_peak_memory_stats(param.device)
-    amp = COMPUTE_DTYPES[compute_dtype]
+    amp = AUTOCAST[compute_dtype]
     with torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext():
         model.run(model.encode(x) if model.encode is not None else x, torch.full((n,), 1, device=param.device),
                   torch.zeros(n, dtype=torch.long, device=param.device))
@@ -75,7 +66,9 @@ class Plan:
     pools: list[str]
     input_mode: str
     shard_rows: int
+    rows: range = range(0)  # the rows this run extracts (--limit / --rows); the arrays hold the whole split
     arrays: dict = field(default_factory=dict)  # (t, block, pool) -> ShardedArray
+    new: list = field(default_factory=list)  # dry run: the (t, block, pool) whose arrays would be created
     created: list = field(default_factory=list)  # paths this plan created (removed again if it fails unstarted)
 
     def key(self, t: int, b: int, p: str) -> FeatureKey:
@@ -86,76 +79,55 @@ class Plan:
                 "preprocess": self.preprocess.to_dict(), "model": {"name": self.model.name, "source": self.model.source},
                 "dataset": {"source": self.split.source, "class_names": self.split.class_names}}
 
+    def shards(self) -> range:
+        """The shards holding this run's rows (each computed whole)."""
+        if not self.rows:
+            return range(0)
+        return range(self.rows.start // self.shard_rows, -(-self.rows.stop // self.shard_rows))
+
     def row_shape(self, b: int, p: str) -> tuple:
         info = self.model.blocks[b]
         return (info.channels, info.height, info.width) if p == "full" else (info.channels, int(p), int(p))
 
 
-def parse_ts(spec: str, num_timesteps: int) -> list[int]:
-    try:
-        ts = sorted({int(s) for s in str(spec).split(",") if s.strip()})
-    except ValueError:
-        raise DiffstoreError(f"--t takes integers separated by commas (e.g. 10,50,90), got {spec!r}") from None
-    bad = [t for t in ts if not 0 <= t < num_timesteps]
-    if bad or not ts:
-        raise DiffstoreError(f"t must be in [0, {num_timesteps - 1}] for this model (T = {num_timesteps}); got {bad or spec!r}")
-    return ts
-
-
-def parse_pools(spec: str) -> list[str]:
-    pools = []
-    for s in (s.strip() for s in str(spec).split(",") if s.strip()):
-        if s != "full" and not (s.isdigit() and int(s) > 0):
-            raise DiffstoreError(f"--pools takes positive integers or 'full' (e.g. 1,2,4,full), got {s!r}")
-        pools.append(s)
-    return sorted(set(pools), key=lambda p: (p == "full", int(p) if p != "full" else 0))
-
-
-def forward_options(store: Store, paths: list[str], model: DiffusionModel, compute_dtype: str, micro_batch: int | None,
-                    attention: str | None, compile: bool | None) -> dict:
+def forward_options(store: Store, paths: list[str], model: DiffusionModel, o: ExtractOptions) -> dict:
     """The recipe's forward fields: as given, else as the arrays at `paths` hold them, else the defaults."""
-    if micro_batch is not None and micro_batch < 1:
-        raise DiffstoreError(f"--micro-batch must be >= 1, got {micro_batch}")
-    if attention is not None and attention not in ATTENTION:
-        raise DiffstoreError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    if attention == "sdpa" and model.set_attention is None:
-        raise DiffstoreError(f"model {model.name} has one attention implementation only; drop --attention")
-    recipes = [{**LEGACY_FORWARD, **g.attrs["recipe"]} for g in map(store._group, paths) if g is not None and "recipe" in g.attrs]
+    if o.attention == "sdpa" and model.set_attention is None:
+        raise DiffstoreError(f"model {model.name} has one attention implementation only; drop "
+                             f"{spell('attention', ExtractOptions)}")
+    recipes = [{**LEGACY_FORWARD, **g.attrs["recipe"]} for g in map(store._group, paths)
+               if g is not None and "recipe" in g.attrs]
     out = {}
-    for name, value in {"micro_batch": micro_batch, "attention": attention, "compile": compile}.items():
+    for name in ("micro_batch", "attention", "compile"):
+        value = getattr(o, name)
         held = sorted({r[name] for r in recipes}, key=str)
         if value is None and len(held) > 1:
-            raise DiffstoreError(f"the requested arrays were computed with {name} {held}; pass --{name.replace('_', '-')} "
-                                 "or extract them in separate calls")
+            raise DiffstoreError(f"the requested arrays were computed with {name} {held}; pass "
+                                 f"{spell(name, ExtractOptions)} or extract them in separate calls")
         out[name] = value if value is not None else (held[0] if held else None)
     if out["micro_batch"] is None:
-        out["micro_batch"] = default_micro_batch(model, compute_dtype)
+        out["micro_batch"] = default_micro_batch(model, o.compute_dtype)
     if out["attention"] is None:
         out["attention"] = "eager" if model.set_attention is None else "sdpa"
     out["compile"] = bool(out["compile"])
     return out
 
 
-def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, blocks: str, pools: str,
-                    input_mode: str = "noised", noise_seed: int = 0, noise_draws: int = 1, compute_dtype: str = "float32",
-                    storage_dtype: str = "float16", shard_rows: int | None = None, micro_batch: int | None = None,
-                    attention: str | None = None, compile: bool | None = None) -> Plan:
+def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: ExtractOptions | None = None,
+                    **overrides) -> Plan:
     """Validate every input and every key against the store, then create the pre-sized arrays.
 
-    micro_batch, attention, compile (recipe fields: they change the last bits): None means what the requested
-    arrays already hold (a resume never changes bits), else the default for the model and its device."""
-    if input_mode not in INPUT_MODES:
-        raise DiffstoreError(f"--input must be one of {', '.join(INPUT_MODES)}, got {input_mode!r}")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise DiffstoreError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise DiffstoreError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
-    if noise_draws < 1:
-        raise DiffstoreError(f"--noise-draws must be >= 1, got {noise_draws}")
+    options: the extraction's options (ExtractOptions; keywords override them, e.g. t=[10], shard_rows=16). Of
+    the forward settings (micro_batch, attention, compile: recipe fields, they change the last bits), None means
+    what the requested arrays already hold (a resume never changes bits), else the default for the model."""
+    o = (options or ExtractOptions()).replace(**overrides) if overrides else (options or ExtractOptions())
+    n_views = len(split.source.get("views", [])) or 1  # a view split: --limit / --rows count samples
+    rows = row_range(o, split.source.get("base_split", split.split), len(split) // n_views)
+    rows = range(rows.start * n_views, rows.stop * n_views)
     if model.encode is None and model.image_channels not in (1, 3):
         raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
                              "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")
-    ts, bs, ps = parse_ts(t, model.num_timesteps), model.blocks.resolve(blocks), parse_pools(pools)
+    ts, bs, ps = check_ts(o.t, model.num_timesteps), model.blocks.resolve(",".join(o.blocks)), check_pools(o.pools)
     for b in bs:
         info = model.blocks[b]
         too_big = [p for p in ps if p != "full" and (int(p) > info.height or int(p) > info.width)]
@@ -163,39 +135,59 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, t: str, b
             raise DiffstoreError(f"pool {too_big[0]} is larger than block {b} ({info.name}: {info.height}x{info.width}); "
                                  f"use pools <= {min(info.height, info.width)} or 'full'")
     pre = Preprocess(size=model.image_size, channels=model.image_channels)
-    paths = [FeatureKey(split.name, split.split, model.name, input_mode, tt, b, p).path for tt in ts for b in bs for p in ps]
+    paths = [FeatureKey(split.name, split.split, model.name, o.input, tt, b, p).path for tt in ts for b in bs for p in ps]
+    # A split an older version stored as a prefix of this one is grown first (grow.py); a dry run only says so.
+    legacy = stored_prefix(store, split) if o.dry_run else None
+    if not o.dry_run:
+        grow_split(store, split)
     with store.prefetched(paths):  # planning reads each array's group several times: read them all once, at once
-        forward = forward_options(store, paths, model, compute_dtype, micro_batch, attention, compile)
-        recipe = Recipe(model.fingerprint, split.fingerprint(pre), noise_seed, noise_draws, compute_dtype, storage_dtype, **forward)
+        forward = forward_options(store, paths, model, o)
+        recipe = Recipe(model.fingerprint, split.fingerprint(pre), o.noise_seed, o.noise_draws, o.compute_dtype,
+                        o.dtype, **forward)
         mb = recipe.micro_batch
-        if shard_rows is not None and (shard_rows <= 0 or shard_rows % mb):  # shards start on the micro-batch partition
-            raise DiffstoreError(f"--shard-rows must be a positive multiple of the micro-batch ({mb}), got {shard_rows}")
-        plan = Plan(model, split, pre, recipe, ts, bs, ps, input_mode, shard_rows or 0)
-        # Refuse before writing anything: sample ids, then every key's fingerprint.
-        store.check_split(split)
-        for tt in ts:
-            for b in bs:
-                for p in ps:
-                    store.check(plan.key(tt, b, p).path, recipe.fingerprint(plan.key(tt, b, p)), plan.attrs(tt, b, p))
-        stored = {path: store.stored_shard_rows(path) for path in (plan.key(tt, b, p).path for tt in ts for b in bs for p in ps)}
+        if o.shard_rows is not None and o.shard_rows % mb:  # shards start on the micro-batch partition
+            raise DiffstoreError(f"{spell('shard_rows', ExtractOptions)} must be a positive multiple of the "
+                                 f"micro-batch ({mb}), got {o.shard_rows}")
+        plan = Plan(model, split, pre, recipe, ts, bs, ps, o.input, o.shard_rows or 0, rows)
+        # Refuse before writing anything: sample ids, then every key's fingerprint (arrays of a prefix split a dry
+        # run leaves ungrown still carry the prefix's fingerprint: they are reported, not checked).
+        if legacy is None:
+            store.check_split(split)
+            for tt in ts:
+                for b in bs:
+                    for p in ps:
+                        key = plan.key(tt, b, p)
+                        store.check(key.path, recipe.fingerprint(key), plan.attrs(tt, b, p))
+        stored = {path: store.stored_shard_rows(path) for path in paths}
         existing = sorted({n for n in stored.values() if n is not None})
         if len(existing) > 1:
-            raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in separate calls")
-        if existing and shard_rows is not None and shard_rows != existing[0]:
-            raise DiffstoreError(f"--shard-rows {shard_rows}: the stored arrays of these keys have {existing[0]} rows per "
-                                 f"shard. Drop --shard-rows (or pass {existing[0]}) to resume them; nothing was written")
+            raise DiffstoreError("the requested arrays were written with different shard sizes; extract them in "
+                                 "separate calls")
+        if existing and o.shard_rows is not None and o.shard_rows != existing[0]:
+            raise DiffstoreError(f"{spell('shard_rows', ExtractOptions)} {o.shard_rows}: the stored arrays of these "
+                                 f"keys have {existing[0]} rows per shard. Drop it (or pass {existing[0]}) to resume "
+                                 "them; nothing was written")
         if existing:
             plan.shard_rows = existing[0]  # same fingerprint, same micro-batch: it divides the shards it was made with
         elif not plan.shard_rows:
             plan.shard_rows = default_shard_rows(sum(np.prod(plan.row_shape(b, p)) for b in bs for p in ps) * 4, mb)
+        if o.dry_run:  # nothing written: the arrays there are opened, the others listed
+            for tt, b, p in ((tt, b, p) for tt in ts for b in bs for p in ps):
+                if stored[plan.key(tt, b, p).path] is None:
+                    plan.new.append((tt, b, p))
+                else:
+                    plan.arrays[(tt, b, p)] = store.open_array(plan.key(tt, b, p).path)
+            return plan
         plan.created = [path for path, n in stored.items() if n is None and store._group(path) is None]
+        split_path = f"datasets/{split.name}/{split.split}"
+        plan.created += [split_path] if store._group(split_path) is None else []
         record = store.put_split(split)
         for tt in ts:
             for b in bs:
                 for p in ps:
                     key = plan.key(tt, b, p)
                     plan.arrays[(tt, b, p)] = store.create(key.path, recipe.fingerprint(key), plan.attrs(tt, b, p),
-                                                           plan.row_shape(b, p), len(split), plan.shard_rows, storage_dtype,
+                                                           plan.row_shape(b, p), len(split), plan.shard_rows, o.dtype,
                                                            split=record)
         return plan
 
@@ -206,30 +198,8 @@ def default_shard_rows(row_bytes: int, micro_batch: int) -> int:
     return int(max(1, min(16, SHARD_BYTES // max(row_bytes * micro_batch, 1)))) * micro_batch
 
 
-def done_masks(arrays: dict) -> dict:
-    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one concurrent listing of their done
-    flags' directories, not one read per (array, shard): a done flag's chunk is stored only once it is set
-    (its fill value 0 is never written), so a re-run of a finished extraction costs one round of listings."""
-    if not arrays:
-        return {}
-    some = next(iter(arrays.values()))
-    chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
-    folder = posixpath.dirname(chunk_key((0,)))  # "c"
-
-    async def listing(a):
-        return {k async for k in a.group.store.list_dir(f"{a.path}/done/{folder}")}
-
-    async def every():
-        return await asyncio.gather(*(listing(a) for a in arrays.values()))
-
-    present = dict(zip(arrays, sync(every())))
-    return {k: np.array([posixpath.basename(chunk_key((i,))) in present[k] for i in range(a.n_shards)])
-            for k, a in arrays.items()}
-
-
 def pending(plan: Plan) -> list[tuple[int, int]]:
-    """Tasks (t, shard) with at least one requested array whose shard is not done."""
-    n_shards = math.ceil(len(plan.split) / plan.shard_rows)
+    """Tasks (t, shard) of this run's rows with at least one requested array whose shard is not done."""
     masks = done_masks(plan.arrays)
-    return [(t, i) for t in plan.ts for i in range(n_shards)
+    return [(t, i) for t in plan.ts for i in plan.shards()
             if any(not masks[(t, b, p)][i] for b in plan.blocks for p in plan.pools)]

@@ -13,8 +13,17 @@ backend's default (ADM: the dataset's labels; DiT: its null class).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from ..errors import DiffstoreError
-from .base import DiffusionModel
+from ..key import check_name
+
+if TYPE_CHECKING:  # importing the package stays torch-free (extract/quick.py reads DEFAULT_DIR)
+    from .base import DiffusionModel
+
+DEFAULT_DIR = Path(__file__).parent / "default"  # the shipped digits model, a diffusers folder
+DEFAULT_NAME = "digits-ddpm"
 
 
 def parse_class_label(value: int | str | None) -> int | str | None:
@@ -29,11 +38,25 @@ def parse_class_label(value: int | str | None) -> int | str | None:
 def load_model(spec: str = "default", *, name: str | None = None, random_init: int | None = None,
                adm_config: str | None = None, class_label: int | str | None = None,
                prompt: str = "", resolution: int | None = None) -> DiffusionModel:
-    class_label = parse_class_label(class_label)
-    if spec == "default":
-        from .diffusers_unet import DEFAULT_DIR, load_unet2d
+    """The model `spec` names, checked: its name is a valid store path segment (key.check_name), and its source
+    records the spec as the user gave it (provenance, never reloaded from a store)."""
+    if name is not None:
+        check_name("--model-name", name, reserved_ok=False)  # before a load that may take minutes
+    model = load_backend(spec, name, random_init, adm_config, parse_class_label(class_label), prompt, resolution)
+    try:
+        check_name("model", model.name)
+    except DiffstoreError as e:
+        raise DiffstoreError(f"{e}; pass --model-name NAME") from None
+    model.source = {**model.source, "spec": spec}
+    return model
 
-        return load_unet2d(str(DEFAULT_DIR), name=name or "digits-ddpm", random_init=random_init)
+
+def load_backend(spec: str, name: str | None, random_init: int | None, adm_config: str | None,
+                 class_label: int | str | None, prompt: str, resolution: int | None) -> DiffusionModel:
+    if spec == "default":
+        from .diffusers_unet import load_unet2d
+
+        return load_unet2d(str(DEFAULT_DIR), name=name or DEFAULT_NAME, random_init=random_init)
     if spec.startswith("adm:"):
         from .adm import load_adm
 

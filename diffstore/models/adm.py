@@ -23,6 +23,7 @@ from ..errors import DiffstoreError
 from ..key import sha256_files
 from .adm_net import NUM_CLASSES, ADMNetConfig, ADMUNet
 from .base import DiffusionModel, class_labels, cosine_alphas_cumprod, linear_alphas_cumprod
+from .weights import mismatches, read_state_dict
 
 # guided_diffusion.script_util.model_and_diffusion_defaults()
 DEFAULT_FLAGS = {
@@ -111,39 +112,12 @@ def _infer_config(path: str | None) -> str:
                          f"({', '.join(ADM_CONFIGS)}, or a JSON file of create_model arguments)")
 
 
-def read_state_dict(path: str) -> dict:
-    """Tensors of a .pt (torch.load with weights_only: no code runs) or .safetensors checkpoint."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DiffstoreError(f"ADM checkpoint {path} does not exist")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(p)
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DiffstoreError(f"could not read ADM checkpoint {path} ({type(e).__name__}: {e}); expected a "
-                             "guided-diffusion state_dict (.pt) or .safetensors") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DiffstoreError(f"{path} is not a plain state_dict (name -> tensor): save model.state_dict() itself")
-    return state
-
-
 def load_checkpoint(flags: dict, state: dict, config_name: str) -> ADMUNet:
     """The net with the checkpoint's tensors, every key and shape checked first (on meta: a mismatch costs no
     memory); a near-miss config would otherwise load partially, silently wrong."""
     net = build_adm({**flags, "use_fp16": False}, device="meta")
-    ours = net.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        def few(items):
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        problems = [f"{name}: {few(items)}" for name, items in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+    problems = mismatches({k: v.shape for k, v in net.state_dict().items()}, state)
+    if problems:
         guess = [n for n, named in ADM_CONFIGS.items() if n != config_name and
                  {k: tuple(v.shape) for k, v in build_adm(named, device="meta").state_dict().items()}
                  == {k: tuple(v.shape) for k, v in state.items()}]
@@ -171,7 +145,7 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
         raise DiffstoreError(f"--class-label {class_label}: must be an ImageNet class index 0..{NUM_CLASSES - 1}")
 
     if random_init is None:
-        net = load_checkpoint(flags, read_state_dict(path), config_name)
+        net = load_checkpoint(flags, read_state_dict(path, "ADM checkpoint"), config_name)
         weights_sha = sha256_files([Path(path).expanduser()])
         base = name or Path(path).stem
     else:

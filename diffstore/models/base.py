@@ -53,6 +53,21 @@ class DiffusionModel:
         return self
 
 
+def load_failure(what: str, e: BaseException) -> DiffstoreError:
+    """Why weights did not load, with the real reason: a pickled checkpoint holding more than tensors is refused by
+    torch.load(weights_only=True) for safety, and says so (libraries bury that under 'Unable to load weights')."""
+    chain, x = [], e
+    while x is not None and x not in chain:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    text = " ".join(f"{type(x).__name__}: {x}" for x in chain)
+    if "weights_only" in text or any(type(x).__name__ == "UnpicklingError" for x in chain):
+        return DiffstoreError(f"{what}: its pickled weights hold objects other than tensors, and diffstore never "
+                              "unpickles those (torch.load(weights_only=True) refused it, for safety). Use a "
+                              ".safetensors file, or re-save the state_dict from a trusted source")
+    return DiffstoreError(f"{what}: {type(e).__name__}: {str(e)[:500]}")
+
+
 def class_labels(class_label: int | str, labels: torch.Tensor | None, n: int, num_classes: int,
                  device: torch.device) -> torch.Tensor:
     """Labels [n] for a class-conditional network (ADM, DiT): `class_label` for every image, or with "dataset" the

@@ -15,9 +15,8 @@ import torch
 from ..blocks import BlockTable, trace_blocks
 from ..errors import DiffstoreError
 from ..key import sha256_files
-from .base import DiffusionModel, linear_alphas_cumprod
+from .base import DiffusionModel, linear_alphas_cumprod, load_failure
 
-DEFAULT_DIR = Path(__file__).parent / "default"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt"]
 
@@ -120,7 +119,7 @@ def load_unet2d(spec: str, name: str | None = None, random_init: int | None = No
     except DiffstoreError:
         raise
     except Exception as e:
-        raise DiffstoreError(f"could not load a UNet2DModel from {folder}: {type(e).__name__}: {e}") from e
+        raise load_failure(f"could not load a UNet2DModel from {folder}", e) from e
     unet.eval().requires_grad_(False)
     model_name, weights_sha = folder_identity(spec, root, [folder], name, random_init)
     size = unet.config.sample_size

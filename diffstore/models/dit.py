@@ -24,7 +24,7 @@ import torch
 
 from ..blocks import BlockTable, trace_blocks
 from ..errors import DiffstoreError
-from .base import DiffusionModel, class_labels
+from .base import DiffusionModel, class_labels, load_failure
 from .diffusers_unet import folder_identity, model_config, read_alphas_cumprod, resolve_folder
 from .sd import latent_encoder, vae_downscale
 from .tokens import token_maps
@@ -82,7 +82,7 @@ def load_dit(spec: str, name: str | None = None, random_init: int | None = None,
     try:
         net, vae = load_parts(root, random_init)
     except Exception as e:
-        raise DiffstoreError(f"could not load DiT from {root}: {type(e).__name__}: {e}") from e
+        raise load_failure(f"could not load DiT from {root}", e) from e
     for m in (net, vae):
         m.eval().requires_grad_(False)
     num_classes = int(net.config.num_embeds_ada_norm)

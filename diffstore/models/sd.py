@@ -17,7 +17,7 @@ import torch
 
 from ..blocks import BlockTable
 from ..errors import DiffstoreError
-from .base import DiffusionModel
+from .base import DiffusionModel, load_failure
 from .diffusers_unet import folder_identity, model_config, read_alphas_cumprod, resolve_folder, trace_unet
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -104,7 +104,7 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
     try:
         unet, vae, text_encoder, tokenizer = load_parts(root, random_init)
     except Exception as e:
-        raise DiffstoreError(f"could not load Stable Diffusion from {root}: {type(e).__name__}: {e}") from e
+        raise load_failure(f"could not load Stable Diffusion from {root}", e) from e
     if unet.config.addition_embed_type is not None:
         raise DiffstoreError(f"{root}: the UNet needs added conditioning ({unet.config.addition_embed_type}, e.g. SDXL); "
                              "only SD 1.x/2.x pipelines are supported")

@@ -10,17 +10,16 @@ last is full.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, TypeVar
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import DiffstoreError
+from ..stream import ahead, buffers
 
-T = TypeVar("T")
 DEFAULT_BUDGET = 2 << 30  # bytes of float32 rows a Feed may hold in RAM; above it, rows stream chunk-wise
 
 
@@ -43,16 +42,6 @@ class Rows:
 
     def nbytes(self, n: int | None = None) -> int:
         return (self.n_rows if n is None else n) * int(np.prod(self.row_shape)) * 4
-
-
-def ahead(items: Iterator[T]) -> Iterator[T]:
-    """The items of an iterator, each produced in a background thread while the caller uses the one before."""
-    done = object()
-    with ThreadPoolExecutor(1, thread_name_prefix="diffstore-feed") as ex:
-        pending = ex.submit(next, items, done)
-        while (item := pending.result()) is not done:
-            pending = ex.submit(next, items, done)
-            yield item
 
 
 def first_rows(rows: Rows, n: int | None) -> Rows:
@@ -129,31 +118,18 @@ class Feed:
             return
         keep = np.zeros(len(self.labels), bool)
         keep[self.positions] = True
-        cr = self.sources[0].chunk_rows
-        chunks = [c for c in range(-(-len(keep) // cr)) if keep[c * cr:(c + 1) * cr].any()]
-        if rng is not None:
-            rng.shuffle(chunks)
-        step = max(1, self.buffer_rows // cr)
-        groups = (self._group(chunks[g:g + step], keep) for g in range(0, len(chunks), step))
         carry_x, carry_y = [np.empty((0, *r.row_shape), np.float32) for r in self.sources], np.empty(0, np.int64)
+        groups = buffers([r.read for r in self.sources], self.labels, keep, self.sources[0].chunk_rows,
+                         self.buffer_rows, rng)
         for xs, ys in ahead(groups):  # the next group is read while this one's batches are used
             buf_x = [np.concatenate([cx, x]) if len(cx) else x for cx, x in zip(carry_x, xs)]
             buf_y = np.concatenate([carry_y, ys])
-            if rng is not None:
-                perm = rng.permutation(len(buf_y))
-                buf_x, buf_y = [b[perm] for b in buf_x], buf_y[perm]
             n_full = len(buf_y) // bs * bs
             for i in range(0, n_full, bs):
                 yield [self._tensor(b[i:i + bs]) for b in buf_x], torch.from_numpy(buf_y[i:i + bs]).to(self.device)
             carry_x, carry_y = [b[n_full:] for b in buf_x], buf_y[n_full:]
         if len(carry_y):
             yield [self._tensor(b) for b in carry_x], torch.from_numpy(carry_y).to(self.device)
-
-    def _group(self, chunks: list[int], keep: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """The kept rows of `chunks` (in that order) of every source as float32, and their labels: one read each."""
-        cr = self.sources[0].chunk_rows
-        rows = np.concatenate([c * cr + np.flatnonzero(keep[c * cr:(c + 1) * cr]) for c in chunks])
-        return [np.asarray(r.read(rows), np.float32) for r in self.sources], self.labels[rows]
 
     def channel_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-channel mean and std of each source over these positions (float64 sums: float16 inputs)."""

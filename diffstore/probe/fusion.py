@@ -25,11 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.table import Table
-from torch import nn
 
 from ..errors import DiffstoreError
 from .feed import Rows
-from .heads import FUSION, MAX_TOKENS_SIDE, HeadSpec, transformer
+from .heads import FUSION, MAX_TOKENS_SIDE, HeadSpec
 from .intervals import difference, result_hits
 from .report import signed, with_ci
 
@@ -55,35 +54,6 @@ def token_rows(parts: list[Rows], pool: int | None = None) -> Rows:
 
     width = sum(p.row_shape[0] * s * s for p, s in zip(parts, sides))
     return Rows(parts[0].n_rows, (width, 1, 1), parts[0].chunk_rows, read)
-
-
-class FusionHead(nn.Module):
-    """Tokens of every key (channels, token side, t, block), projected to `dim`, + t, block and position
-    embeddings; CLS + Transformer blocks; linear classifier on CLS."""
-
-    def __init__(self, keys: tuple, n_classes: int, dim: int, depth: int, n_heads: int):
-        super().__init__()
-        if len(keys) < 2:
-            raise DiffstoreError("the fusion head needs at least two keys: pass --fuse KEYS or --fuse auto --select K")
-        self.keys = [tuple(k) for k in keys]
-        ts, blocks, sides = (sorted({k[i] for k in self.keys}) for i in (2, 3, 1))
-        self.index = [(ts.index(t), blocks.index(b), sides.index(s)) for _, s, t, b in self.keys]
-        self.proj = nn.ModuleList(nn.Linear(c, dim) for c, *_ in self.keys)
-        self.t_emb = nn.Parameter(torch.randn(len(ts), dim) * 0.02)
-        self.block_emb = nn.Parameter(torch.randn(len(blocks), dim) * 0.02)
-        self.pos = nn.ParameterList(nn.Parameter(torch.randn(s * s, dim) * 0.02) for s in sides)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = transformer(dim, depth, n_heads)
-        self.norm = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, n_classes)
-
-    def forward(self, x):
-        flat, start, tokens = x.flatten(1), 0, [self.cls.expand(len(x), -1, -1)]
-        for (c, s, _, _), proj, (ti, bi, si) in zip(self.keys, self.proj, self.index):
-            part = flat[:, start:start + c * s * s].view(len(x), c, s * s).transpose(1, 2)
-            start += c * s * s
-            tokens.append(proj(part) + self.pos[si] + self.t_emb[ti] + self.block_emb[bi])
-        return self.out(self.norm(self.blocks(torch.cat(tokens, 1)))[:, 0])
 
 
 # --- the stage: which sources each head reads, auto keys, the comparison -----------------------------------

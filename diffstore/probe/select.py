@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DiffstoreError
-from ..extract import pick_device
-from ..progress import progress
+from ..device import pick_device
+from ..progress import progress, working_on
 from ..store import Store
 from .feed import DEFAULT_BUDGET, Feed, Rows, first_labels, split_val
 from .recipe import ProbeRecipe
@@ -44,7 +44,7 @@ def proxy_scores(sources: list[Rows], y_train: np.ndarray, n_classes: int, recip
     is_val = torch.from_numpy(np.isin(positions, val_pos))
     dev, out = pick_device(device), []
     with progress("key", disable=not show_progress) as bar:
-        task = bar.add_task("proxy", total=len(sources))
+        task = bar.add_task("rank keys by the ridge proxy", total=len(sources))
         for r in sources:
             side = max([p for p in range(1, min(r.row_shape[1:]) + 1) if r.row_shape[0] * p * p <= PROXY_DIM] or [1])
             xs, ys = [], []
@@ -73,8 +73,9 @@ def rank_keys(store: Store, sources: list, recipe: ProbeRecipe, device=None, bud
     for dataset in dict.fromkeys(s.row["dataset"] for s in sources):
         group = [s for s in sources if s.row["dataset"] == dataset]
         split = first_labels(store.split(dataset, "train"), recipe.limit)
-        scores = proxy_scores([s.train for s in group], split.labels, len(split.class_names), recipe, device, budget,
-                              show_progress)
+        with working_on(f"{dataset}/train {', '.join(dict.fromkeys(s.row['model'] for s in group))}"):
+            scores = proxy_scores([s.train for s in group], split.labels, len(split.class_names), recipe, device,
+                                  budget, show_progress)
         rows = sorted(({**s.row, "proxy_val_top1": sc, "linear_top1": linear_top1(stored, s), "source": s}
                        for s, sc in zip(group, scores)), key=lambda r: -r["proxy_val_top1"])
         pairs = [(r["proxy_val_top1"], r["linear_top1"]) for r in rows if r["linear_top1"] is not None]

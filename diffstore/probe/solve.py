@@ -7,9 +7,13 @@ The protocol of most linear-evaluation studies of frozen features:
 - it is solved by L-BFGS until the gradient's largest entry is below tol * lam, clamped to [1e-5, 1e-4] (the
   convergence test: a weak penalty has a flat optimum, where the predictions need a finer solve; float32 sums
   over the rows set the floor);
-- C is chosen on the validation split from a log grid (best val top-1, ties to the smaller C: stronger
-  regularisation), walking the grid from small to large C with warm starts;
-- the reported head is the fit on the train part at the chosen C (no refit on train+val: val stays held out).
+- C is chosen on the validation split from a log grid (recipe.C_GRID: 1e-4 .. 1e2, half a decade apart; best val
+  top-1, ties to the smaller C: stronger regularisation), walking the grid from small to large C with warm starts;
+  a chosen C at an end of the grid is recorded (C_at_grid_end) and the stage warns: the optimum may lie beyond;
+- the reported head is the fit on the train part at the chosen C; with recipe.refit, the fit on train + val at that
+  C, warm-started from it (val is then no longer held out: its top-1 is the train-part fit's);
+- the head is folded back to the standardised features (logits = (x - mean) / std @ coef + bias): test hits, saved
+  heads and the LinearProbe estimator all apply that one form (linear_logits).
 
 Many keys solve side by side: arrays of one width are stacked into one [G, n, D+1] tensor (last column 1, the bias)
 and a batched L-BFGS (per-key curvature pairs, step sizes and convergence) runs them in one matmul per step, on the
@@ -24,9 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..extract import pick_device
+from ..device import pick_device
 from ..progress import progress
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
+from .heads import top_hits
+from .intervals import hits_record, validation_record
 
 STREAM_ROWS = 4096  # rows per block when the design streams from the store
 
@@ -193,58 +199,127 @@ def predict_hits(design: Design, w: torch.Tensor, n_classes: int) -> tuple[torch
     """Per-key hit vectors (top-1, top-5) over every row of the design, in row order: [G, n] bools each."""
     top1, top5 = [], []
     for x, y in design.blocks():
-        top = torch.bmm(x, w).topk(min(5, n_classes), 2).indices
-        top1.append(top[..., 0] == y)
-        top5.append((top == y[None, :, None]).any(2))
+        h1, h5 = top_hits(torch.bmm(x, w), y)
+        top1.append(h1)
+        top5.append(h5)
     return torch.cat(top1, 1), torch.cat(top5, 1)
 
 
-def solve_group(sources: list[Rows], tests: list[Rows], pool: int | None, y_train: np.ndarray, y_test: np.ndarray, n_classes: int,
-                recipe, dev: torch.device, budget: int) -> list[dict]:
-    """Every source of one width: the C path on train/val, then test hits of the chosen C's fit."""
+def solve_at(design: Design, u: torch.Tensor, scale: torch.Tensor, lam: torch.Tensor, n_classes: int, recipe):
+    """Every source's L-BFGS solve at its L2 strength lam [G], warm-started from the weights W = weights(u, scale)
+    of the previous solve; returns the solution as (u, scale) and the solver's record."""
+    # the softmax's curvature along a feature is ~ p (1 - p) ~ 1/K times its variance at the uniform start: the
+    # diagonal preconditioner weighs data against the penalty so (~40% fewer passes than eig + lam at K = 10)
+    scale_new = (design.stats[3] / n_classes + lam[:, None]).rsqrt()
+    u = u.clone()
+    u[:, :-1] *= (scale / scale_new)[..., None]  # the same W: a warm start
+    # converged: every entry of the gradient in W (not u) within min(tol * lam, 1e-4): weak penalties solve
+    # finer, down to 1e-5, where float32 sums over the rows stop resolving it
+    bound = (recipe.tol * lam).clamp(1e-5, 1e-4)
+    gap = lambda g: torch.cat([g[:, :-1] / scale_new[..., None], g[:, -1:]], 1).abs().amax((1, 2)) / bound  # noqa: E731
+    u, info = lbfgs(lambda v, sel: objective(design, v, lam[sel], scale_new[sel], sel), u, gap, recipe.max_iter)
+    return u, scale_new, info
+
+
+def c_path(fit: Design, val: Design | None, Cs: list[float], n_classes: int, recipe):
+    """Solve every source at each C, small to large (each solve warm-starts the next, weaker-regularised one); per
+    source keep the fit with the best validation top-1 (strictly better: ties keep the smaller C, stronger
+    regularisation). Returns its weights W [G, D+1, K] (rotated basis), C, the val top-1 per C, solver records."""
+    G, dev = len(fit.stats[0]), fit.stats[0].device
+    u = torch.zeros(G, fit.stats[0].shape[1] + 1, n_classes, device=dev)
+    scale = torch.ones_like(fit.stats[3])
+    best, best_w = torch.full((G,), -1.0, device=dev), torch.zeros_like(u)
+    chosen, records, curve = [None] * G, [{}] * G, [[] for _ in range(G)]
+    for C in Cs:
+        u, scale, info = solve_at(fit, u, scale, torch.full((G,), 1 / (C * fit.n), device=dev), n_classes, recipe)
+        w = weights(u, scale)
+        score = predict_hits(val, w, n_classes)[0].float().mean(1) if val else torch.ones(G, device=dev)
+        for i in range(G):
+            curve[i].append(float(score[i]))
+            if score[i] > best[i]:
+                best[i], best_w[i], chosen[i] = score[i], w[i], C
+                records[i] = {name: v[i] for name, v in info.items()}
+    return best_w, chosen, curve, records
+
+
+def fold(w: torch.Tensor, stats: tuple) -> dict[str, torch.Tensor]:
+    """Rotated-basis weights W [G, D+1, K] -> the head on standardised features, logits = (x - mean) / std @ coef
+    + bias (scikit-learn's StandardScaler + LogisticRegression layout): what is reported, saved and applied."""
+    mean, std, rot, _ = stats
+    return {"mean": mean, "std": std, "coef": torch.bmm(rot.double(), w[:, :-1].double()).float(),
+            "bias": w[:, -1].clone()}
+
+
+def unfold(head: dict[str, torch.Tensor], stats: tuple) -> torch.Tensor:
+    """A folded head as weights W [G, D+1, K] of another design (other rows: other mean, std and rotation) that
+    compute the same logits: the refit's warm start."""
+    mean, std, rot, _ = stats
+    coef = head["coef"] * (std / head["std"])[..., None]
+    bias = head["bias"] + torch.bmm(((mean - head["mean"]) / head["std"])[:, None], head["coef"])[:, 0]
+    return torch.cat([torch.bmm(rot.transpose(1, 2), coef), bias[:, None]], 1)
+
+
+@torch.no_grad()
+def linear_logits(sources: list[Rows], head: dict[str, torch.Tensor], pool: int | None, device: torch.device,
+                  budget: int = DEFAULT_BUDGET, labels: np.ndarray | None = None):
+    """(logits [G, rows, K], labels) of each source's folded head over every row of its source, in row order,
+    STREAM_ROWS rows at a time (the same blocks whether held or streamed: the stage and a loaded head compute the
+    same numbers)."""
+    n = sources[0].n_rows
+    for xs, y in Feed(sources, np.zeros(n, np.int64) if labels is None else labels, np.arange(n), STREAM_ROWS, device,
+                      budget).batches():
+        x = torch.stack([flat(x, pool) for x in xs])
+        yield torch.baddbmm(head["bias"][:, None], (x - head["mean"][:, None]) / head["std"][:, None], head["coef"]), y
+
+
+def solve_group(sources: list[Rows], tests: list[Rows] | None, pool: int | None, y_train: np.ndarray,
+                y_test: np.ndarray | None, n_classes: int, recipe, dev: torch.device, budget: int) -> list[dict]:
+    """Every source of one width: the C path on train/val, the chosen C's fit (refit on train + val with
+    recipe.refit) as a folded head ("fitted": numpy arrays), and the test hits of that head when tests are given."""
     fit_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
     fit = Design(sources, y_train, fit_pos, pool, dev, budget)
     val = Design(sources, y_train, val_pos, pool, dev, budget, fit.stats) if len(val_pos) else None
-    width, eig = fit.stats[0].shape[1], fit.stats[3]
-    u = torch.zeros(len(sources), width + 1, n_classes, device=dev)
-    scale = torch.ones_like(eig)
-    best = (torch.full((len(sources),), -1.0, device=dev), u.clone(), [None] * len(sources), [{}] * len(sources))
     Cs = sorted(recipe.Cs) if val else [1.0]  # nothing to choose on: scikit-learn's default C
-    curve: list[list] = [[] for _ in sources]
-    for C in Cs:  # small C first: each solve warm-starts the next, weaker-regularised one
-        lam = torch.full((len(sources),), 1 / (C * fit.n), device=dev)
-        # the softmax's curvature along a feature is ~ p (1 - p) ~ 1/K times its variance at the uniform start: the
-        # diagonal preconditioner weighs data against the penalty so (~40% fewer passes than eig + lam at K = 10)
-        scale_new = (eig / n_classes + lam[:, None]).rsqrt()
-        u[:, :-1] *= (scale / scale_new)[..., None]  # the same W: a warm start
-        scale = scale_new
-        # converged: every entry of the gradient in W (not u) within min(tol * lam, 1e-4): weak penalties solve
-        # finer, down to 1e-5, where float32 sums over the rows stop resolving it
-        bound = (recipe.tol * lam).clamp(1e-5, 1e-4)
-        gap = lambda g: torch.cat([g[:, :-1] / scale[..., None], g[:, -1:]], 1).abs().amax((1, 2)) / bound  # noqa: E731
-        u, info = lbfgs(lambda v, sel: objective(fit, v, lam[sel], scale[sel], sel), u, gap, recipe.max_iter)
-        w = weights(u, scale)
-        score = predict_hits(val, w, n_classes)[0].float().mean(1) if val else torch.ones(len(sources), device=dev)
-        for i in range(len(sources)):
-            curve[i].append(float(score[i]))
-            if score[i] > best[0][i]:  # strictly: ties keep the smaller C
-                best[0][i], best[1][i], best[2][i] = score[i], w[i], C
-                best[3][i] = {name: v[i] for name, v in info.items()}
-    test = Design(tests, y_test, np.arange(len(y_test)), pool, dev, budget, fit.stats)
-    hit1, hit5 = predict_hits(test, best[1], n_classes)
-    return [{"top1": float(hit1[i].float().mean()), "top5": float(hit5[i].float().mean()) if n_classes > 5 else None,
-             "n_test": int(hit1.shape[1]), "hits": hit1[i].cpu().numpy(), "val_top1": float(best[0][i]) if val else None,
-             "C": best[2][i], "val_top1_per_C": dict(zip(map(str, Cs), curve[i])) if val else None,
-             "train_loss": best[3][i]["loss"], "iterations": best[3][i]["iterations"],
-             "grad_over_tol": best[3][i]["grad_over_tol"], "converged": best[3][i]["converged"],
-             "n_train": len(fit_pos), "n_val": len(val_pos), "params": (width + 1) * n_classes}
-            for i in range(len(sources))]
+    w, chosen, curve, records = c_path(fit, val, Cs, n_classes, recipe)
+    val_hits = predict_hits(val, w, n_classes) if val else None
+    head, n_fit, width = fold(w, fit.stats), fit.n, fit.stats[0].shape[1]
+    del fit, val, w  # their rows leave memory before the refit's and the test's come in
+    if recipe.refit and val_hits is not None:
+        full = Design(sources, y_train, np.arange(len(y_train)), pool, dev, budget)
+        lam = torch.tensor([1 / (C * full.n) for C in chosen], device=dev)
+        u, scale, info = solve_at(full, unfold(head, full.stats), torch.ones_like(full.stats[3]), lam, n_classes,
+                                  recipe)
+        head, n_fit = fold(weights(u, scale), full.stats), full.n
+        records = [{name: v[i] for name, v in info.items()} for i in range(len(sources))]
+    if tests is not None:
+        blocks = linear_logits(tests, head, pool, dev, budget, y_test)
+        hits = [torch.cat(h, 1) for h in zip(*(top_hits(z, y) for z, y in blocks))]
+    out = []
+    for i in range(len(sources)):
+        m = {"C": chosen[i], "C_at_grid_end": grid_end(chosen[i], Cs), "val_top1": None,
+             "val_top1_per_C": dict(zip(map(str, Cs), curve[i])) if val_hits is not None else None,
+             "train_loss": records[i]["loss"], "iterations": records[i]["iterations"],
+             "grad_over_tol": records[i]["grad_over_tol"], "converged": records[i]["converged"],
+             "n_train": n_fit, "n_val": len(val_pos), "params": (width + 1) * n_classes,
+             "fitted": {name: v[i].cpu().numpy() for name, v in head.items()}}
+        if val_hits is not None:
+            m.update(validation_record(*(h[i].cpu().numpy() for h in val_hits), y_train[val_pos], n_classes))
+        if tests is not None:
+            m.update(hits_record(*(h[i].cpu().numpy() for h in hits), n_classes))
+        out.append(m)
+    return out
 
 
-def solve_many(sources: list[Rows], tests: list[Rows], pools: list[int | None], y_train: np.ndarray, y_test: np.ndarray, n_classes: int,
-               recipe, device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
+def grid_end(C: float, Cs: list[float]) -> str | None:
+    """'smallest' or 'largest' when the chosen C is an end of a grid of several: the optimum may lie beyond it."""
+    return None if len(Cs) < 2 else "smallest" if C == Cs[0] else "largest" if C == Cs[-1] else None
+
+
+def solve_many(sources: list[Rows], tests: list[Rows] | None, pools: list[int | None], y_train: np.ndarray,
+               y_test: np.ndarray | None, n_classes: int, recipe, device: str | None = None,
+               budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
     """Converged linear probes of every (train source, its test rows, head pool), side by side per width;
-    metrics in input order."""
+    metrics in input order. tests=None: fit only (an estimator's fit), no test metrics."""
     dev = pick_device(device)
     widths = [flat(torch.zeros(1, *r.row_shape), p).shape[1] for r, p in zip(sources, pools)]
     groups: dict = {}
@@ -255,7 +330,8 @@ def solve_many(sources: list[Rows], tests: list[Rows], pools: list[int | None], 
         task = bar.add_task(f"solve {len(sources)} linear probe(s)", total=len(groups))
         for (width, pool), idx in groups.items():
             start = time.perf_counter()
-            metrics = solve_group([sources[i] for i in idx], [tests[i] for i in idx], pool, y_train, y_test, n_classes, recipe, dev, budget)
+            metrics = solve_group([sources[i] for i in idx], None if tests is None else [tests[i] for i in idx], pool,
+                                  y_train, y_test, n_classes, recipe, dev, budget)
             spent = time.perf_counter() - start
             for i, m in zip(idx, metrics):
                 out[i] = {**m, "train_time_s": spent / len(idx), "trained_with": len(idx), "device": str(dev)}

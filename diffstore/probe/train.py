@@ -29,13 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..extract import pick_device
+from ..device import pick_device
 from ..progress import progress
 from .feed import DEFAULT_BUDGET, Feed, Rows, split_val
-from .heads import HeadSpec, build_head, n_params
+from .heads import HeadSpec, build_head, n_params, top_hits
+from .intervals import hits_record, validation_record
 from .recipe import ProbeRecipe
 
 LATE = 0.2  # the last fifth of the evaluations: still improving there at the budget means not converged
+EVAL_ROWS = 1024  # rows per forward when heads are evaluated (validation, test, a fitted estimator's predict)
 
 
 @dataclass
@@ -43,32 +45,37 @@ class Job:
     """One head to train: its train/test rows, and how to word a refusal about them."""
 
     train: Rows
-    test: Rows
+    test: Rows | None  # None: fit only (an estimator's fit)
     spec: HeadSpec
     what: str = "the input"
     fix: str = "Extract it with `--pools full` (or a larger p)."
 
 
 @torch.no_grad()
+def head_logits(heads: list, feed: Feed):
+    """(logits of every head, labels) per batch the feed yields, in order, the heads in eval mode."""
+    for h in heads:
+        h.eval()
+    for xs, y in feed.batches():
+        yield [h(xs[h.source_index]) for h in heads], y
+
+
 def evaluate(heads: list, feed: Feed, n_classes: int) -> list[dict]:
     """Per head over every row the feed yields, in order: top-1 and top-5 hit vectors, mean cross-entropy, and n,
     the number of rows actually evaluated."""
-    for h in heads:
-        h.eval()
     hit1, hit5, loss = [[] for _ in heads], [[] for _ in heads], [0.0] * len(heads)
-    for xs, y in feed.batches():
-        for i, h in enumerate(heads):
-            logits = h(xs[h.source_index])
-            top = logits.topk(min(5, n_classes), 1).indices
-            hit1[i].append((top[:, 0] == y).cpu())
-            hit5[i].append((top == y[:, None]).any(1).cpu())
-            loss[i] += float(F.cross_entropy(logits, y, reduction="sum"))
+    for logits, y in head_logits(heads, feed):
+        for i, z in enumerate(logits):
+            h1, h5 = top_hits(z, y)
+            hit1[i].append(h1.cpu())
+            hit5[i].append(h5.cpu())
+            loss[i] += float(F.cross_entropy(z, y, reduction="sum"))
     out = []
     for i in range(len(heads)):
         h1, h5 = torch.cat(hit1[i]).numpy(), torch.cat(hit5[i]).numpy()
         n = len(h1)
         out.append({"top1": h1.mean() if n else 0.0, "top5": h5.mean() if n and n_classes > 5 else None, "n": n,
-                    "hits": h1, "loss": loss[i] / max(n, 1)})
+                    "hits": h1, "hits5": h5, "loss": loss[i] / max(n, 1)})
     return out
 
 
@@ -167,7 +174,8 @@ def convergence(evals: list[tuple], best_step: int, still_active: bool) -> dict:
 
 def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_classes: int, recipe: ProbeRecipe,
                device: str | None = None, budget: int = DEFAULT_BUDGET, show_progress: bool = True) -> list[dict]:
-    """Train every job's head(s) side by side over the shared sample order; metrics per job."""
+    """Train every job's head(s) side by side over the shared sample order; metrics per job, with the chosen head
+    ("fitted", an nn.Module). Jobs without test rows (y_test None) are fitted only."""
     dev = pick_device(device)
     train_pos, val_pos = split_val(len(y_train), recipe.val_frac, recipe.seed)
     sources, source_index = [], {}  # several heads on one array share its rows
@@ -188,7 +196,7 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
             h.source_index = source_index[id(j.train)]
             heads.append(h)
             owner.append(j_index)
-    val_feed = Feed([s[0] for s in sources], y_train, val_pos, 1024, dev, budget) if len(val_pos) else None
+    val_feed = Feed([s[0] for s in sources], y_train, val_pos, EVAL_ROWS, dev, budget) if len(val_pos) else None
     start = time.perf_counter()
     with progress("epoch" if paper else "step", disable=not show_progress) as bar:
         fits = (fit_paper(heads, feed, val_feed, recipe, n_classes, bar) if paper
@@ -200,19 +208,22 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
     for j_index in range(len(jobs)):
         mine = [k for k in range(len(heads)) if owner[k] == j_index]
         chosen.append(mine[0] if paper else max(mine, key=lambda k: (val[k]["top1"], -val[k]["loss"])))
-    test = evaluate([heads[k] for k in chosen], Feed([s[1] for s in sources], y_test, np.arange(len(y_test)), 1024,
-                                                      dev, budget), n_classes)
+    test = None if y_test is None else evaluate([heads[k] for k in chosen], Feed(
+        [s[1] for s in sources], y_test, np.arange(len(y_test)), EVAL_ROWS, dev, budget), n_classes)
     out = []
-    for k, te in zip(chosen, test):
+    for j_index, k in enumerate(chosen):
         lr, wd = grid[k % len(grid)]
-        out.append({"params": n_params(heads[k]), "top1": float(te["top1"]), "top5": te["top5"] and float(te["top5"]),
-                    "n_test": te["n"], "hits": te["hits"], "val_top1": val[k]["top1"] and float(val[k]["top1"]),
+        out.append({"params": n_params(heads[k]), "val_top1": None,
+                    **(validation_record(val[k]["hits"], val[k]["hits5"], y_train[val_pos], n_classes)
+                       if val_feed else {}),
+                    **({} if test is None else hits_record(test[j_index]["hits"], test[j_index]["hits5"], n_classes)),
                     "n_train": len(train_pos), "n_val": len(val_pos), "lr": lr, "weight_decay": wd,
                     **({} if paper else {"val_top1_per_lr_wd": {"lr={:g},wd={:g}".format(*grid[i % len(grid)]): float(val[i]["top1"])
                                                                 for i in range(len(heads)) if owner[i] == owner[k]}}),
                     **fits[k],
                     # side-by-side heads share one wall clock: each job is charged an equal part
-                    "train_time_s": train_time / len(jobs), "trained_with": len(jobs), "device": str(dev)})
+                    "train_time_s": train_time / len(jobs), "trained_with": len(jobs), "device": str(dev),
+                    "fitted": heads[k]})
     return out
 
 

@@ -90,14 +90,15 @@ def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
     spectra = [spectrum(z[:, k]) for k in range(len(ts))]
     ranks = [effective_rank(s) for s in spectra]
     pngs = [plot_spectra(ts, spectra, folder / "spectra.png"),
-            curves(ts, {"effective rank": ranks}, "t", "effective rank", "Effective rank of z(t)", folder / "effective_rank.png")]
+            save(curves(ts, {"effective rank": ranks}, "t", "effective rank", "Effective rank of z(t)"),
+                 folder / "effective_rank.png")]
 
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(z), size=min(cfg.tsne_points, len(z)), replace=False))
     picks = sorted(set(np.linspace(0, len(ts) - 1, min(cfg.tsne_ts, len(ts))).round().astype(int).tolist()))
     embeddings = []
     with progress("t", disable=not show_progress) as bar:  # t-SNE is the slow part: minutes on a CPU
-        task = bar.add_task(f"t-SNE of {len(rows)} points", total=len(picks))
+        task = bar.add_task(f"t-SNE of {len(rows)} points on {base}", total=len(picks))
         for k in picks:
             embeddings.append(TSNE(2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3), random_state=cfg.seed)
                               .fit_transform(z[rows, k].astype(np.float32)))

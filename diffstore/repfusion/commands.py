@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ..datasets import load_split
 from ..errors import require
-from ..extract import pick_device
+from ..device import pick_device
 from ..models import load_model
 from ..store import Store
+from ..terminal import console, fold
 from .config import AnalyzeConfig, DistillConfig, FinetuneConfig, TargetsConfig
 from .distill import distill, finetune
 from .targets import build_targets
@@ -33,7 +33,8 @@ def emit(result: dict, title: str, rows: list[tuple[str, object]], json_out: boo
     table.add_column()
     for name, value in rows:  # Text: "E[t]" and paths are data, not rich markup
         table.add_row(Text(name), Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
-    Console().print(table)
+    out = console()
+    out.print(fold(table, out.width))
     return result
 
 

@@ -27,7 +27,7 @@ from torch.distributions import Categorical
 
 from ..datasets import load_split
 from ..errors import DiffstoreError
-from ..extract import pick_device
+from ..device import pick_device
 from ..key import fingerprint
 from ..preprocess import Preprocess
 from ..progress import progress
@@ -180,7 +180,7 @@ def distill(cfg: DistillConfig, show_progress: bool = True) -> dict:
     policy_opt = torch.optim.Adam(policy.parameters(), lr=cfg.policy_lr)
     history, step = [], 0
     with progress("step", disable=not show_progress) as bar:
-        task = bar.add_task(f"distill {cfg.student}/{cfg.loss}", total=steps)
+        task = bar.add_task(f"distill {cfg.student}/{cfg.loss} on {base}", total=steps)
         for epoch in range(cfg.epochs):
             sums = np.zeros(4)  # images, distill loss, reward, policy entropy (sums over the epoch)
             for rows in batches(n, cfg.batch_size, gen):
@@ -288,7 +288,8 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
         if name == "distilled":
             load_weights(store, trained["weights"], {"student": student})
         student.to(device)
-        history = supervised(student, images, labels, cfg, device, f"finetune {name}", show_progress)
+        history = supervised(student, images, labels, cfg, device, f"finetune {name} on {trained['targets']}",
+                             show_progress)
         results[name] = {"test_acc": accuracy(student, test_images, test_labels, device), "history": history}
     result = {"stage": "finetune", "run": trained["run"], "targets": trained["targets"], "student": tc["student"],
               "loss": tc["loss"], "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "store"},

@@ -171,11 +171,7 @@ def open_targets(store: Store, path: str | None = None) -> ShardedArray:
                                     else "run `diffstore repfusion targets` first"))
         path = paths[0]
     path = path if path.endswith(("/pooled", "/map")) else f"{path.rstrip('/')}/pooled"
-    arr = store.open_array(path)
-    if not arr.complete:
-        raise DiffstoreError(f"targets {path} are incomplete ({len(arr.missing())} shards missing): re-run "
-                             "`diffstore repfusion targets` with the same options to finish them")
-    return arr
+    return store.open_array(path).require_done()
 
 
 def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: TargetsConfig, show_progress: bool = True) -> dict:
@@ -218,8 +214,9 @@ def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: Target
     todo = sorted(set().union(*(a.missing() for a in arrays.values())))
     pools = ["1"] + (["full"] if cfg.maps else [])
     with progress("img", disable=not show_progress) as bar:
-        task = bar.add_task(f"targets {lay.name}", total=sum(len(range(len(split))[arrays['pooled'].shard_slice(i)])
-                                                            for i in todo) * len(bank) * len(ts))
+        task = bar.add_task(f"targets {lay.name} on {split.name}/{split.split} {model.name}",
+                            total=sum(len(range(len(split))[arrays['pooled'].shard_slice(i)])
+                                      for i in todo) * len(bank) * len(ts))
         for i in todo:
             rows = np.arange(len(split))[arrays["pooled"].shard_slice(i)]
             buffers = {k: np.empty((len(rows), *s), dtype=np.float32) for k, s in shapes.items()}

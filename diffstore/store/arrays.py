@@ -7,12 +7,16 @@ that fixes it. `.x` is the raw zarr array, unchecked, for code that knows what i
 
 from __future__ import annotations
 
+import asyncio
+import posixpath
+
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
 from ..errors import DiffstoreError
 from ..key import FeatureKey
+from .attrs import check_size, checked_layout
 from .codec import name_of
 from .reader import Layout, Selection, ShardReader, ZarrShards, flags
 
@@ -25,6 +29,9 @@ class ShardedArray:
         self.url = url
         self.path = group.path
         self.attrs = dict(group.attrs)
+        check_size(self.attrs, self.where)
+        if "layout" in self.attrs:
+            checked_layout(self.attrs["layout"], self.where)
         self.x = group["x"]
         self._done = group["done"]
         self._mask: np.ndarray | None = None  # done flags as last read; re-read when a shard looks unfinished
@@ -63,7 +70,7 @@ class ShardedArray:
 
     @property
     def key(self) -> FeatureKey | None:
-        return FeatureKey(**self.attrs["key"]) if self.path.startswith("features/") else None
+        return FeatureKey.from_path(self.path) if self.path.startswith("features/") else None  # the path, not attrs
 
     def check_layout(self) -> None:
         """The arrays' zarr.json agree with the layout recorded at creation (a hand-edited shape is refused)."""
@@ -96,12 +103,57 @@ class ShardedArray:
     def is_done(self, i: int) -> bool:
         return bool(self._done[i])  # reads one chunk: the shard's own marker
 
+    def stored_shards(self) -> set[int]:
+        """Shards whose data object exists (done or not), from one listing of the array's chunk folder."""
+        async def listing():
+            return [k async for k in self.x.store_path.store.list_dir(f"{self.x.path}/c")]
+
+        return {int(k.rstrip("/")) for k in sync(listing()) if k.rstrip("/").isdigit()}
+
     def missing(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done_mask())]
+
+    def done_rows(self) -> int:
+        """Rows in done shards (a split fills shard by shard: --limit and --rows runs add rows)."""
+        mask = self.done_mask()
+        return int(sum(self.shard_slice(int(i)).stop - self.shard_slice(int(i)).start for i in np.flatnonzero(mask)))
+
+    def done_prefix(self) -> int:
+        """Rows [0, k) that are done: what `--limit k` can read."""
+        mask = self.done_mask()
+        first = int(np.argmin(mask)) if not mask.all() else len(mask)
+        return min(first * self.shard_rows, self.n_rows)
 
     @property
     def complete(self) -> bool:
         return bool(self.done_mask().all())
+
+    def require_done(self, rows: int | None = None) -> "ShardedArray":
+        """The one refusal of an incomplete array: unless every shard holding rows [0, rows) (default: all) is
+        done, a DiffstoreError names the array, the missing shards and the command that completes them."""
+        n = self.n_rows if rows is None else min(rows, self.n_rows)
+        missing = [i for i in self.missing() if i * self.shard_rows < n]
+        if missing:
+            shown = ", ".join(map(str, missing[:12])) + (", ..." if len(missing) > 12 else "")
+            prefix = self.done_prefix()
+            partial = f"\nRows 0-{prefix - 1} are done: --limit {prefix} reads them." if prefix else ""
+            raise DiffstoreError(f"{self.where} is incomplete: {len(missing)} of {self.n_shards} shards are not done "
+                                 f"({shown}). Complete it (done shards are skipped) with:\n  {self.extract_hint()}"
+                                 + partial)
+        return self
+
+    def extract_hint(self, pools: str | None = None) -> str:
+        """The command that writes (or completes) this array, from what its attrs recorded (text, never run)."""
+        key = self.key
+        if key is None:
+            return "diffstore repfusion targets (the same options as the run that wrote them)"
+        base, _, seed = key.model.partition(".random-init-s")
+        spec = self.attrs.get("model", {}).get("source", {}).get("spec", base)
+        root = self.attrs.get("dataset", {}).get("source", {}).get("root")
+        return " ".join(["diffstore extract", f"--store {self.url or 'STORE'}", f"--dataset {key.dataset}",
+                         *([f"--data-root {root}"] if root else []), f"--split {key.split}", f"--model {spec}",
+                         f"--model-name {base}", *([f"--random-init {seed}"] if seed else []), f"--input {key.input}",
+                         f"--t {key.t}", f"--blocks {key.block}", f"--pools {pools or key.pool}"])
 
     # --- writes -----------------------------------------------------------------------------------
     def write_shard(self, i: int, data: np.ndarray) -> bool:
@@ -188,11 +240,32 @@ class ShardedArray:
         return da.from_array(self, chunks=(self.shard_rows, *self.x.shape[1:]), asarray=True, lock=False,
                              name=f"diffstore-{self.url}-{self.path}-{self.attrs.get('fingerprint', '')}")
 
-    def to_xarray(self, lazy: bool = True):
-        """A labelled xarray.DataArray (dims, sample ids and labels): see labels.to_xarray."""
+    def to_xarray(self, lazy: bool = True, rows: int | None = None, attrs: dict | None = None):
+        """A labelled xarray.DataArray (dims, sample ids, labels, class names): see labels.to_xarray."""
         from .labels import to_xarray
 
-        return to_xarray(self, lazy)
+        return to_xarray(self, lazy, rows, attrs)
 
     def nbytes_stored(self) -> int:
         return int(self.x.nbytes_stored()) + int(self._done.nbytes_stored())
+
+
+def done_masks(arrays: dict) -> dict:
+    """{key: bool [n_shards]} for `arrays` (key -> ShardedArray) from one concurrent listing of their done
+    flags' directories, not one read per (array, shard): a done flag's chunk is stored only once it is set
+    (its fill value 0 is never written), so a re-run of a finished extraction costs one round of listings."""
+    if not arrays:
+        return {}
+    some = next(iter(arrays.values()))
+    chunk_key = some.group["done"].metadata.encode_chunk_key  # every done array is made by Store.create alike
+    folder = posixpath.dirname(chunk_key((0,)))  # "c"
+
+    async def listing(a):
+        return {k async for k in a.group.store.list_dir(f"{a.path}/done/{folder}")}
+
+    async def every():
+        return await asyncio.gather(*(listing(a) for a in arrays.values()))
+
+    present = dict(zip(arrays, sync(every())))
+    return {k: np.array([posixpath.basename(chunk_key((i,))) in present[k] for i in range(a.n_shards)])
+            for k, a in arrays.items()}

@@ -12,13 +12,47 @@ from ..errors import DiffstoreError
 FS_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
+class SafeLocalStore(zarr.storage.LocalStore):
+    """A local store that never writes or deletes through a symbolic link inside it: a link planted in a shared
+    store (x/c -> /home/you) must not make a writer overwrite, or `rm` delete, files outside the store. A node that
+    is itself a link is unlinked by a delete, never followed. (The store's own root may be a link.)"""
+
+    def inside(self, key: str, delete: bool = False) -> Path:
+        path = self.root / key
+        parts = Path(key).parts
+        for i in range(1, len(parts) + (0 if delete else 1)):  # every folder between the root and the node
+            if (self.root.joinpath(*parts[:i])).is_symlink():
+                raise DiffstoreError(f"{self.root.joinpath(*parts[:i])} is a symbolic link inside the store; diffstore "
+                                     "does not write or delete through links. Replace it with a real folder (or "
+                                     "remove the link) and re-run")
+        return path
+
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        self.inside(key)
+        await super()._set(key, value, exclusive)
+
+    async def delete(self, key: str) -> None:
+        if self.inside(key, delete=True).is_symlink():
+            self._check_writable()
+            (self.root / key).unlink()
+            return
+        await super().delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        if prefix and self.inside(prefix, delete=True).is_symlink():
+            self._check_writable()
+            (self.root / prefix).unlink()
+            return
+        await super().delete_dir(prefix)
+
+
 def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
     """A zarr Store for a local path or an fsspec URL; a missing filesystem library is named."""
     if "://" not in url or url.startswith("file://"):
         path = Path(url.removeprefix("file://")).expanduser()
         if path.is_file():  # (not "exists and not a dir": another writer may remove an empty folder meanwhile)
             raise DiffstoreError(f"{url} is a file, not a diffstore store: pass a directory path (e.g. data/f.zarr)")
-        return zarr.storage.LocalStore(path, read_only=read_only)
+        return SafeLocalStore(path, read_only=read_only)
     protocol = url.split("://")[0]
     try:
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)

@@ -13,6 +13,8 @@ Layout (readable without diffstore: `xr.open_datatree(url, engine="zarr")`, `zar
         sample, label                          int64 [sample]: the split's ids and labels (xarray coordinates)
     targets/...                                RepFusion teacher targets, same ShardedArray layout
     results/{kind}/{name}                      attrs: JSON results (probe accuracies, CKA matrices, policies)
+    results/heads/{name}                       a fitted probe head (probe --save-heads): its weights as arrays,
+                                               what it is in attrs (probe.saved); name = its probe result's
 
 Format 1 (still read): no `layout` attribute, no sample/label arrays, dims d0..d2, ids/labels without dims.
 
@@ -45,15 +47,17 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from ..errors import DiffstoreError
-from ..key import FeatureKey
+from ..key import BadName, FeatureKey, check_name, select
 from .arrays import ShardedArray
+from .attrs import shown
 from .backend import describe_failure, zarr_store
 from .codec import DEFAULT as DEFAULT_CODEC, LEGACY as LEGACY_CODEC, compressors
-from .labels import SAMPLE, row_dims
+from .labels import SAMPLE, label_names, row_dims
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
 CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
+CODEC_RATIO = 0.92  # stored / raw bytes of float16 activations under zstd-1 (an MNIST test array, measured)
 
 
 def provenance() -> dict:
@@ -103,6 +107,17 @@ def entries(folder: Path) -> list[str]:
         return []
 
 
+def check_path(path) -> str:
+    """A node path inside the store: relative, no empty, '.' or '..' segment, no control characters. Paths come
+    from users (selectors, `rm PATH`) and from listings of a shared bucket; none may reach outside the store."""
+    bad = not isinstance(path, str) or path.startswith("/") or "\\" in path or \
+        any(seg in ("", ".", "..") for seg in path.split("/")) or any(ord(c) < 32 for c in path)
+    if bad:
+        raise DiffstoreError(f"{str(path)[:200]!r} is not a path inside a store (relative, no '..', '.' or empty "
+                             "parts): name arrays as `diffstore ls` shows them, or by selectors like t=90/b=5/p=2")
+    return path
+
+
 UNREAD = object()  # a node prefetched() could not read: _node reads it again and names the failure
 
 
@@ -113,11 +128,16 @@ class Store:
         self._root = root  # None until the first write creates it (mode "a" on a new path)
         self.created_here = root is None
         self._prefetched: dict | None = None  # path -> node or None, inside prefetched()
+        self.invalid: list[str] = []  # paths under features/ that are not valid keys (see feature_keys)
 
     @classmethod
     def open(cls, url: str, mode: str = "a", storage_options: dict | None = None) -> "Store":
         """mode "r": the store must exist. mode "a": created on the first write, so a command refused before
         writing leaves no store behind. Never opens a non-diffstore path."""
+        if not isinstance(url, (str, os.PathLike)) or not str(url).strip():
+            raise DiffstoreError(f"a store is a path or an fsspec URL (e.g. data/f.zarr, s3://bucket/f.zarr), got "
+                                 f"{url!r}")
+        url = str(url)
         zs = zarr_store(url, read_only=(mode == "r"), storage_options=storage_options)
         local = None if "://" in url else Path(url)
         existed = local is None or local.exists()
@@ -204,6 +224,7 @@ class Store:
             self._prefetched = None
 
     def _node(self, path: str):
+        check_path(path)
         if self._root is None:
             return None
         if self._prefetched is not None and path in self._prefetched:
@@ -271,11 +292,20 @@ class Store:
         """Refuse (before anything is written) when `path` holds another fingerprint, naming what differs."""
         g = self._group(path)
         if g is not None and g.attrs.get("fingerprint") != fingerprint:
-            diff = fingerprint_diff(dict(g.attrs).get("recipe", {}), attrs.get("recipe", {})) or ["(fingerprint only)"]
+            stored, wanted = dict(g.attrs).get("recipe", {}), attrs.get("recipe", {})
+            stored = stored if isinstance(stored, dict) else {}
+            diff = fingerprint_diff(stored, wanted) or ["(fingerprint only)"]
+            changed = {k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k)}
+            if "model_fingerprint" in changed:
+                fix = "Pass --model-name NAME to store these weights beside the old ones, or use another --store"
+            elif "dataset_fingerprint" in changed:
+                fix = "These are other images or another preprocessing than the stored ones: use another --store"
+            else:  # a recipe setting: resume with the stored value, or keep the other value in another store
+                fix = ("To add to the stored arrays, pass the stored value (or drop the option: a resume uses what "
+                       "the arrays hold); a store keeps one recipe per key, so for the new value use another --store")
             raise DiffstoreError(
                 f"{path} in {self.url} already holds features with another fingerprint; refusing to mix them.\n  "
-                + "\n  ".join(diff)
-                + "\nNothing was written. Use another --store, or --model-name to store other weights under another name.")
+                + "\n  ".join(shown(d) for d in diff) + f"\nNothing was written. {fix}")
 
     def stored_shard_rows(self, path: str) -> int | None:
         """Shard size of the array at `path` as recorded (layout attr or its x), None when there is no array."""
@@ -327,10 +357,11 @@ class Store:
                            shards=(shard_rows, *row_shape),
                            compressors=[*compressors(g.attrs.get("codec", LEGACY_CODEC)), Crc32cCodec()],
                            fill_value=np.nan, dimension_names=(SAMPLE, *dims),
-                           attributes={"coordinates": "done label" if coords else "done"})
+                           attributes={"coordinates": "done label label_name" if coords else "done"})
         if coords:
             self._put_values(g, SAMPLE, split.ids)
             self._put_values(g, "label", split.labels, {"class_names": list(split.class_names)})
+            self._put_values(g, "label_name", label_names(split.labels, split.class_names))
         self._create_array(g, "done", shape=(-(-n_rows // shard_rows),), dtype="uint8", chunks=(1,), fill_value=0,
                            compressors=None, dimension_names=("shard",))
         return self.open_array(path)
@@ -344,13 +375,40 @@ class Store:
             pass  # another writer created it; its metadata is the same function of the same attrs
 
     def _put_values(self, g: zarr.Group, name: str, values, attributes: dict | None = None) -> None:
-        """A small int64 [sample] array, written whole (deterministic bytes: re-writing after a kill is safe)."""
-        values = np.asarray(values, dtype=np.int64)
-        self._create_array(g, name, shape=values.shape, dtype="int64", chunks=(max(1, min(len(values), 1 << 16)),),
+        """A small [sample] array (int64, or text for label names), written whole (deterministic bytes: re-writing
+        after a kill is safe)."""
+        values = np.asarray(values, dtype=np.int64) if np.asarray(values).dtype.kind != "U" else np.asarray(values)
+        dtype = "int64" if values.dtype.kind != "U" else str
+        self._create_array(g, name, shape=values.shape, dtype=dtype, chunks=(max(1, min(len(values), 1 << 16)),),
                            dimension_names=(SAMPLE,), attributes=attributes or {})
         arr = g[name]
-        if not np.array_equal(arr[:], values):
+        try:
+            same = np.array_equal(np.asarray(arr[:], dtype=values.dtype), values)
+        except Exception:  # noqa: BLE001 - an unreadable (corrupt) chunk: write it again
+            same = False
+        if not same:
             arr[:] = values
+
+    def match(self, texts: list[str]) -> list[str]:
+        """Array paths named by store paths (features/..., targets/...) or selectors like t=90/b=5/p=2."""
+        paths = self.array_paths()
+        keys = self.feature_keys()
+        out = []
+        for text in texts:
+            if text.rstrip("/") in paths:
+                out.append(text.rstrip("/"))
+                continue
+            if "=" not in text:
+                check_path(text.rstrip("/"))  # '../x' is refused as what it is, not as a missing array
+            try:
+                found = [k.path for k in select(keys, text)] if "=" in text or text.startswith("features/") else []
+            except ValueError as e:
+                raise DiffstoreError(str(e)) from None
+            if not found:
+                raise DiffstoreError(f"no array in {self.url} matches {text!r}; `diffstore ls --store {self.url}` "
+                                     "lists the keys (paths like features/... or selectors like t=90/b=5/p=2)")
+            out += found
+        return list(dict.fromkeys(out))
 
     def arrays(self) -> list[ShardedArray]:
         """Every sharded array (features and targets), in path order."""
@@ -368,18 +426,37 @@ class Store:
             yield
         except DiffstoreError:
             for path in created:
-                if self._group(path) is not None and not self.open_array(path).done_mask().any():
+                if path.startswith("datasets/"):  # a split this run added: kept while an array still uses it
+                    if self._group(path) is not None and not self.array_paths("features/" + path[len("datasets/"):]):
+                        self.remove(path)
+                        self.prune(path)
+                elif self._group(path) is not None and not self.open_array(path).done_mask().any():
                     self.remove(path)
+                    self.prune(path)
             if self.created_here and not self.array_paths():
                 self.remove("")
             raise
+
+    def prune(self, path: str) -> None:
+        """Remove the groups above `path` (not the root) that hold nothing but their own zarr.json."""
+        parent = path.rpartition("/")[0]
+        while parent and not self.child_groups(parent):
+            self.remove(parent)
+            parent = parent.rpartition("/")[0]
 
     def remove_key(self, key: str) -> None:
         sync(self.zs.delete(key))
 
     # --- feature arrays ---------------------------------------------------------------------------
     def feature_keys(self) -> list[FeatureKey]:
-        keys = [FeatureKey.from_path(p) for p in self.array_paths("features") if p.count("/") == 7]
+        """Keys of every feature array. A path that is not a valid key (a name edited by hand, a stray folder) is
+        left out and listed in `self.invalid`: it cannot hide the others, and `rm PATH` removes it."""
+        keys, self.invalid = [], []
+        for path in self.array_paths("features"):
+            try:
+                keys.append(FeatureKey.from_path(path))
+            except BadName:
+                self.invalid.append(path)
         return sorted(keys, key=lambda k: (k.dataset, k.split, k.model, k.input, k.t, k.block, k.pool))
 
     def features(self, key: FeatureKey) -> ShardedArray:
@@ -393,9 +470,18 @@ class Store:
     # --- dataset splits (ids and labels stored once per split) -----------------------------------
     def check_split(self, split) -> None:
         g = self._group(f"datasets/{split.name}/{split.split}")
-        if g is not None and g.attrs["ids_sha256"] != split.ids_sha256():
+        if g is not None and g.attrs.get("ids_sha256") != split.ids_sha256():
             raise DiffstoreError(f"{self.url} holds {split.name}/{split.split} with other sample ids "
-                                 f"({g.attrs['n']} samples, you have {len(split)}); refusing to mix them. Use another --store")
+                                 f"({shown(g.attrs.get('n'), 20)} samples, you have {len(split)}, and theirs are not "
+                                 "the first rows of yours: other files, another order, or --skip-bad on one side "
+                                 "only); refusing to mix them. Use another --store, or the data the store was made "
+                                 "from")
+
+    @staticmethod
+    def split_attrs(split) -> dict:
+        """What a split's group records: the whole split's identity (ids and labels sha256), size and source."""
+        return {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
+                "labels_sha256": ids_sha256(split.labels), "source": split.source, "skipped": split.skipped}
 
     def put_split(self, split) -> SplitRecord:
         """Store ids and labels once per split; a split a killed run left without them is completed."""
@@ -403,10 +489,8 @@ class Store:
         self.check_split(split)
         g = self._group(path)
         if g is None:
-            attrs = {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
-                     "source": split.source, "skipped": split.skipped}
             try:
-                g = self.root.create_group(path, attributes=attrs)
+                g = self.root.create_group(path, attributes=self.split_attrs(split))
             except (ContainsGroupError, ContainsArrayError):
                 self.check_split(split)
                 g = self._group(path)
@@ -419,23 +503,51 @@ class Store:
         g = self._group(path)
         if g is None or "ids" not in g or "labels" not in g:
             raise DiffstoreError(f"{self.url} has no {dataset}/{split} split: run `diffstore extract --dataset {dataset} --split {split}`")
-        ids = self._node(f"{path}/ids")[:]
-        if ids_sha256(ids) != g.attrs["ids_sha256"]:
-            raise DiffstoreError(f"{self.url.rstrip('/')}/{path}/ids do not match their recorded sha256: re-run "
-                                 f"`diffstore extract --dataset {dataset} --split {split}` to rewrite them")
-        return SplitRecord(dataset, split, ids, self._node(f"{path}/labels")[:], list(g.attrs["class_names"]),
-                           g.attrs["ids_sha256"])
+        where, fix = f"{self.url.rstrip('/')}/{path}", f"diffstore repair --store {self.url} {path}"
+        try:
+            ids, labels = self._node(f"{path}/ids")[:], self._node(f"{path}/labels")[:]
+        except DiffstoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt chunk (zstd, checksum): name it and the fix
+            raise DiffstoreError(f"{where}: its ids or labels cannot be read ({type(e).__name__}: {str(e)[:200]}). "
+                                 f"Rebuild them from the dataset with `{fix}`") from None
+        attrs = dict(g.attrs)
+        names = attrs.get("class_names")
+        if ids_sha256(ids) != attrs.get("ids_sha256") or ids.shape != labels.shape or not isinstance(names, list) \
+                or ("labels_sha256" in attrs and ids_sha256(labels) != attrs["labels_sha256"]):
+            raise DiffstoreError(f"{where}: its ids or labels do not match what was recorded (sha256, length or "
+                                 f"class names). Rebuild them from the dataset with `{fix}`")
+        return SplitRecord(dataset, split, ids, labels, [str(c)[:200] for c in names], attrs["ids_sha256"])
 
     # --- results written next to the features ----------------------------------------------------
-    def put_result(self, kind: str, name: str, payload: dict) -> None:
-        path = f"results/{kind}/{name}"
+    def put_result(self, kind: str, name: str, payload: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """A result's payload (JSON attrs), replacing any of that name; `arrays` (a saved head's weights) are
+        written first and the payload last, so a write cut short leaves no payload and is not listed."""
+        path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
         if self._group(path) is not None:
             del self.root[path]
-        self.root.create_group(path, attributes={"payload": payload, "provenance": provenance()})
+        g = self.root.create_group(path)
+        for array, value in (arrays or {}).items():  # dimension names make the group an xarray Dataset
+            g.create_array(array, data=value, dimension_names=[f"{array}_{i}" for i in range(value.ndim)])
+        g.attrs.update({"payload": payload, "provenance": provenance()})
 
     def result_paths(self, kind: str | None = None) -> list[str]:
         kinds = [kind] if kind else self.child_groups("results")
         return [f"results/{k}/{name}" for k in kinds for name in self.child_groups(f"results/{k}")]
 
     def results(self, kind: str) -> list[dict]:
-        return [dict(self._group(p).attrs)["payload"] for p in self.result_paths(kind)]
+        return [a["payload"] for a in (dict(self._group(p).attrs) for p in self.result_paths(kind)) if "payload" in a]
+
+    def result_arrays(self, kind: str, name: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+        """The float arrays stored with a result (a saved head's weights), by name, read only when their names and
+        shapes are exactly `shapes` (what the reader expects: a forged size is refused before anything is read)."""
+        path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
+        g = self._group(path)
+        nodes = dict(g.arrays()) if g is not None else {}
+        found = {a: tuple(node.shape) for a, node in nodes.items() if node.dtype.kind == "f"}
+        wrong = sorted(a for a in {*nodes, *shapes} if found.get(a) != tuple(shapes.get(a, ())) or a not in shapes)
+        if wrong:
+            raise DiffstoreError(f"{self.url.rstrip('/')}/{path}: its arrays ({shown(', '.join(wrong), 120)}) are not "
+                                 "the float arrays of the shapes its description gives. Remove it with `diffstore rm` "
+                                 "and store it again")
+        return {a: np.asarray(node[...], np.float32) for a, node in nodes.items()}

@@ -1,5 +1,8 @@
-"""`diffstore verify`: every array's metadata readable and consistent, every array complete, every done shard
-readable with matching crc32c checksums and no NaN row; every split's ids matching their sha256.
+"""`diffstore verify`: every array's metadata readable and consistent, every done shard readable with matching
+crc32c checksums and no NaN row, no shard left half-written; every split's ids and labels matching their sha256.
+
+A shard that is not done is not a problem: a split fills shard by shard (`--limit`, `--rows`), and `ls` shows the
+rows done. A shard whose data is stored but whose done flag is not (a writer killed between the two) is one.
 
 Each problem is a Finding that `repair` acts on: the shards to recompute, or the metadata to rebuild.
 """
@@ -28,11 +31,13 @@ def check_array(store: Store, path: str) -> list[Finding]:
     except DiffstoreError as e:
         return [Finding(path, "metadata", str(e))]
     out = []
-    missing = a.missing()
-    if missing:
-        out.append(Finding(path, "incomplete", f"incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                           f"of {a.n_shards} missing; re-run the command that wrote it (done shards are skipped) "
-                           f"or `{a.fix_command}`", missing))
+    stored = a.stored_shards()
+    interrupted = [i for i in a.missing() if i in stored]
+    if interrupted:
+        shown = f"{interrupted[:10]}{' ...' if len(interrupted) > 10 else ''}"
+        out.append(Finding(path, "incomplete", f"shards {shown} hold data but no done flag (a write was interrupted); "
+                           "re-run the command that wrote it (done shards are skipped) or "
+                           f"`{a.fix_command}`", interrupted))
     for i, what in sorted(a.problems(np.flatnonzero(a.done_mask()).tolist()).items()):
         out.append(Finding(path, "corrupt", f"shard {i} {what}; fix it with `{a.fix_command}`", [i]))
     return out

@@ -1,6 +1,7 @@
 """Fault injection on a local store: the corruptions `verify` must catch, readers refuse and `repair` undoes.
 
-Used by tests/test_reliability.py and bench/bench_faults.py; each takes (store folder, array path, shard).
+Test-only code (not shipped in the package): used by tests/test_reliability.py and bench/bench_faults.py; each
+takes (store folder, array path, shard).
 """
 
 from __future__ import annotations
