@@ -142,7 +142,13 @@ def main(argv=None):
     out["load_average_at_end"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(out, indent=1))
-        return
+    else:
+        render(out)
+
+
+def render(out: dict) -> None:
+    """The figures of a run (`--json` output renders the same: render(json.load(f)))."""
+    n, shard_rows, budget_gb = out["rows"], out["shard_rows"], out["budget_gb"]
     print(f"key {out['key_gb']:.2f} GB [{n}, 16, 2, 2] float16 ({shard_rows} rows per shard), budget {budget_gb} GB; "
           f"{out['cores']} cores, load average {out['load_average_at_start']:.1f} -> {out['load_average_at_end']:.1f}")
     print(f"solve: {out['passes']} passes in {out['solve_s']:.1f} s, converged {out['converged']} after "

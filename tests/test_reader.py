@@ -11,12 +11,11 @@ from typer.testing import CliRunner
 
 from diffstore.cli import app
 from diffstore.errors import DiffstoreError
-from diffstore.store import Store
-from diffstore.store import reader
+from diffstore.extract.repair import rebuild_metadata
+from diffstore.store import Store, reader
 from diffstore.store import store as store_module
 from diffstore.store.codec import CODECS, DEFAULT, LEGACY, name_of
 from faults import deleted_shard, flipped_byte, shard_file, truncated_shard
-from diffstore.store.repair import rebuild_metadata
 
 P = "features/d/test/m/noised/t1/b1/p2"
 LAYOUTS = {  # name: (rows, row shape, shard rows, dtype); 512-byte float16 rows make 16-row chunks (SMALL_CHUNKS)
