@@ -44,6 +44,25 @@ def difference(a: np.ndarray, b: np.ndarray) -> dict:
     return {"diff": float(d.mean()), "ci95": bootstrap_interval(d)}
 
 
+def mean_per_class(hits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Mean-per-class accuracy (the mean of per-class recalls over the classes present in `labels`: the convention
+    for fine-grained data) with its 95% stratified-bootstrap interval: each draw resamples every class's test
+    samples within that class, so each class keeps its size. `hits` may be a difference of two results' hits on
+    the same samples (a - b): the value is then the difference of their mean-per-class, the interval paired."""
+    x, labels = np.asarray(hits, np.float64), np.asarray(labels)
+    if x.shape != labels.shape or not len(x):
+        raise ValueError(f"mean_per_class needs one label per hit: {x.shape} hits vs {labels.shape} labels")
+    rng, draws = np.random.default_rng([seed, len(x)]), np.zeros(N_BOOT)
+    classes = np.unique(labels)
+    for c in classes:  # per class: N_BOOT resampled recalls (in chunks, as bootstrap_interval), summed over classes
+        xc = x[labels == c]
+        for start in range(0, N_BOOT, 100):
+            draws[start:start + 100] += xc[rng.integers(0, len(xc), (min(100, N_BOOT - start), len(xc)))].mean(1)
+    lo, hi = np.quantile(draws / len(classes), [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    value = float(np.mean([x[labels == c].mean() for c in classes]))
+    return {"value": value, "ci95": [float(lo), float(hi)]}
+
+
 def result_hits(r: dict) -> np.ndarray:
     return unpack(r["test_hits"], r["n_test"])
 
