@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 DS     := $(VENV)/bin/diffstore
 STORE  ?= data/default.zarr
 
-.PHONY: install test demo cka cka-networks bench clean
+.PHONY: install test demo cka cka-networks transfer bench clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,19 @@ cka: install
 cka-networks: install
 	$(PY) pipelines/cka_networks.py --store $(STORE) --out data/cka-networks $(if $(WEIGHTS),--weights $(WEIGHTS))
 
+# The transfer protocol (Fig. 4/5) over ImageFolder datasets: `make transfer DATASETS=cub=DIR,flowers=DIR`.
+# Without DATASETS, the CIFAR-10 stand-in: two disjoint class subsets cut from ../shared/datasets/cifar10-jpg.tar.gz.
+# The heads' recipe is cut for a CPU (500 steps, one lr and weight decay); the comparison network is a ResNet-50
+# with random weights at 64 px (a control: no weights are downloaded).
+TRANSFER_DATA ?= data/transfer-data
+STAND_IN := vehicles=$(TRANSFER_DATA)/vehicles,animals=$(TRANSFER_DATA)/animals
+transfer: install
+	$(if $(DATASETS),,test -d $(TRANSFER_DATA) || $(PY) pipelines/cifar_folders.py --out $(TRANSFER_DATA))
+	DIFFSTORE_RESNET50_SIZE=64 $(PY) pipelines/transfer.py --out data/transfer --random-init 0 \
+		--datasets $(or $(DATASETS),$(STAND_IN)) \
+		--compare py:examples/plugins/resnet50.py:factory --compare-name resnet50-64px --compare-random-init 0 \
+		--steps 500 --lrs 0.003 --weight-decays 0.05
+
 docs: install
 	$(PY) -m diffstore.reference > docs/cli.md
 
@@ -44,4 +57,5 @@ bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) data/*.zarr data/*-probe data/*-repfusion data/*-cka data/cka data/cka-networks
+	rm -rf $(VENV) data/*.zarr data/*-probe data/*-repfusion data/*-cka data/cka data/cka-networks \
+		data/transfer data/transfer-data

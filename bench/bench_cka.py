@@ -28,10 +28,10 @@ import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+from timing import best_of
 
 from diffstore.cka import CKAConfig, accumulate, cka_matrix, rows_of
 from diffstore.store import Store
-from timing import best_of
 
 ROW_SHAPES = {64: (16, 2, 2), 1024: (64, 4, 4), 4096: (256, 4, 4)}  # [C, p, p] like pooled U-Net blocks
 

@@ -33,10 +33,10 @@ from rich.console import Console
 from rich.table import Table
 
 from diffstore.datasets import load_split
-from diffstore.extract.distributed import extract_distributed, extract_job
-from diffstore.extract.options import ExtractOptions
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
+from diffstore.extract.distributed import extract_distributed, extract_job
+from diffstore.extract.options import ExtractOptions
 from diffstore.models import load_model
 from diffstore.progress import stderr
 from diffstore.scale import cluster_client

@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test-only fault injection
+from hostile import Bed, Case, attempt, bad_inputs, cli, crafted, image_folder  # noqa: E402
+
 from conftest import tree_state  # noqa: E402
 from faults import CORRUPTIONS, done_flag_cleared  # noqa: E402
-from hostile import Bed, Case, attempt, bad_inputs, cli, crafted, image_folder  # noqa: E402
 
 EXTRACT = ["extract", "--split", "test", "--t", "10", "--blocks", "2,mid", "--pools", "1,2", "--shard-rows", "16",
            "--batch-size", "16", "-q"]

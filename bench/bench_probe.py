@@ -25,20 +25,20 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import best_of
 
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, forward_blocks, plan_extraction
-from diffstore.probe.feed import Feed, Rows
-from diffstore.probe.heads import HeadSpec
 from diffstore.models import load_model
 from diffstore.preprocess import Preprocess
+from diffstore.probe.feed import Feed, Rows
+from diffstore.probe.heads import HeadSpec
 from diffstore.probe.recipe import ProbeRecipe
-from diffstore.probe.train import Job, train_many
 from diffstore.probe.sources import key_source
+from diffstore.probe.train import Job, train_many
 from diffstore.progress import stderr
 from diffstore.store import Store
-from timing import best_of
 
 
 def bench_read(root: Path, n: int, row_shape: tuple, shard_rows: int, repeats: int) -> list[dict]:

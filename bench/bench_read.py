@@ -38,13 +38,12 @@ import crc32c
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from timing import best_of
 
 from diffstore.extract.plan import default_shard_rows
 from diffstore.progress import stderr
-from diffstore.store import Store
-from diffstore.store import reader
+from diffstore.store import Store, reader
 from diffstore.store.codec import CODECS, DEFAULT, LEGACY
-from timing import best_of
 
 KEYS = {"5 MB": (10000, (64, 2, 2)), "100 MB": (12800, (256, 4, 4)), "1 GB": (16384, (512, 8, 8))}
 QUICK_KEYS = ("5 MB", "100 MB")

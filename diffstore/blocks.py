@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass
-
 from typing import TYPE_CHECKING
 
 from .errors import DiffstoreError

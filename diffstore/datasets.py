@@ -32,11 +32,9 @@ import zlib
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-
-from typing import TYPE_CHECKING
 
 from .errors import DiffstoreError
 from .key import fingerprint, sha256_files
@@ -307,11 +305,24 @@ LOADERS = {
 }
 
 
-def load_split(name: str, split: str, root: str | None = None, skip_bad: bool = False, limit: int | None = None) -> Split:
-    """A split, or (limit=N) its first N samples (Split.head)."""
+def load_split(name: str, split: str, root: str | None = None, skip_bad: bool = False, limit: int | None = None,
+               as_name: str | None = None) -> Split:
+    """A split, or (limit=N) its first N samples (Split.head). as_name: the dataset's name in a store when it is
+    not the loader's (`extract --dataset-name`: several image folders in one store); its source then records the
+    loader, so stored_split can load it again by its stored name."""
     if name not in LOADERS:
         raise DiffstoreError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(LOADERS))}")
     if split not in ("train", "test"):
         raise DiffstoreError(f"unknown split {split!r}: use train or test")
     data = LOADERS[name](split, root, skip_bad)
+    if as_name is not None and as_name != name:
+        data = replace(data, name=as_name, source={**data.source, "loader": name})
     return data.head(limit) if limit is not None else data
+
+
+def stored_split(dataset: str, split: str, source: dict, root: str | None = None, skip_bad: bool = False,
+                 limit: int | None = None) -> Split:
+    """The split a store holds as `dataset`, loaded again from `root`: with the loader its recorded `source` names
+    when it was stored under another name, else the loader of that name."""
+    loader = source.get("loader") if isinstance(source, dict) else None
+    return load_split(loader if isinstance(loader, str) else dataset, split, root, skip_bad, limit, as_name=dataset)

@@ -3,6 +3,7 @@ saving are apart, so one figure goes to PNG, PDF and SVG alike and tests read th
 
     heatmap(matrix, row_labels, col_labels, title)   a value grid (top-1 over t x block), cells marked by Marks
     curves(x, series, xlabel, ylabel, title)          one line per series (top-1 vs t per block)
+    bands(panels, ylabel, title, path)                accuracy vs block / t / pool per dataset, interval bands
     save(fig, path, dpi) / save_as(fig, stem, formats, dpi)
 """
 
@@ -16,7 +17,6 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
-
 
 MAX_ANNOTATED = 16  # grids up to this many rows/columns print each cell's value
 DPI = 200  # a PNG that stays sharp at a paper's column width
@@ -115,6 +115,35 @@ def curves(x: list, series: dict, xlabel: str, ylabel: str, title: str, errors: 
     if len(series) + len(levels) > 1:
         fig.legend(loc="outside lower center", ncols=min(len(series) + len(levels), 4), fontsize=7, frameon=False)
     return fig
+
+
+def bands(panels: list[tuple[str, list, dict]], ylabel: str, title: str, path, styles: dict | None = None,
+          marks: dict | None = None) -> Path:
+    """Panels side by side sharing the y axis, each (xlabel, tick labels, series), the ticks evenly spaced;
+    series: label -> (y, lo, hi) aligned with the ticks (NaN where missing; lo and hi None: a line without a band).
+    styles: label -> line keywords (color, ls), so a series looks the same in every panel; marks: label -> one
+    tick index per panel to star (e.g. the best setting), or None there."""
+    fig = Figure(figsize=(4.2 * len(panels) + 1.8, 4))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    colors = [colormaps["tab10"](k) for k in range(10)]
+    for j, (ax, (xlabel, ticks, series)) in enumerate(zip(axes, panels)):
+        xs = np.arange(len(ticks))
+        for k, (label, (y, lo, hi)) in enumerate(series.items()):
+            style = {"color": colors[k % 10], "marker": "o", "ms": 3, "lw": 1.4, **(styles or {}).get(label, {})}
+            ax.plot(xs, np.asarray(y, float), label=str(label), **style)
+            if lo is not None and hi is not None:
+                ax.fill_between(xs, np.asarray(lo, float), np.asarray(hi, float), color=style["color"], alpha=0.18,
+                                lw=0)
+            star = (marks or {}).get(label, [None] * len(panels))[j]
+            if star is not None:
+                ax.plot(star, float(np.asarray(y, float)[star]), "*", ms=12, color=style["color"], mec="black", mew=0.6)
+        ax.set_xticks(xs, [str(t) for t in ticks], fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.suptitle(title, fontsize=9)
+    return save(fig, path)
 
 
 def save(fig: Figure, path, dpi: int | None = None) -> Path:

@@ -7,7 +7,6 @@ channel conversions or flip views can never be mixed under one name.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -30,10 +30,10 @@ import torch
 from diffstore.datasets import Split, load_split
 from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
-from diffstore.probe.heads import HEADS
-from diffstore.probe.report import block_label, signed, summary, with_ci
 from diffstore.probe import ProbeOptions
 from diffstore.probe.frame import summary_json
+from diffstore.probe.heads import HEADS
+from diffstore.probe.report import block_label, signed, summary, with_ci
 from diffstore.probe.stage import probe_command
 from diffstore.progress import stderr
 from diffstore.store import Store

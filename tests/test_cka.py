@@ -8,9 +8,8 @@ import zarr
 from scipy.stats import ortho_group
 
 from conftest import feature_array
-from diffstore.cka import CKAConfig, cka, cka_matrix
+from diffstore.cka import CKAConfig, cka, cka_matrix, stage
 from diffstore.cka import math as cka_math
-from diffstore.cka import stage
 from diffstore.cka.options import CKAOptions
 from diffstore.cka.stage import parse_keyset
 from diffstore.datasets import Split

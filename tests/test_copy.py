@@ -19,9 +19,9 @@ from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
 from diffstore.store import Store
 from diffstore.store.copy import copy
-from faults import SHARD_LEVEL, deleted_shard
 from diffstore.store.provenance import command_line, redact
 from diffstore.store.verify import verify_findings
+from faults import SHARD_LEVEL, deleted_shard
 
 KEYS = dict(ts="10,300", blocks="2", pools="1,full")  # 2 t x 1 block x 2 pools = 4 arrays per split
 

@@ -18,6 +18,7 @@ from diffstore.models import load_model
 from diffstore.noise import noise
 from diffstore.store import Store
 
+
 def extract(tmp_path, model, split, name="s.zarr", batch_size=64, **kw):
     store = Store.open(str(tmp_path / name))
     args = dict(t="10,300", blocks="2,mid,9", pools="1,2,full") | kw

@@ -11,9 +11,9 @@ from PIL import Image
 from diffstore.cka.report import draw
 from diffstore.cli import main
 from diffstore.errors import DiffstoreError
-from diffstore.probe.options import ProbeOptions
 from diffstore.probe.figures import figures, write_plots
 from diffstore.probe.intervals import bootstrap_interval, pack
+from diffstore.probe.options import ProbeOptions
 
 N_TEST = 200
 TS, BLOCKS = (10, 50), (3, 8)
@@ -139,8 +139,9 @@ def test_bad_format_or_dpi_is_refused_before_any_work(tmp_path, monkeypatch, cap
 
 def test_ds_cka_writes_its_heatmap_in_each_requested_format(tmp_path):
     """The API takes the CLI's options: plot_format and dpi reach the same drawing code."""
-    import diffstore as ds
     from test_cka import make_store
+
+    import diffstore as ds
 
     make_store(tmp_path / "s.zarr")
     matrix = ds.cka(str(tmp_path / "s.zarr"), by="block", t=90, plot=str(tmp_path / "plot"),

@@ -15,10 +15,10 @@ from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
 from diffstore.models import load_model
+from diffstore.probe import ProbeOptions
 from diffstore.probe.feed import Rows
 from diffstore.probe.fusion import token_rows
 from diffstore.probe.recipe import ProbeRecipe
-from diffstore.probe import ProbeOptions
 from diffstore.probe.stage import probe_command
 from diffstore.store import Store
 

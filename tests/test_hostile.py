@@ -11,11 +11,24 @@ import os
 import shutil
 
 import pytest
+from hostile import (
+    ARRAY,
+    LIMIT,
+    MARKER,
+    Bed,
+    Guard,
+    api,
+    attempt,
+    bad_inputs,
+    cli,
+    crafted,
+    edit_attrs,
+    name_payloads,
+    plant,
+)
 
 from conftest import tree_state
 from faults import flipped_byte
-from hostile import (ARRAY, LIMIT, MARKER, Bed, Guard, api, attempt, bad_inputs, cli, crafted, edit_attrs,
-                     name_payloads, plant)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

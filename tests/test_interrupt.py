@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from hostile import LIMIT, STORE_ARGS, cli
 
 DS = str(Path(sys.executable).parent / "diffstore")

@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import json
 
-import diffstore as ds
-
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
 
+import diffstore as ds
 from conftest import save_tiny_unet
 from diffstore.datasets import Split, load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
-from diffstore.probe.feed import Feed, Rows, split_val
-from diffstore.probe.heads import HEADS, HeadSpec
 from diffstore.key import FeatureKey
 from diffstore.models import load_model
+from diffstore.probe import ProbeOptions
+from diffstore.probe.feed import Feed, Rows, split_val
+from diffstore.probe.figures import write_plots
+from diffstore.probe.heads import HEADS, HeadSpec
 from diffstore.probe.intervals import bootstrap_interval, difference, pack, result_hits, unpack
 from diffstore.probe.recipe import ProbeRecipe
-from diffstore.probe.figures import write_plots
 from diffstore.probe.report import grid_tables
-from diffstore.probe.train import convergence, train_probe
-from diffstore.probe import ProbeOptions
 from diffstore.probe.stage import probe_command
+from diffstore.probe.train import convergence, train_probe
 from diffstore.store import Store
 
 FAST = dict(recipe="paper", epochs=3, lr=1e-2, show_progress=False)  # the converged recipe has its own tests

@@ -19,13 +19,13 @@ from conftest import subset
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
 from diffstore.extract import extract_features, plan_extraction
+from diffstore.extract.repair import repair
 from diffstore.key import parse_selector
 from diffstore.models import load_model
 from diffstore.store import Store
-from diffstore.extract.repair import repair
 from diffstore.store.remove import plan_removal, remove
-from faults import CORRUPTIONS, SHARD_LEVEL, deleted_shard, done_flag_cleared, unreadable_zarr_json
 from diffstore.store.verify import verify_findings
+from faults import CORRUPTIONS, SHARD_LEVEL, deleted_shard, done_flag_cleared, unreadable_zarr_json
 
 DS = [str(Path(sys.executable).parent / "diffstore")]
 ARGS = dict(t="10", blocks="2,mid", pools="1", shard_rows=16)  # 2 arrays x 3 shards (40 rows)

@@ -4,10 +4,10 @@ tables that fold their cells on an 80-column terminal instead of cutting the key
 import io
 
 from rich.console import Console
+from test_figures import constructed
 
 from diffstore.probe.report import results_table, summary, summary_lines
 from diffstore.terminal import fold
-from test_figures import constructed
 
 
 def rendered(table, width: int) -> str:

@@ -8,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import digests, tree_state
 from diffstore.datasets import load_split
 from diffstore.errors import DiffstoreError
-from diffstore.extract import ExtractOptions, extract_features, plan_extraction
+from diffstore.extract import extract_features, plan_extraction
 from diffstore.store import Store
 
 ARGS = dict(t="10,50", blocks="2,mid", pools="1", shard_rows=16)  # 4 arrays of the digits test split (360 rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from rich import box
 from rich.console import Console
 from rich.table import Table

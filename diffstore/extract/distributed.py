@@ -61,7 +61,7 @@ def worker_plan(job: ExtractJob) -> Plan:
         raise DiffstoreError(f"model {o.model} on worker {socket.gethostname()} is not the driver's (its weights or "
                              "config differ); every worker needs the same model files")
     store = Store.open(o.store, "a")
-    data = load_split(o.dataset, job.split, o.data_root, skip_bad=o.skip_bad)
+    data = load_split(o.dataset, job.split, o.data_root, skip_bad=o.skip_bad, as_name=o.stored_dataset())
     if o.views:  # the driver's (sample, view) rows
         from ..preprocess import Preprocess
         from ..views import view_split

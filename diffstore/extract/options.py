@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..key import INPUT_MODES, LEGACY_FORWARD
 from ..errors import DiffstoreError
+from ..key import INPUT_MODES, LEGACY_FORWARD, check_name
 from ..options import ModelOptions, StoreOptions, opt, progress_opt, spell
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -21,6 +21,9 @@ MICRO_BATCH = LEGACY_FORWARD["micro_batch"]  # the CPU default, and what every s
 class ExtractOptions(ModelOptions, StoreOptions):
     dataset: str = opt("digits", "digits | mnist | fashion-mnist | cifar10 | imagefolder")
     data_root: str | None = opt(None, "Dataset directory (default: $DIFFSTORE_DATA/<dataset>).")
+    dataset_name: str | None = opt(None, "Name of the dataset in store paths (default: --dataset). Several image "
+                                         "folders in one store need one each (--dataset imagefolder --dataset-name "
+                                         "cub).")
     split: tuple[str, ...] = opt(("train", "test"), "Splits, comma-separated.", choices=("train", "test"))
     t: tuple[int, ...] = opt((10, 50, 150, 300), "Time steps, comma-separated.", flag="--t", min=0)
     blocks: tuple[str, ...] = opt(("all",), "Block indices or names (mid), comma-separated, or all.")
@@ -56,6 +59,20 @@ class ExtractOptions(ModelOptions, StoreOptions):
     workers: int | None = opt(None, "Run on a local dask cluster with this many worker processes.", min=1)
     scheduler: str | None = opt(None, "Run on a dask.distributed scheduler (tcp://HOST:8786).")
     show_progress: bool = progress_opt()
+
+    def stored_dataset(self) -> str:
+        """The dataset's name in store paths: --dataset-name (checked: a path segment, not another loader's name),
+        else --dataset."""
+        from ..datasets import LOADERS
+
+        name = self.dataset_name
+        if name is None or name == self.dataset:
+            return self.dataset
+        check_name(spell("dataset_name", ExtractOptions), name)
+        if name in LOADERS:
+            raise DiffstoreError(f"{spell('dataset_name', ExtractOptions)} {name} is the name of the {name} dataset; "
+                                 f"choose another name for {self.dataset} data")
+        return name
 
 
 @dataclass(frozen=True)

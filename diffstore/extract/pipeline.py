@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import DiffstoreError
 from ..noise import add_noise, noise, noised
 from ..progress import progress
-from .forward import encode_images, forward_blocks, prepare_model
 from ..store.arrays import done_masks
+from .forward import encode_images, forward_blocks, prepare_model
 from .plan import SHARD_BYTES, Plan
 
 PREFETCH = 4  # batches each loader worker prepares ahead of the device

@@ -81,7 +81,9 @@ def split_key(o: ExtractOptions, split: str) -> str | None:
         files = data_files(o, split)
     except DiffstoreError:
         return None
-    return cache_key("split", {"dataset": o.dataset, "split": split, "skip_bad": o.skip_bad}, files)
+    name = o.stored_dataset()
+    renamed = {"name": name} if name != o.dataset else {}  # the default's key is what it was before the option
+    return cache_key("split", {"dataset": o.dataset, "split": split, "skip_bad": o.skip_bad, **renamed}, files)
 
 
 def read_cache() -> dict:
@@ -136,15 +138,15 @@ def all_stored(o: ExtractOptions) -> list[dict] | None:
         store = Store.open(o.store, mode="r")
         table = BlockTable([BlockInfo(i, n, "", c, h, w) for i, n, c, h, w in model["blocks"]], model["mid"])
         ts, blocks, pools = check_ts(o.t, model["T"]), table.resolve(",".join(o.blocks)), check_pools(o.pools)
-        rows = []
+        rows, name = [], o.stored_dataset()
         for split in o.split:
             data = cache.get(split_key(o, split) or "")
-            group = store._group(f"datasets/{o.dataset}/{split}")
+            group = store._group(f"datasets/{name}/{split}")
             if data is None or group is None or group.attrs.get("ids_sha256") != data["ids_sha256"]:
                 return None
             pre = Preprocess(model["size"], model["channels"]).to_dict()
-            dataset_fp = dataset_fingerprint(o.dataset, split, data["source"], data["ids_sha256"], pre)
-            keys = [FeatureKey(o.dataset, split, model["name"], o.input, t, b, p) for t in ts for b in blocks
+            dataset_fp = dataset_fingerprint(name, split, data["source"], data["ids_sha256"], pre)
+            keys = [FeatureKey(name, split, model["name"], o.input, t, b, p) for t in ts for b in blocks
                     for p in pools]
             arrays = {k: store.open_array(k.path) for k in keys if store._group(k.path) is not None}
             if len(arrays) < len(keys):
@@ -166,7 +168,7 @@ def all_stored(o: ExtractOptions) -> list[dict] | None:
             masks = done_masks(arrays)
             if not all(masks[k][i] for k in arrays for i in shards):
                 return None
-            rows.append({"store": store.url, "dataset": o.dataset, "split": split, "model": model["name"],
+            rows.append({"store": store.url, "dataset": name, "split": split, "model": model["name"],
                          "rows": len(span), "of": data["n"], "micro_batch": recipe.micro_batch,
                          "arrays": [k.path for k in keys], "shards_run": 0, "shards_total": len(ts) * len(shards),
                          "status": "already stored"})

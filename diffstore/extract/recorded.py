@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..datasets import Split, load_split
+from ..datasets import Split, stored_split
 from ..errors import DiffstoreError
 from ..key import FeatureKey, Recipe
 from ..models.base import DiffusionModel
@@ -50,7 +50,7 @@ def split_data(store: Store, key: FeatureKey, attrs: dict, data_root: str | None
     source = checked_source(attrs, key)
     limit = source.get("limit")  # only in splits an older version stored as a prefix
     try:
-        data = load_split(key.dataset, key.split, data_root, skip_bad=bool(skipped), limit=limit)
+        data = stored_split(key.dataset, key.split, source, data_root, skip_bad=bool(skipped), limit=limit)
     except DiffstoreError as e:
         root = source.get("root")
         where = f"; it was extracted from {str(root)[:200]} on the writer's machine" if root else ""

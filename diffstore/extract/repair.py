@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from ..datasets import Split, load_split
+from ..datasets import Split, stored_split
 from ..errors import DiffstoreError
 from ..models.base import DiffusionModel
+from ..options import api
 from ..store import Store
 from ..store.verify import Finding, check_array, verify_findings
-from ..options import api
 from .options import RepairOptions
 from .pipeline import extract_features
 from .plan import plan_extraction
@@ -54,7 +54,7 @@ def rebuild_split(store: Store, path: str, data_root: str | None) -> dict:
                              f"checked; remove it with `diffstore rm --store {store.url} {path}` and re-extract")
     skipped = attrs.get("skipped")
     try:
-        data = load_split(dataset, split, data_root, skip_bad=bool(skipped))
+        data = stored_split(dataset, split, attrs.get("source"), data_root, skip_bad=bool(skipped))
     except DiffstoreError as e:
         raise DiffstoreError(f"repair needs the data of {dataset}/{split}: {e}") from None
     ids, labels = data.ids[:n], data.labels[:n]  # a split written by an older version may hold a prefix

@@ -13,6 +13,7 @@ def run(o: ExtractOptions) -> list[dict]:
     split: the arrays' paths, shards run and total. Keys already stored are skipped, so a re-run is a no-op."""
     from . import quick
 
+    name = o.stored_dataset()  # checked before anything loads
     if not o.dry_run and not o.views and (rows := quick.all_stored(o)) is not None:  # answered without torch
         return rows
     from ..datasets import load_split
@@ -28,7 +29,7 @@ def run(o: ExtractOptions) -> list[dict]:
     rows = []
     with maybe_cluster(o.workers, o.scheduler) as client:  # one cluster (and one model load per worker) for all splits
         for split in o.split:
-            data = load_split(o.dataset, split, o.data_root, skip_bad=o.skip_bad)
+            data = load_split(o.dataset, split, o.data_root, skip_bad=o.skip_bad, as_name=name)
             remember[quick.split_key(o, split)] = quick.split_identity(data)
             if o.views:
                 from ..preprocess import Preprocess
@@ -39,7 +40,7 @@ def run(o: ExtractOptions) -> list[dict]:
             if o.dry_run:
                 from .estimate import dry_run
 
-                rows.append({"store": store.url, "dataset": o.dataset, "model": model.name, **dry_run(plan)})
+                rows.append({"store": store.url, "dataset": name, "model": model.name, **dry_run(plan)})
                 continue
             if client is not None:
                 from .distributed import extract_distributed
@@ -49,7 +50,7 @@ def run(o: ExtractOptions) -> list[dict]:
                 with store.undo_if_unstarted(plan.created):  # a failure before any shard is done leaves nothing
                     summary = extract_features(plan, batch_size=o.batch_size, show_progress=o.show_progress,
                                                workers=o.loader_workers)
-            rows.append({"store": store.url, "dataset": o.dataset, "split": data.split, "model": model.name,
+            rows.append({"store": store.url, "dataset": name, "split": data.split, "model": model.name,
                          "rows": len(plan.rows), "of": len(data), "micro_batch": plan.recipe.micro_batch,
                          "arrays": [a.path for a in plan.arrays.values()],
                          "shards_run": summary["tasks_run"], "shards_total": summary["tasks_total"],

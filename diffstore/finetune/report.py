@@ -9,7 +9,8 @@ from rich.table import Table
 from ..probe.intervals import difference, result_hits
 from ..probe.report import block_label, fit_note, pct, signed, with_ci
 from ..store import Store
-from ..terminal import console as terminal_console, fold
+from ..terminal import console as terminal_console
+from ..terminal import fold
 
 KIND = "finetune"  # results/finetune/{name}
 LABEL = {"pretrained": "fine-tuned", "scratch": "scratch"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,8 +88,8 @@ def store_check(net: Truncated, test_rows, stored, device) -> dict:
     """The untrained network's output on the first test rows vs the stored features, after the storage cast."""
     n = min(max(CHECK_ROWS, net.recipe.micro_batch), test_rows.n_rows)  # whole micro-batches, as extraction ran them
     ours = torch.from_numpy(output_rows(net, test_rows, device).read(slice(0, n)))
-    theirs = torch.from_numpy(stored.read(slice(0, n)))
-    ours = ours.to(theirs.dtype)
+    theirs = torch.from_numpy(np.asarray(stored.read(slice(0, n)), np.float32))  # readers may decode to float32
+    ours = ours.to(getattr(torch, net.recipe.storage_dtype)).float()  # the cast extraction stored
     return {"rows": n, "bit_identical": bool(torch.equal(ours, theirs)),
             "max_abs_diff": float((ours.float() - theirs.float()).abs().max())}
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DiffstoreError
 from ..device import pick_device
+from ..errors import DiffstoreError
 from ..progress import progress, working_on
 from ..store import Store
 from .feed import DEFAULT_BUDGET, Feed, Rows, first_labels, split_val

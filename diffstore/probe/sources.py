@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..datasets import load_split
+from ..datasets import stored_split
 from ..errors import DiffstoreError
 from ..key import FeatureKey, fingerprint
 from ..key import select as match_selector
@@ -99,7 +99,8 @@ def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None,
     rows, fps = {}, []
     for split in ("train", "test"):
         record = store.split(dataset, split)
-        data = load_split(dataset, split, root).take(record.ids, "pass --data-root of the data it was extracted from")
+        data = stored_split(dataset, split, attrs.get("dataset", {}).get("source"), root)
+        data = data.take(record.ids, "pass --data-root of the data it was extracted from")
         x = np.concatenate([pre(data.load(np.arange(i, min(i + 1024, len(data))))).numpy() for i in range(0, len(data), 1024)])
         rows[split] = first_rows(Rows.of(x), limit)
         fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,

@@ -16,9 +16,10 @@ from dataclasses import replace
 
 from ..errors import DiffstoreError, require
 from ..options import api, check_folder, spell
-from ..progress import stderr
-from ..progress import write_csv
-from ..terminal import console as make_console, fold
+from ..progress import stderr, write_csv
+from ..store import Store
+from ..terminal import console as make_console
+from ..terminal import fold
 from ..views import view_set
 from .frame import COLUMNS, ProbeResults
 from .fusion import auto_keys, compare, comparison_table, fusion_runs
@@ -29,7 +30,6 @@ from .report import collapse_seeds, grid_tables, ranking_table, results_table, s
 from .results import run_probes
 from .select import rank_keys
 from .sources import fuse_source, key_source, parse_fuse, pixel_source, select_keys
-from ..store import Store
 
 
 def compute(o: ProbeOptions) -> ProbeResults:

@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 from ..plots import curves, save
 from ..progress import progress
 from ..store import Store
+from .config import AnalyzeConfig
 from .distill import KIND, run_results
 from .targets import open_targets
-from .config import AnalyzeConfig
 
 
 def spectrum(x: np.ndarray) -> np.ndarray:

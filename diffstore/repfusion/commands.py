@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..datasets import load_split
-from ..errors import require
 from ..device import pick_device
+from ..errors import require
 from ..models import load_model
 from ..store import Store
 from ..terminal import console, fold

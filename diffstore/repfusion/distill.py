@@ -26,17 +26,17 @@ from torch import nn
 from torch.distributions import Categorical
 
 from ..datasets import load_split
-from ..errors import DiffstoreError
 from ..device import pick_device
+from ..errors import DiffstoreError
 from ..key import fingerprint
 from ..preprocess import Preprocess
 from ..progress import progress
 from ..store import Store
+from .config import DistillConfig, FinetuneConfig
 from .losses import NEEDS_MAP, Distiller
 from .policy import TimePolicy, entropy_weight, fit_decoder, mean_distribution, reinforce_loss, reward
 from .students import build_student
 from .targets import View, open_targets, target_paths, view_images
-from .config import DistillConfig, FinetuneConfig
 
 KIND = "repfusion"  # results/repfusion/{name}
 

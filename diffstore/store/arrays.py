@@ -153,8 +153,10 @@ class ShardedArray:
             return "diffstore repfusion targets (the same options as the run that wrote them)"
         base, _, seed = key.model.partition(".random-init-s")
         spec = self.attrs.get("model", {}).get("source", {}).get("spec", base)
-        root = self.attrs.get("dataset", {}).get("source", {}).get("root")
-        return " ".join(["diffstore extract", f"--store {self.url or 'STORE'}", f"--dataset {key.dataset}",
+        source = self.attrs.get("dataset", {}).get("source", {})
+        root, loader = source.get("root"), source.get("loader")
+        dataset = f"--dataset {loader} --dataset-name {key.dataset}" if loader else f"--dataset {key.dataset}"
+        return " ".join(["diffstore extract", f"--store {self.url or 'STORE'}", dataset,
                          *([f"--data-root {root}"] if root else []), f"--split {key.split}", f"--model {spec}",
                          f"--model-name {base}", *([f"--random-init {seed}"] if seed else []), f"--input {key.input}",
                          f"--t {key.t}", f"--blocks {key.block}", f"--pools {pools or key.pool}"])

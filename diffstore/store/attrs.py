@@ -84,7 +84,8 @@ def checked_recipe(attrs: dict, where: str) -> Recipe:
 
 
 def checked_source(attrs: dict, key: FeatureKey) -> dict:
-    """The dataset source fields repair uses: `limit` (a whole number or absent) and `root` (shown only)."""
+    """The dataset source fields repair uses: `limit` (a whole number or absent), `loader` (the loader of a split
+    stored under another name: a string or absent) and `root` (shown only)."""
     where = key.path
     dataset = attrs.get("dataset", {})
     source = dataset.get("source", {}) if isinstance(dataset, dict) else None
@@ -93,5 +94,8 @@ def checked_source(attrs: dict, key: FeatureKey) -> dict:
     limit = source.get("limit")
     if limit is not None:
         positive_int(limit, where, "dataset.source.limit", 1 << 40)
+    loader = source.get("loader")
+    if loader is not None and not isinstance(loader, str):
+        raise bad(where, "dataset.source.loader", f"must be a dataset name, got {shown(loader, 40)}")
     root = source.get("root")
-    return {"limit": limit, "root": shown(root) if root is not None else None}
+    return {"limit": limit, "loader": loader, "root": shown(root) if root is not None else None}

@@ -48,7 +48,9 @@ from ..key import BadName, FeatureKey, check_name, select
 from .arrays import ShardedArray
 from .attrs import shown
 from .backend import describe_failure, zarr_store
-from .codec import DEFAULT as DEFAULT_CODEC, LEGACY as LEGACY_CODEC, compressors
+from .codec import DEFAULT as DEFAULT_CODEC
+from .codec import LEGACY as LEGACY_CODEC
+from .codec import compressors
 from .labels import SAMPLE, label_names, row_dims
 from .provenance import provenance
 

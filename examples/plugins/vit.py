@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffstore.models.classifier import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, build,
-                                         classifier_plugin, setting)
+from diffstore.models.classifier import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    build,
+    classifier_plugin,
+    setting,
+)
 from diffstore.models.tokens import token_maps
 
 PATCH, DEPTH, TRAIN_SIZE = 16, 12, 224
