@@ -83,7 +83,7 @@ def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
     arr = open_targets(store, cfg.targets)
     base, ts = arr.path.rsplit("/", 1)[0], arr.attrs["t_grid"]
     z = arr.read()[:, 0]  # identity view, [N, K, C]
-    labels = store.split(arr.attrs["dataset"]["name"], arr.attrs["dataset"]["split"]).labels
+    labels = store.split(arr.attrs["dataset"]["name"], arr.attrs["dataset"]["split"]).labels[:len(z)]
     folder = cfg.out_dir() / arr.attrs["fingerprint"][:12]
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -45,9 +45,10 @@ def fmt_ts(ts: list[int], values: list[float], digits: int = 3) -> str:
 def targets_command(cfg: TargetsConfig | None = None, json_out: bool = False, show_progress: bool = True) -> dict:
     cfg = cfg or TargetsConfig()
     store = Store.open(cfg.store, "a")
-    split = load_split(cfg.dataset, cfg.split, cfg.data_root, limit=cfg.limit)
+    whole = load_split(cfg.dataset, cfg.split, cfg.data_root)  # the store records the whole split's order
+    split = whole.head(cfg.limit) if cfg.limit else whole
     model = load_model(cfg.model).to(pick_device(cfg.device))
-    r = build_targets(store, model, split, cfg, show_progress)
+    r = build_targets(store, model, split, cfg, show_progress, whole)
     return emit(r, f"RepFusion targets: {r['path']}", [
         ("layer", r["layer"] if r["layer"] == r["module"] else f"{r['layer']} ({r['module']})"),
         ("t grid", f"K={r['K']}: {r['t_grid']}"), ("views", len(r["views"])), ("shape", r["shape"]),

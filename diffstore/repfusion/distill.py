@@ -165,7 +165,7 @@ def distill(cfg: DistillConfig, show_progress: bool = True) -> dict:
     started = time.perf_counter()
     bank = TargetBank.load(store, arr, with_maps=cfg.loss in NEEDS_MAP, device=device)
     n, n_views, k, c = bank.z.shape
-    y = torch.from_numpy(store.split(attrs["dataset"]["name"], attrs["dataset"]["split"]).labels)
+    y = torch.from_numpy(store.split(attrs["dataset"]["name"], attrs["dataset"]["split"]).labels[:n])  # its rows
     num_classes = len(attrs["dataset"]["class_names"])
     images, _ = load_images(attrs)
     g, reward_by_t, decoder_acc = fit_reward_decoder(bank, y, num_classes, cfg.decoder_steps, gen, device)
@@ -277,7 +277,7 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     device = pick_device(cfg.device)
     started = time.perf_counter()
     images, _ = load_images(attrs)
-    labels = torch.from_numpy(store.split(attrs["dataset"]["name"], attrs["dataset"]["split"]).labels)
+    labels = torch.from_numpy(store.split(attrs["dataset"]["name"], attrs["dataset"]["split"]).labels[:len(images[0])])
     test_images, test_labels = load_images(attrs, "test")
     test_images, test_labels = test_images[0], torch.from_numpy(test_labels)
     tc = trained["config"]

@@ -174,7 +174,8 @@ def open_targets(store: Store, path: str | None = None) -> ShardedArray:
     return store.open_array(path).require_done()
 
 
-def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: TargetsConfig, show_progress: bool = True) -> dict:
+def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: TargetsConfig, show_progress: bool = True,
+                  whole: Split | None = None) -> dict:
     """Fill the target arrays shard by shard; done shards are skipped, so a re-run resumes or does nothing."""
     if cfg.input not in INPUT_MODES:
         raise DiffstoreError(f"--input must be one of {', '.join(INPUT_MODES)}, got {cfg.input!r}")
@@ -205,10 +206,10 @@ def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: Target
                     "views": [v.to_dict() for v in bank], "block": lay.info.to_dict(), "preprocess": pre.to_dict(),
                     "dataset": dataset, "model": {"name": model.name, "source": model.source}} for kind in shapes}
     # Refuse before writing anything: other sample ids, or another recipe under the same path.
-    store.check_split(split)
+    store.check_split(whole or split)  # the store's split is the whole order; the targets' rows are its first ones
     for kind in shapes:
         store.check(f"{base}/{kind}", fingerprint(attrs[kind]["recipe"]), attrs[kind])
-    store.put_split(split)
+    store.put_split(whole or split)
     arrays = {kind: store.create(f"{base}/{kind}", fingerprint(attrs[kind]["recipe"]), attrs[kind], shape, len(split),
                                  shard_rows, cfg.dtype) for kind, shape in shapes.items()}
     todo = sorted(set().union(*(a.missing() for a in arrays.values())))
