@@ -78,7 +78,8 @@ def throughput_table(model, device, stop_block: int, batches, title: str):
     rows, total = flops_to_each_block(model.config["flags"])
     share = dict((b.index, flops) for b, flops in rows)[stop_block] / total
     print(f"\n{title}: images/s, full forward vs early exit after block {stop_block} ({stop.module}); "
-          f"{total / 1e9:.2f} GFLOPs/image, the exit needs {100 * share:.1f}% of them (ideal speed-up {1 / share:.2f}x)")
+          f"{total / 1e9:.2f} GFLOPs/image, the exit needs {100 * share:.1f}% of them "
+          f"(ideal speed-up {1 / share:.2f}x)")
     print(f"{'batch':>6} {'full':>10} {'exit':>10} {'speed-up':>9}")
     for batch in batches:
         gen = torch.Generator().manual_seed(0)
@@ -101,7 +102,8 @@ def main():
 
     torch.set_num_threads(1)  # per-core numbers: stable on a shared machine, comparable between machines
     model = load_adm(None, SMALL, random_init=0)
-    throughput_table(model, "cpu", model.blocks.mid, BATCHES, "CPU (1 thread), small ADM (tiny-uncond architecture, 32x32)")
+    throughput_table(model, "cpu", model.blocks.mid, BATCHES,
+                     "CPU (1 thread), small ADM (tiny-uncond architecture, 32x32)")
 
     if torch.cuda.is_available():
         model = load_adm(None, "256-uncond", random_init=0)

@@ -79,8 +79,8 @@ class Bench:
     def plan(self, shard_rows: int):
         self.n += 1
         url = str(self.root / f"run{self.n}.zarr")
-        return url, plan_extraction(Store.open(url), self.model, self.split, t=str(self.args.t), blocks=BLOCKS, pools=POOLS,
-                                    shard_rows=shard_rows)
+        return url, plan_extraction(Store.open(url), self.model, self.split, t=str(self.args.t), blocks=BLOCKS,
+                                    pools=POOLS, shard_rows=shard_rows)
 
     def options(self, url: str) -> ExtractOptions:
         """What the workers are told: the model spec, the split and the CPU (they load both themselves)."""

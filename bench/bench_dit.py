@@ -29,7 +29,8 @@ XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_chan
           patch_size=2, num_embeds_ada_norm=1000)
 SMALL = dict(XL, num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=16)
 ROUNDS = 7
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+              layers_per_block=2,
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256)
 
 
@@ -65,7 +66,8 @@ def throughput() -> None:
     z, ids, n = torch.randn(16, 4, 16, 16), list(range(16)), 16
     t = torch.full((n,), 200)
     runs = {"full": lambda: model.run(z, t, None)}
-    runs.update({b: (lambda b=b: forward_blocks(model, z, 200, ids, None, 0, 1, "noised", [b], ["full"])) for b in (3, 6)})
+    runs.update({b: (lambda b=b: forward_blocks(model, z, 200, ids, None, 0, 1, "noised", [b], ["full"]))
+                 for b in (3, 6)})
     best = dict.fromkeys(runs, float("inf"))
     with torch.no_grad():
         for _ in range(ROUNDS):  # interleaved rounds: every variant sees the same machine load
@@ -80,7 +82,8 @@ def throughput() -> None:
 
 if __name__ == "__main__":
     to_block, total, vae = flops_to_each_block()
-    print(f"DiT-XL/2-256, one image: transformer {total / 1e9:.1f} GFLOPs, SD-VAE encoder at 256 px {vae / 1e9:.1f} GFLOPs")
+    print(f"DiT-XL/2-256, one image: transformer {total / 1e9:.1f} GFLOPs, "
+          f"SD-VAE encoder at 256 px {vae / 1e9:.1f} GFLOPs")
     for b in (4, 8, 14, 20, 28):
         print(f"  to layer{b}: {to_block[b - 1] / 1e9:.1f} GFLOPs = {to_block[b - 1] / total:.0%} of the full forward")
     throughput()

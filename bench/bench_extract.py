@@ -55,7 +55,8 @@ def naive(model, x0: torch.Tensor, ids, ts, blocks, pools, batch_size: int) -> f
                 lambda m, i, o: captured.__setitem__("f", o[0] if isinstance(o, tuple) else o))
             for s in range(0, len(x0), batch_size):
                 xb = x0[s:s + batch_size]
-                xt = add_noise(xb, noise(0, ids[s:s + batch_size], t, 0, tuple(xb.shape[1:])), float(model.alphas_cumprod[t]))
+                xt = add_noise(xb, noise(0, ids[s:s + batch_size], t, 0, tuple(xb.shape[1:])),
+                               float(model.alphas_cumprod[t]))
                 model.run(xt, torch.full((len(xb),), t), None)
                 [F.adaptive_avg_pool2d(captured["f"], int(p)) for p in pools]
             h.remove()
@@ -79,7 +80,8 @@ def main():
     gflops_machine = matmul_gflops()
 
     with tempfile.TemporaryDirectory() as d:
-        plan = plan_extraction(Store.open(f"{d}/s.zarr"), model, split, t=",".join(map(str, ts)), blocks=",".join(map(str, blocks)), pools=",".join(pools))
+        plan = plan_extraction(Store.open(f"{d}/s.zarr"), model, split, t=",".join(map(str, ts)),
+                               blocks=",".join(map(str, blocks)), pools=",".join(pools))
         t0 = time.perf_counter()
         extract_features(plan, batch_size=args.batch_size, show_progress=False)
         t_ours = time.perf_counter() - t0
@@ -102,11 +104,12 @@ def main():
     print(f"{'diffstore extract (into a store)':<34}{t_ours:9.2f}{args.n / t_ours:10.1f}")
     print(f"{'naive: full forward per (t,block)':<34}{t_naive:9.2f}{args.n / t_naive:10.1f}")
     print(f"speed-up diffstore / naive: {t_naive / t_ours:.2f}x")
-    print(f"diffstore effective {flops_ours / t_ours / 1e9:.2f} GFLOP/s vs machine float32 matmul {gflops_machine:.1f} GFLOP/s "
-          f"({flops_ours / t_ours / 1e9 / gflops_machine:.1%} of matmul peak)")
+    print(f"diffstore effective {flops_ours / t_ours / 1e9:.2f} GFLOP/s vs machine float32 matmul "
+          f"{gflops_machine:.1f} GFLOP/s ({flops_ours / t_ours / 1e9 / gflops_machine:.1%} of matmul peak)")
     f_mid, f_full = forward_flops(model, [mid]), forward_flops(model, [last])
     print(f"early exit, mid-block only: {f_mid / f_full:.1%} of the full forward's FLOPs; time per micro-batch "
-          f"{timing['mid only'] * 1e3:.1f} ms vs {timing['full'] * 1e3:.1f} ms ({timing['full'] / timing['mid only']:.2f}x faster)")
+          f"{timing['mid only'] * 1e3:.1f} ms vs {timing['full'] * 1e3:.1f} ms "
+          f"({timing['full'] / timing['mid only']:.2f}x faster)")
 
 
 if __name__ == "__main__":

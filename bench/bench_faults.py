@@ -102,8 +102,8 @@ def rerun(url: Path) -> str | None:
     global MODEL
     MODEL = MODEL or load_model("default")  # loaded once, before the writers are forked
     try:
-        plan = plan_extraction(Store.open(str(url)), MODEL, load_split("digits", "test"), t="10", blocks="2,mid", pools="1,2",
-                               shard_rows=16)
+        plan = plan_extraction(Store.open(str(url)), MODEL, load_split("digits", "test"), t="10", blocks="2,mid",
+                               pools="1,2", shard_rows=16)
         extract_features(plan, batch_size=16, show_progress=False)
     except DiffstoreError as e:
         return f"refused: {e}"
@@ -137,7 +137,8 @@ def races(work: Path, n: int, reference: dict) -> list[dict]:
     for i in range(n):
         url = work / f"race{i}.zarr"
         pids = [fork(url) for _ in range(2)]
-        rows.append({"exits": [exit_code(p) for p in pids], "identical": hashes(url) == reference, "verified": verified(url)})
+        rows.append({"exits": [exit_code(p) for p in pids], "identical": hashes(url) == reference,
+                     "verified": verified(url)})
         log(f"race {i + 1}/{n}: {rows[-1]}")
         shutil.rmtree(url, ignore_errors=True)
     return rows
@@ -211,7 +212,8 @@ def bad_inputs_table(work: Path, clean: Path) -> list[dict]:
 
 def mount_tmpfs(mnt: Path, size_kb: int) -> bool:
     mnt.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True).returncode == 0
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True)
+    return done.returncode == 0
 
 
 def filesystem_faults(work: Path, clean: Path) -> list[dict]:
@@ -285,7 +287,8 @@ def main():
         print(f"reference extraction: diffstore {' '.join(EXTRACT)}\n  -> {len(reference)} arrays x 23 shards"
               f"{timing}\n")
         window = (0.0, seconds if forks else 0.0)
-        sections = [("bad", lambda: bad_inputs_table(work, clean)), ("corrupt", lambda: corruptions(work, clean, reference)),
+        sections = [("bad", lambda: bad_inputs_table(work, clean)),
+                    ("corrupt", lambda: corruptions(work, clean, reference)),
                     ("race", lambda: races(work, args.races, reference)),
                     ("kill", lambda: kills(work, args.kills, reference, window, random.Random(args.seed)))]
         for name, run in sections:
@@ -307,11 +310,13 @@ def summary(name: str, rows: list[dict], window: tuple[float, float]) -> str:
                 "created or changed (sha256 + mtime of every file before/after) and nothing outside a store touched:")
     if name == "corrupt":
         ok = sum(r["caught by verify"] and r["refused by cka"] and r["repaired bit-identical"] for r in rows)
-        return f"corruptions of shard 5 of {X}: {ok}/{len(rows)} caught by verify, refused by a reader, repaired bit-identical:"
+        return (f"corruptions of shard 5 of {X}: {ok}/{len(rows)} caught by verify, refused by a reader, "
+                "repaired bit-identical:")
     if name == "race":
         exits = [c for r in rows for c in r["exits"]]
         return (f"2 writers x same keys x {len(rows)}: {exits.count(0)}/{len(exits)} exits 0, "
-                f"{sum(r['identical'] and r['verified'] for r in rows)}/{len(rows)} stores identical to the reference and verified:")
+                f"{sum(r['identical'] and r['verified'] for r in rows)}/{len(rows)} stores identical to "
+                "the reference and verified:")
     good = sum(r["identical"] and r["verified"] for r in rows)
     return (f"kill -9 of a forked writer at {len(rows)} random instants (uniform in {window[0]:.1f}-{window[1]:.1f} s, "
             f"the length of a clean run), then a re-run: {good}/{len(rows)} resumed bit-identical and verified:")

@@ -37,7 +37,8 @@ from diffstore.store import Store
 
 # google/ddpm-cifar10-32's config.json (35.7M parameters); weights are seeded random (--random-init).
 DDPM_CIFAR10_32 = {
-    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
     "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
     "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
     "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
@@ -45,7 +46,8 @@ DDPM_CIFAR10_32 = {
 }
 # --smoke: the same code paths on networks small enough for a CPU.
 DDPM_SMOKE = {**DDPM_CIFAR10_32, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
-ADM_SMOKE = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2", "attention_resolutions": "16,8",
+ADM_SMOKE = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
+             "attention_resolutions": "16,8",
              "num_head_channels": 16, "learn_sigma": True, "resblock_updown": True, "use_scale_shift_norm": True}
 
 
@@ -58,7 +60,8 @@ def cases(smoke: bool, tmp: Path) -> list[dict]:
         {"name": "ddpm-cifar10-32", "spec": str(folder), "adm_config": None, "t": "10,90", "blocks": "all",
          "batches": [8, 16] if smoke else [64, 128, 256, 512], "n": 64 if smoke else 16384},
         {"name": "ADM-256 uncond", "spec": "adm:", "adm_config": ADM_SMOKE if smoke else "256-uncond", "t": "90",
-         "blocks": "mid,9" if smoke else "19,24", "batches": [8, 16] if smoke else [32, 64, 128], "n": 32 if smoke else 1536},
+         "blocks": "mid,9" if smoke else "19,24", "batches": [8, 16] if smoke else [32, 64, 128],
+         "n": 32 if smoke else 1536},
     ]
 
 
@@ -101,7 +104,8 @@ def forward_rate(model, blocks: list[int], batch: int, amp, device, seconds: flo
 def flops_per_image(model, blocks: list[int], device) -> float:
     x = torch.zeros(2, model.image_channels, model.image_size, model.image_size, device=device)
     with FlopCounterMode(display=False) as counter:
-        run_truncated(model, x, torch.full((2,), 90, device=device), torch.zeros(2, dtype=torch.long, device=device), blocks)
+        run_truncated(model, x, torch.full((2,), 90, device=device), torch.zeros(2, dtype=torch.long, device=device),
+                      blocks)
     return counter.get_total_flops() / 2
 
 
@@ -138,13 +142,14 @@ def run_case(case: dict, tmp: Path, args, device: torch.device) -> dict:
     write_jpegs(data, case["n"], model.image_size)
     split = load_split("imagefolder", "test", str(data))
     url = str(tmp / f"{case['name'].replace(' ', '_')}.zarr")
-    plan = plan_extraction(Store.open(url), model, split, t=case["t"], blocks=case["blocks"], pools="1,2", compute_dtype=compute,
-                           compile=args.compile)
+    plan = plan_extraction(Store.open(url), model, split, t=case["t"], blocks=case["blocks"], pools="1,2",
+                           compute_dtype=compute, compile=args.compile)
     t0 = time.perf_counter()
     extract_features(plan, batch_size=plan.recipe.micro_batch, show_progress=False)
     extract_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = plan_extraction(Store.open(url), model, split, t=case["t"], blocks=case["blocks"], pools="1,2", compute_dtype=compute)
+    again = plan_extraction(Store.open(url), model, split, t=case["t"], blocks=case["blocks"], pools="1,2",
+                            compute_dtype=compute)
     assert extract_features(again, show_progress=False)["tasks_run"] == 0
     noop_s = time.perf_counter() - t0
     extract_rate = len(split) / extract_s

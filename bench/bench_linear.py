@@ -86,7 +86,8 @@ def accuracy_rows(spec: str, recipe: ProbeRecipe, train_rows: int | None = None)
     sk = sklearn_probe(x, y, test.read().reshape(len(y_test), -1).astype(np.float64), y_test, recipe)
     sk_s = time.perf_counter() - t0
     rows = []
-    for name, m, s in (("converged (default)", ours, ours_s), ("paper recipe", paper, paper_s), ("scikit-learn", sk, sk_s)):
+    for name, m, s in (("converged (default)", ours, ours_s), ("paper recipe", paper, paper_s),
+                       ("scikit-learn", sk, sk_s)):
         vs = difference(ours["hits"], m["hits"]) if m is not ours else None
         rows.append({"features": what, "method": name, "top1": float(np.mean(m["hits"])),
                      "ci95": bootstrap_interval(m["hits"]), "val_top1": m["val_top1"], "C": m.get("C"),
@@ -114,7 +115,8 @@ def speed_rows(url: str, recipe: ProbeRecipe) -> list[dict]:
     paper_s = time.perf_counter() - t0
     gain = np.array([o["top1"] - p["top1"] for o, p in zip(ours, paper)])
     return [{"store": url, "keys": len(keys), "method": name, "seconds": s, "seconds_over_converged": s / ours_s,
-             "mean_top1": float(np.mean([m["top1"] for m in ms])), "converged_keys": sum(m["converged"] for m in ms) if ms is ours else None,
+             "mean_top1": float(np.mean([m["top1"] for m in ms])),
+             "converged_keys": sum(m["converged"] for m in ms) if ms is ours else None,
              "converged_minus_paper_mean": float(gain.mean()), "keys_where_paper_higher": int((gain < 0).sum())}
             for name, ms, s in (("converged (default)", ours, ours_s), ("paper recipe", paper, paper_s))]
 
@@ -190,7 +192,8 @@ def main(argv=None):
     ap.add_argument("--train-rows", type=int, help="accuracy: only the first N train rows (test stays whole)")
     ap.add_argument("--parts", default="accuracy,speed", help="which of accuracy, speed, agreement, grid to run")
     ap.add_argument("--speed-store", default="data/default.zarr")
-    ap.add_argument("--agree-store", default="data/default.zarr", help="its every train key is checked against scikit-learn")
+    ap.add_argument("--agree-store", default="data/default.zarr",
+                    help="its every train key is checked against scikit-learn")
     ap.add_argument("--agree-model", default="", help="only this model's keys (e.g. digits-ddpm: not its twin)")
     ap.add_argument("--agree-out", help="write the per-key agreement rows (JSON) here")
     ap.add_argument("--sk-tol", type=float, default=1e-6, help="scikit-learn's tol in the agreement check")
@@ -201,7 +204,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     recipe = ProbeRecipe(tol=args.tol)
     parts = args.parts.split(",")
-    acc = [r for spec in args.key or ["data/default.zarr:t=50/b=7/p=2"] for r in accuracy_rows(spec, recipe, args.train_rows)] if "accuracy" in parts else []
+    specs = args.key or ["data/default.zarr:t=50/b=7/p=2"]
+    acc = [r for spec in specs for r in accuracy_rows(spec, recipe, args.train_rows)] if "accuracy" in parts else []
     speed = speed_rows(args.speed_store, recipe) if "speed" in parts else []
     agree = agree_rows(args.agree_store, args.agree_model, recipe, args.sk_tol) if "agreement" in parts else []
     grid = grid_rows(args.agree_store, args.agree_model, recipe) if "grid" in parts else None
@@ -222,7 +226,8 @@ def main(argv=None):
             table.add_row(r["features"], r["method"], f"{pct(r['top1'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}]",
                           pct(r["val_top1"]), "-" if r["C"] is None else f"{r['C']:g}", f"{r['seconds']:.1f}",
                           f"{r['seconds_over_converged']:.2f}",
-                          "-" if d is None else f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
+                          "-" if d is None
+                          else f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
         console.print(table)
     if speed:
         table = Table(title="speed: every key of the store, side by side in one run")
@@ -230,9 +235,10 @@ def main(argv=None):
                     "converged minus paper (mean)", "keys where paper higher"):
             table.add_column(col)
         for r in speed:
-            table.add_row(r["store"], str(r["keys"]), r["method"], f"{r['seconds']:.1f}", f"{r['seconds_over_converged']:.2f}",
-                          pct(r["mean_top1"]), "-" if r["converged_keys"] is None else str(r["converged_keys"]), f"{100 * r['converged_minus_paper_mean']:+.2f}",
-                          str(r["keys_where_paper_higher"]))
+            table.add_row(r["store"], str(r["keys"]), r["method"], f"{r['seconds']:.1f}",
+                          f"{r['seconds_over_converged']:.2f}", pct(r["mean_top1"]),
+                          "-" if r["converged_keys"] is None else str(r["converged_keys"]),
+                          f"{100 * r['converged_minus_paper_mean']:+.2f}", str(r["keys_where_paper_higher"]))
         console.print(table)
     if grid:
         g, d = grid, grid["largest_change"]
@@ -246,7 +252,8 @@ def main(argv=None):
                       f"lower on {g['keys_lower']}; largest change {d['key']}: {100 * d['diff']:+.1f} "
                       f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]", highlight=False)
     if agree:
-        console.print(f"agreement with scikit-learn (tol {args.sk_tol:g}) on every key of {args.agree_store}: {agree_summary(agree)}")
+        console.print(f"agreement with scikit-learn (tol {args.sk_tol:g}) on every key of "
+                      f"{args.agree_store}: {agree_summary(agree)}")
 
 
 if __name__ == "__main__":

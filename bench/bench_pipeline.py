@@ -49,7 +49,8 @@ class Identity(nn.Module):
 
 def factory(size, random_init=None):
     net = Identity()
-    return {"module": net, "blocks": [("b1", "b1"), ("b2", "b2")], "alphas_cumprod": [0.99 - i * 1e-4 for i in range(1000)],
+    return {"module": net, "blocks": [("b1", "b1"), ("b2", "b2")],
+            "alphas_cumprod": [0.99 - i * 1e-4 for i in range(1000)],
             "image_size": size, "image_channels": 3, "weight_files": []}
 
 
@@ -77,7 +78,8 @@ def make_data(tmp: Path, n32: int, njpg: int, n256: int) -> dict:
         per_class: dict = {}
         for m in members:  # the first njpg / 10 of every class (the tar is grouped by class)
             per_class.setdefault(m.name.split("/")[2], []).append(m)
-        tar.extractall(tmp / "cifar-jpg", members=[m for ms in per_class.values() for m in ms[:njpg // 10]], filter="data")
+        tar.extractall(tmp / "cifar-jpg", members=[m for ms in per_class.values() for m in ms[:njpg // 10]],
+                       filter="data")
     for i in range(n256):  # smooth random images (noise alone would decode unlike photographs), q=90
         low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         img = Image.fromarray(low).resize((256, 256), Image.BICUBIC)
@@ -139,7 +141,8 @@ def run_noop(args) -> None:
     t2 = time.perf_counter()
     summary = extract_features(plan, show_progress=False)
     t3 = time.perf_counter()
-    print(json.dumps({"load": t1 - t0, "plan": t2 - t1, "run": t3 - t2, "tasks": summary["tasks_run"], "arrays": len(plan.arrays)}))
+    print(json.dumps({"load": t1 - t0, "plan": t2 - t1, "run": t3 - t2, "tasks": summary["tasks_run"],
+                      "arrays": len(plan.arrays)}))
 
 
 def noop(tmp: Path, tree: Path) -> dict:
@@ -202,13 +205,15 @@ def main() -> None:
                 line += f"{max(r['img_s'] for r in runs[:-1]) / runs[-1]['img_s']:>12.1f}x"
             print(line, flush=True)
         trees = ([ROOT] + ([Path(args.baseline)] if args.baseline else [])) if "noop" in chosen else []
-        print("\nno-op re-run of a finished extraction (shipped model, digits test, 4 t x 15 blocks x 2 pools = 120 arrays, s):")
+        print("\nno-op re-run of a finished extraction (shipped model, digits test, 4 t x 15 blocks x "
+              "2 pools = 120 arrays, s):")
         print(f"{'code':<22}{'model load':>12}{'plan':>8}{'done check':>12}")
         for tree in trees:
             noop(tmp, tree)  # the first run extracts
             r = noop(tmp, tree)
             assert r["tasks"] == 0
-            print(f"{'this checkout' if tree == ROOT else str(tree):<22}{r['load']:>12.2f}{r['plan']:>8.2f}{r['run']:>12.2f}")
+            print(f"{'this checkout' if tree == ROOT else str(tree):<22}"
+                  f"{r['load']:>12.2f}{r['plan']:>8.2f}{r['run']:>12.2f}")
         print(f"load average after: {os.getloadavg()[0]:.1f} (wall rates shrink on a busy machine; CPU us/img is what "
               "one image costs summed over every process)", file=sys.stderr)
 

@@ -58,7 +58,8 @@ def bench_read(root: Path, n: int, row_shape: tuple, shard_rows: int, repeats: i
     feed = Feed([Rows.of(arr)], np.zeros(n, np.int64), np.arange(n), 128, torch.device("cpu"), budget=0)
     runs = {"store (shard by shard)": lambda: [arr.read(sl) for sl in slices],
             "raw .npy memmap (limit)": lambda: [np.array(mm[sl]) for sl in slices],
-            "store via Feed (streamed, shuffled, float32)": lambda: sum(1 for _ in feed.batches(np.random.default_rng(0)))}
+            "store via Feed (streamed, shuffled, float32)":
+                lambda: sum(1 for _ in feed.batches(np.random.default_rng(0)))}
     for fn in runs.values():
         fn()  # warm the page cache
     secs = {name: best_of(fn, repeats) for name, fn in runs.items()}
@@ -140,7 +141,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        read = bench_read(Path(tmp), args.n, tuple(int(s) for s in args.row_shape.split(",")), args.shard_rows, args.repeats)
+        read = bench_read(Path(tmp), args.n, tuple(int(s) for s in args.row_shape.split(",")), args.shard_rows,
+                          args.repeats)
         recipe, note = bench_recipe(Path(tmp), args)
     if args.json:
         print(json.dumps({"read": read, "recipe": recipe, "model": note, "threads": args.threads}, indent=1))

@@ -153,7 +153,8 @@ def main(argv=None):
              "teacher truncated": count_flops(lambda: truncated(torch.full((b,), len(ts) // 2, device=device))),
              "teacher full": count_flops(lambda: full_forward(model, x, t_mid, layer.info.module))}
 
-    result = {"device": str(device), "threads": torch.get_num_threads(), "model": model.name, "layer": layer.info.module,
+    result = {"device": str(device), "threads": torch.get_num_threads(), "model": model.name,
+              "layer": layer.info.module,
               "layer_shape": [c, layer.info.height, layer.info.width], "t_grid_K": k, "views": v_count, "batch": b,
               "student": f"{args.student} x{args.width}", "step_ms": timings,
               "speedup_vs_full": timings["full"] / timings["stored"],

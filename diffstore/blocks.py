@@ -92,7 +92,8 @@ class BlockTable:
         return [b.to_dict() for b in self.blocks]
 
 
-def trace_blocks(module: "torch.nn.Module", units: list[tuple[str, str]], run, mid_path: str | None = None) -> BlockTable:
+def trace_blocks(module: "torch.nn.Module", units: list[tuple[str, str]], run,
+                 mid_path: str | None = None) -> BlockTable:
     """Run `run()` (a dummy forward) with hooks on `units` [(name, module path)] and record the table.
 
     Units that never fire are dropped; the order is the order in which they fire, so a wrong candidate

@@ -283,7 +283,8 @@ def ls_(keys: Optional[list[str]] = SelectorsArg, store: str = StoreOpt, as_json
                 raise DiffstoreError(info.error)
             rows.append(feature_row(store, info))
         except (DiffstoreError, KeyError, TypeError, ValueError) as e:
-            warn(str(e) if isinstance(e, DiffstoreError) else f"{info.path}: unreadable attributes ({type(e).__name__})")
+            warn(str(e) if isinstance(e, DiffstoreError)
+                 else f"{info.path}: unreadable attributes ({type(e).__name__})")
     s.feature_keys()  # names the folders that are not keys (a name edited by hand): listed, never parsed
     for path in s.invalid:
         warn(f"{shown(path)} is not a feature key (names are letters, digits and . _ + -): remove it with "
@@ -326,7 +327,8 @@ def copy_(src: str = typer.Argument(..., help="Store to copy from: a path or URL
 
 
 @app.command()
-def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like t=90/b=5/p=2 (model=..., split=...)."),
+def info(keys: list[str] = typer.Argument(..., help="Store paths or selectors like "
+                                                    "t=90/b=5/p=2 (model=..., split=...)."),
          store: str = StoreOpt, as_json: bool = JsonOpt):
     """One array's full key, fingerprint, recipe and provenance (always JSON; --json is accepted as elsewhere)."""
     from .key import LEGACY_FORWARD
@@ -361,7 +363,8 @@ def verify(store: str = StoreOpt, as_json: bool = JsonOpt):
 @app.command()
 def rm(keys: list[str] = typer.Argument(..., help="Arrays to remove: store paths or selectors like t=90/b=5/p=2."),
        store: str = StoreOpt,
-       yes: bool = typer.Option(False, "--yes/--no-yes", "-y", help="Remove without asking (--no-yes: ask, the default)."),
+       yes: bool = typer.Option(False, "--yes/--no-yes", "-y",
+                                help="Remove without asking (--no-yes: ask, the default)."),
        as_json: bool = JsonOpt):
     """Remove feature (or target) arrays and the stored results computed from them."""
     from .store import Store
@@ -402,7 +405,8 @@ def as_typed(*drop: str) -> str:
 
 # --- repfusion: the same builder over repfusion/config.py ----------------------------------------------------
 
-repfusion_app = typer.Typer(no_args_is_help=True, help="RepFusion from the store: teacher targets, t policy, distillation.")
+repfusion_app = typer.Typer(no_args_is_help=True,
+                            help="RepFusion from the store: teacher targets, t policy, distillation.")
 app.add_typer(repfusion_app, name="repfusion")
 
 

@@ -80,8 +80,10 @@ class Split:
         sorter = np.argsort(self.ids)
         rows = sorter[np.searchsorted(self.ids, ids, sorter=sorter).clip(0, max(len(self) - 1, 0))]
         if len(self) == 0 or not np.array_equal(self.ids[rows], ids):
-            raise DiffstoreError(f"the {self.name}/{self.split} data loaded here lacks samples the store holds; {hint or 'pass the --data-root the store was extracted from'}")
-        return replace(self, ids=self.ids[rows], labels=self.labels[rows], load=lambda r: self.load(rows[np.asarray(r)]))
+            raise DiffstoreError(f"the {self.name}/{self.split} data loaded here lacks samples the store holds; "
+                                 f"{hint or 'pass the --data-root the store was extracted from'}")
+        return replace(self, ids=self.ids[rows], labels=self.labels[rows],
+                       load=lambda r: self.load(rows[np.asarray(r)]))
 
     def head(self, limit: int) -> "Split":
         """The first `limit` samples (--limit): the split keeps its name, the limit goes into the source and

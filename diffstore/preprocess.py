@@ -47,7 +47,8 @@ class Preprocess:
         w, h = pil.size
         scale = self.size / min(w, h)
         if (w, h) != (self.size, self.size):
-            pil = pil.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), RESAMPLE[self.resize])
+            pil = pil.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                             RESAMPLE[self.resize])
             w, h = pil.size
             left, top = (w - self.size) // 2, (h - self.size) // 2
             pil = pil.crop((left, top, left + self.size, top + self.size))
@@ -64,7 +65,8 @@ class Preprocess:
         images = [np.asarray(im) for im in images]
         if all(self.ready(im) for im in images):  # decoded at the model's size: stack the bytes, scale once
             return torch.from_numpy(self.scale(np.stack(images)))
-        return torch.from_numpy(np.stack([self.scale(im[None])[0] if self.ready(im) else self.one(im) for im in images]))
+        return torch.from_numpy(np.stack([self.scale(im[None])[0] if self.ready(im) else self.one(im)
+                                          for im in images]))
 
     def ready(self, image: np.ndarray) -> bool:
         """uint8, already size x size, our channels, no flip: PIL would hand the pixels back unchanged."""

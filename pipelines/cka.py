@@ -9,7 +9,8 @@ An axis with a single value is skipped. Each matrix is also stored in the store 
 Unbiased linear CKA on all rows by default (diffstore/cka/math.py); --method exact gives the full-batch value,
 inflated when N is not much larger than D, and minibatch the streaming estimator for very wide features.
 
-    python pipelines/cka.py --store data/default.zarr --out data/cka [--split train] [--method unbiased|exact|minibatch|auto]
+    python pipelines/cka.py --store data/default.zarr --out data/cka [--split train] \\
+        [--method unbiased|exact|minibatch|auto]
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def ensure_store(url: str) -> Store:
     print(f"{url} has no features yet: running `diffstore extract --store {url}`", file=sys.stderr)
     done = subprocess.run([str(Path(sys.executable).with_name("diffstore")), "extract", "--store", url])
     if done.returncode:
-        raise DiffstoreError(f"`diffstore extract --store {url}` failed (exit {done.returncode}, its message is above); "
-                             "fix that, or pass --store with an extracted store")
+        raise DiffstoreError(f"`diffstore extract --store {url}` failed (exit {done.returncode}, its message is "
+                             "above); fix that, or pass --store with an extracted store")
     return Store.open(url, mode="r")
 
 

@@ -51,7 +51,8 @@ def extract(store: Store, models: list, splits: list[Split], ts: str, blocks: st
     for model in models:
         for split in splits:
             stderr.print(f"extract {model.name} {split.name}/{split.split} t={ts} blocks={blocks} pools={pools}")
-            extract_features(plan_extraction(store, model, split, t=ts, blocks=blocks, pools=pools), batch_size=batch_size)
+            extract_features(plan_extraction(store, model, split, t=ts, blocks=blocks, pools=pools),
+                             batch_size=batch_size)
 
 
 def main(argv=None):
@@ -115,8 +116,8 @@ def main(argv=None):
         b = s["best"]
         vs = {k: f"{signed(s[k])} ({with_ci(s[k]['result'])})" if k in s else "-" for k in ("twin", "pixels")}
         not_conv = "" if b.get("converged", True) else " (not converged)"
-        print(f"| {s['head']} | {s['recipe']} | t={b['t']}, b{block_label(b)}, p={b['pool']} | {with_ci(b)}{not_conv} | "
-              f"{vs['twin']} | {vs['pixels']} |")
+        print(f"| {s['head']} | {s['recipe']} | t={b['t']}, b{block_label(b)}, p={b['pool']} | {with_ci(b)}{not_conv} "
+              f"| {vs['twin']} | {vs['pixels']} |")
     report = {"dataset": args.dataset, "model": name, "store": url, "args": vars(args), "top_pairs": pairs,
               "summary": [summary_json(s) for s in lines], "results": results, "plots": plots}
     out.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def markdown(args, targets: dict, runs: list[tuple[dict, dict]], analysis: dict)
         top = sorted(zip(trained["distribution"], trained["t_grid"]), reverse=True)[:5]
         lines.append(f"- {trained['run']}: " + ", ".join(f"t={t}: {p:.3f}" for p, t in top)
                      + f" (uniform: {1 / targets['K']:.3f})")
-    lines += ["", "How well each t's teacher feature tells the class, by the frozen decoder g (train images, identity view):",
+    lines += ["", "How well each t's teacher feature tells the class, by the frozen decoder g "
+                  "(train images, identity view):",
               "", "- reward -CE(g(z_t), y): " + by_t(first["t_grid"], first["reward_by_t"], ".3f"),
               "- accuracy of g: " + by_t(first["t_grid"], first["decoder_acc_by_t"], ".2f"),
               "", "Effective rank of z(t) by t: " + by_t(analysis["t_grid"], analysis["effective_rank"], ".1f"),
@@ -78,13 +79,13 @@ def main(argv=None):
 
     targets = targets_command(TargetsConfig(store=args.store, dataset=args.dataset, data_root=args.data_root,
                                             limit=args.limit, model=args.model, layer=args.layer, t_grid=args.t_grid,
-                                            views=args.views, input=args.input, maps=any(x in NEEDS_MAP for x in losses),
-                                            device=args.device))
+                                            views=args.views, input=args.input,
+                                            maps=any(x in NEEDS_MAP for x in losses), device=args.device))
     runs = []
     for loss in losses:
         trained = train_command(DistillConfig(store=args.store, targets=targets["path"], student=args.student,
-                                              width=args.width, loss=loss, epochs=args.epochs, batch_size=args.batch_size,
-                                              seed=args.seed, device=args.device))
+                                              width=args.width, loss=loss, epochs=args.epochs,
+                                              batch_size=args.batch_size, seed=args.seed, device=args.device))
         tuned = finetune_command(FinetuneConfig(store=args.store, run=trained["run"], epochs=args.finetune_epochs,
                                                 batch_size=args.batch_size, seed=args.seed, device=args.device))
         runs.append((trained, tuned))

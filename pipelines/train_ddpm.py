@@ -1,6 +1,6 @@
 """Train a small DDPM (diffusers UNet2DModel, epsilon prediction, linear schedule, T = 1000) on a train split.
 
-    python pipelines/train_ddpm.py                                   # the shipped default: digits -> diffstore/models/default
+    python pipelines/train_ddpm.py    # the shipped default: digits -> diffstore/models/default
     python pipelines/train_ddpm.py --dataset fashion-mnist --data-root DIR --size 28 --out data/models/fashion-ddpm
 
 Only the train split is ever read. Fixed seed; the saved folder is a plain diffusers model folder (config.json,

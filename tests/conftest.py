@@ -1,4 +1,5 @@
-"""Shared fixtures: small datasets cut from the real files in ../shared/datasets (skipped where that folder is absent)."""
+"""Shared fixtures: small datasets cut from the real files in ../shared/datasets
+(skipped where that folder is absent)."""
 
 from __future__ import annotations
 
@@ -157,7 +158,8 @@ def imagefolder_root(cifar_jpg_root, tmp_path_factory):
 # --- models, splits and stores for extraction tests --------------------------------------------------
 
 
-def build_tiny_unet(size: int = 16, channels: int = 1, widths: tuple = (16, 32, 32), attention: bool = True, seed: int = 0):
+def build_tiny_unet(size: int = 16, channels: int = 1, widths: tuple = (16, 32, 32), attention: bool = True,
+                    seed: int = 0):
     """A small seeded diffusers UNet2DModel; with `attention` its second level has attention, as the default model."""
     import torch
     from diffusers import UNet2DModel
@@ -230,7 +232,8 @@ def feature_array(store, key, recipe, row_shape=(3, 2, 2), n: int = 40, shard_ro
 
 def tree_state(root: Path) -> dict:
     """Relative path -> (sha256 of its bytes, mtime_ns) for every file under root; directories map to None."""
-    return {str(p.relative_to(root)): None if p.is_dir() else (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return {str(p.relative_to(root)): None if p.is_dir()
+            else (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
 
 
@@ -354,7 +357,8 @@ def s3_env():
 
 # --- diffstore commands in fresh processes, without re-importing torch each time ----------------------
 
-PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "distributed", "typer", "sklearn.linear_model", "matplotlib.pyplot"]
+PRELOAD = ["torch", "diffusers.models.unets.unet_2d", "distributed", "typer", "sklearn.linear_model",
+           "matplotlib.pyplot"]
 
 
 @cache

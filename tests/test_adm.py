@@ -205,7 +205,8 @@ def test_adm_spec_extracts_into_a_store_equal_to_its_own_forward(tmp_path):
     for (t, b, p), array in plan.arrays.items():
         direct = maps[b] if p == "full" else maps[b].mean((2, 3), keepdim=True)
         stored = array.read().astype(np.float32)
-        np.testing.assert_allclose(stored, direct.numpy(), rtol=2e-3, atol=2e-3 * float(direct.abs().max()), err_msg=f"b{b} p{p}")
+        np.testing.assert_allclose(stored, direct.numpy(), rtol=2e-3, atol=2e-3 * float(direct.abs().max()),
+                                   err_msg=f"b{b} p{p}")
     out = CliRunner().invoke(app, ["blocks", "--model", f"adm:{ckpt}", "--adm-config", config, "--json"])
     assert out.exit_code == 0, out.output
     assert [r["module"] for r in json.loads(out.stdout)] == [b.module for b in model.blocks]

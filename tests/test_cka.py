@@ -1,4 +1,5 @@
-"""CKA invariants (Kornblith et al. 2019) on synthetic data, the streaming estimators, and `diffstore cka` end to end."""
+"""CKA invariants (Kornblith et al. 2019) on synthetic data, the streaming estimators, and `diffstore cka` end to
+end."""
 
 import json
 
@@ -36,8 +37,8 @@ def reference_linear_cka(x, y):
     """Textbook formula in sample space: HSIC = tr(K H L H) with K = X X^T, H = I - 11^T/n."""
     n = len(x)
     h = np.eye(n) - 1 / n
-    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
-    return np.trace(k @ l) / np.sqrt(np.trace(k @ k) * np.trace(l @ l))
+    kx, ky = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return np.trace(kx @ ky) / np.sqrt(np.trace(kx @ kx) * np.trace(ky @ ky))
 
 
 @pytest.mark.parametrize("cfg", [EXACT, MINI, RBF], ids=["exact", "minibatch", "rbf"])
@@ -234,7 +235,8 @@ def test_cka_command_refuses_mismatched_sample_sets(tmp_path):
         cka_command(str(tmp_path / "a.zarr"), a="t=90/b=1/p=2", store_b=str(tmp_path / "b.zarr"), show_progress=False)
     # Same images in the same order under other preprocessing (another network's input size) do compare.
     make_store(tmp_path / "e.zarr", dataset_fp="other-preprocessing")
-    out = cka_command(str(tmp_path / "a.zarr"), a="t=90/b=1/p=2", store_b=str(tmp_path / "e.zarr"), show_progress=False, save=False)
+    out = cka_command(str(tmp_path / "a.zarr"), a="t=90/b=1/p=2", store_b=str(tmp_path / "e.zarr"),
+                      show_progress=False, save=False)
     assert len(out["dataset_fingerprints"]) == 2
     # A store whose split record holds other ids than its arrays' recipe says is caught by the ids check.
     make_store(tmp_path / "c.zarr", ids=np.arange(1, 301, dtype=np.int64), dataset_fp="same")

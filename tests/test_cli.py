@@ -44,7 +44,8 @@ def store_dir(tmp_path):
     (["info", "t=77"], "no array .* matches 't=77'"),
     (["info", "time=90"], "time"),
 ])
-def test_bad_input_exits_2_with_the_message_on_stderr_only(monkeypatch, capsys, store_dir, tiny_unet_dir, args, message):
+def test_bad_input_exits_2_with_the_message_on_stderr_only(monkeypatch, capsys, store_dir, tiny_unet_dir, args,
+                                                           message):
     if args[0] == "extract":
         args = [*args, "--model", str(tiny_unet_dir), "--split", "test", "-q"]
     before = tree_state(store_dir)
@@ -63,7 +64,8 @@ def test_verify_exits_0_on_a_sound_store_and_1_naming_a_nan_row_in_a_done_shard(
     assert code == 1 and err == ""
     [problem] = json.loads(out)
     assert problem["array"] == KEY.path and problem["shards"] == [1]
-    assert "shard 1 is marked done but holds NaN rows" in problem["problem"] and "diffstore repair" in problem["problem"]
+    assert "shard 1 is marked done but holds NaN rows" in problem["problem"]
+    assert "diffstore repair" in problem["problem"]
 
 
 def test_info_prints_the_full_key_fingerprint_and_recipe(monkeypatch, capsys, store_dir):

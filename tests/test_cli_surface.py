@@ -7,7 +7,8 @@ import typer.main
 
 from diffstore.cli import app
 
-MODE_FLAGS = {"json", "as_json", "as_csv", "quiet", "list_results", "show_all", "version", "help", "yes"}  # modes and confirmations: by presence
+# modes and confirmations: by presence
+MODE_FLAGS = {"json", "as_json", "as_csv", "quiet", "list_results", "show_all", "version", "help", "yes"}
 
 
 def all_commands(cmd, path: str = "diffstore"):

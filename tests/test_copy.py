@@ -27,8 +27,8 @@ KEYS = dict(ts="10,300", blocks="2", pools="1,full")  # 2 t x 1 block x 2 pools 
 
 
 def fill(url, model, split, noise_seed: int = 0, ts: str = KEYS["ts"]) -> dict:
-    plan = plan_extraction(Store.open(url), model, split, t=ts, blocks=KEYS["blocks"], pools=KEYS["pools"], shard_rows=16,
-                           noise_seed=noise_seed)
+    plan = plan_extraction(Store.open(url), model, split, t=ts, blocks=KEYS["blocks"], pools=KEYS["pools"],
+                           shard_rows=16, noise_seed=noise_seed)
     return extract_features(plan, batch_size=16, show_progress=False)
 
 

@@ -155,7 +155,8 @@ def test_preprocess_runs_on_every_loader(idx_root, cifar_jpg_root, cifar_bin_roo
 def test_data_root_is_left_out_of_the_key(name, idx_root, cifar_bin_root, imagefolder_root, tmp_path):
     """The same files under another path (a colleague's checkout) give the same fingerprint; other files do not."""
     src = {"mnist": idx_root["mnist"], "cifar10": cifar_bin_root, "imagefolder": imagefolder_root}[name]
-    here, there = load_split(name, "train", src, skip_bad=True), load_split(name, "train", shutil.copytree(src, tmp_path / "b"), skip_bad=True)
+    here = load_split(name, "train", src, skip_bad=True)
+    there = load_split(name, "train", shutil.copytree(src, tmp_path / "b"), skip_bad=True)
     p = Preprocess(32, 3)
     assert here.source["root"] != there.source["root"] and here.fingerprint(p) == there.fingerprint(p)
     change_one_train_file(name, tmp_path / "b")

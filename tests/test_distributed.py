@@ -39,8 +39,8 @@ def digits48():
 def reference(model, digits48, tmp_path_factory) -> dict:
     """The same extraction in this process (the single-machine path)."""
     store = Store.open(str(tmp_path_factory.mktemp("ref") / "ref.zarr"))
-    extract_features(plan_extraction(store, model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16), batch_size=16,
-                     show_progress=False)
+    extract_features(plan_extraction(store, model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16),
+                     batch_size=16, show_progress=False)
     return digests(store)
 
 
@@ -147,7 +147,8 @@ def test_jobs_carry_no_secrets_and_urls_with_passwords_are_refused(s3_env, model
     from diffstore.extract.distributed import extract_job
     from diffstore.scale import worker_url
 
-    plan = plan_extraction(Store.open(str(tmp_path / "job.zarr")), model, digits48, t=T, blocks=BLOCKS, pools=POOLS, shard_rows=16)
+    plan = plan_extraction(Store.open(str(tmp_path / "job.zarr")), model, digits48, t=T, blocks=BLOCKS, pools=POOLS,
+                           shard_rows=16)
     job = pickle.dumps(extract_job(plan, ExtractOptions.build(store="s3://team/job.zarr", model=str(tiny_unet_dir),
                                                               split="test")))
     assert s3_env["AWS_SECRET_ACCESS_KEY"].encode() not in job and b"s3://team/job.zarr" in job
@@ -160,7 +161,8 @@ def probe_store(model, tmp_path_factory):
     """digits train (64) and test (48) features at t=10 for blocks 1, 2 and mid, pool 1, extracted in-process."""
     url = str(tmp_path_factory.mktemp("probe") / "probe.zarr")
     for split, n in (("train", 64), ("test", 48)):
-        plan = plan_extraction(Store.open(url), model, subset(load_split("digits", split), n), t="10", blocks="1,2,mid", pools="1")
+        plan = plan_extraction(Store.open(url), model, subset(load_split("digits", split), n), t="10",
+                               blocks="1,2,mid", pools="1")
         extract_features(plan, batch_size=32, show_progress=False)
     return Store.open(url, mode="r")
 
@@ -173,7 +175,8 @@ def test_probe_sweep_on_cluster_matches_in_process(cluster, probe_store):
     from diffstore.probe.sources import key_source, select_keys
 
     sources = [key_source(probe_store, k) for k in select_keys(probe_store)]
-    specs, recipe = [HeadSpec("linear"), HeadSpec("mlp", hidden=(32,))], ProbeRecipe(epochs=3, batch_size=16, seed=3, steps=30, min_steps=10, eval_every=10)
+    specs = [HeadSpec("linear"), HeadSpec("mlp", hidden=(32,))]
+    recipe = ProbeRecipe(epochs=3, batch_size=16, seed=3, steps=30, min_steps=10, eval_every=10)
     local = run_probes(probe_store, sources, specs, recipe, retrain=True, show_progress=False)
     remote = probe_distributed(probe_store, sources, specs, recipe, retrain=True, scheduler=cluster.scheduler_address,
                                show_progress=False)

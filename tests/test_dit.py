@@ -1,4 +1,5 @@
-"""DiT backend and transformer plugins on tiny models built here (no download): token maps, labels, identity, extraction."""
+"""DiT backend and transformer plugins on tiny models built here (no download): token maps, labels, identity,
+extraction."""
 
 import json
 import shutil
@@ -103,7 +104,8 @@ def test_token_maps_leave_the_network_output_unchanged(dit, dit_folder):
 
 def test_extract_cli_stores_what_a_direct_forward_gives(dit_folder, idx_root, tmp_path):
     store = tmp_path / "dit.zarr"
-    args = ["extract", "--store", str(store), "--dataset", "fashion-mnist", "--data-root", str(idx_root["fashion-mnist"]),
+    args = ["extract", "--store", str(store), "--dataset", "fashion-mnist", "--data-root",
+            str(idx_root["fashion-mnist"]),
             "--split", "test", "--model", f"dit:{dit_folder}", "--t", "0,200", "--blocks", "layer1,layer3",
             "--pools", "1,full", "--dtype", "float32", "--shard-rows", "16", "-q"]
     out = CliRunner().invoke(app, args)
@@ -197,7 +199,8 @@ def test_random_init_gives_a_different_model_key(dit, dit_folder):
     assert r0.name == "tiny-dit0.random-init-s0" and r0.weights_sha256 == "random-init:0"
     assert r0.fingerprint == r0_again.fingerprint and len({dit.fingerprint, r0.fingerprint, r1.fingerprint}) == 3
     z = r0.encode(images(1))
-    a, b, c = (forward_blocks(m, z, 10, [0], None, 0, 1, "noised", [1], ["full"])[(1, "full")] for m in (r0, r0_again, r1))
+    a, b, c = (forward_blocks(m, z, 10, [0], None, 0, 1, "noised", [1], ["full"])[(1, "full")]
+               for m in (r0, r0_again, r1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert r0.blocks.to_list() == dit.blocks.to_list()
 
@@ -218,7 +221,8 @@ def bin_copy(dit_folder, folder, state=None):
     (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     from safetensors.torch import load_file
 
-    weights = state if state is not None else load_file(dit_folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights = (state if state is not None
+               else load_file(dit_folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     torch.save(weights, folder / "transformer" / "diffusion_pytorch_model.bin")
     return folder
 
@@ -226,7 +230,8 @@ def bin_copy(dit_folder, folder, state=None):
 def test_bin_weights_load_as_plain_tensors_and_key_their_bytes(dit, dit_folder, tmp_path):
     folder = bin_copy(dit_folder, tmp_path / "bin")
     from_bin = load_dit(str(folder))
-    files = [folder / "transformer" / "diffusion_pytorch_model.bin", folder / "vae" / "diffusion_pytorch_model.safetensors"]
+    files = [folder / "transformer" / "diffusion_pytorch_model.bin",
+             folder / "vae" / "diffusion_pytorch_model.safetensors"]
     assert from_bin.weights_sha256 == sha256_files(files) != dit.weights_sha256
     z = dit.encode(images(2))
     a, b = (forward_blocks(m, z, 30, [0, 1], None, 0, 1, "noised", [4], ["full"])[(4, "full")] for m in (dit, from_bin))

@@ -238,7 +238,8 @@ def test_metric_option_selects_and_shows_each_metric_with_paired_margins(store_u
 def test_the_cli_takes_the_new_options_and_prints_them_in_the_csv_table(store_url):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "diffstore.cli", "probe", "--store", store_url, "--model", "tiny",
-                               "--t", "0", "--blocks", "3", "--pools", "1", "-q", *args], capture_output=True, text=True)
+                               "--t", "0", "--blocks", "3", "--pools", "1", "-q", *args],
+                              capture_output=True, text=True)
 
     done = cli("--head", "linear,knn", "--cs", "0.01,0.1", "--ks", "5,10", "--metric", "top5", "--csv")
     rows = list(csv.DictReader(io.StringIO(done.stdout)))

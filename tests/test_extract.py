@@ -87,7 +87,8 @@ def test_pools_are_averages_of_the_full_map(tmp_path, model, digits100):
 
 def test_settings_that_change_values_change_features(tmp_path, model, digits100):
     base, _, _ = extract(tmp_path, model, digits100, "base.zarr", t="300", blocks="mid", pools="1")
-    for i, kw in enumerate([dict(noise_seed=1), dict(noise_draws=2), dict(input="clean"), dict(compute_dtype="bfloat16")]):
+    for i, kw in enumerate([dict(noise_seed=1), dict(noise_draws=2), dict(input="clean"),
+                            dict(compute_dtype="bfloat16")]):
         other, _, _ = extract(tmp_path, model, digits100, f"o{i}.zarr", t="300", blocks="mid", pools="1", **kw)
         assert not np.array_equal(base[(300, model.blocks.mid, "1")], other[(300, model.blocks.mid, "1")]), kw
 
@@ -141,7 +142,8 @@ def test_model_that_does_not_load_is_refused(tmp_path):
 def test_unadaptable_channels_are_refused(tmp_path, digits100):
     build_tiny_unet(channels=2).save_pretrained(tmp_path / "two")
     with pytest.raises(DiffstoreError, match="2-channel input"):
-        plan_extraction(Store.open(str(tmp_path / "s.zarr")), load_model(str(tmp_path / "two")), digits100, t="10", blocks="mid", pools="1")
+        plan_extraction(Store.open(str(tmp_path / "s.zarr")), load_model(str(tmp_path / "two")), digits100, t="10",
+                        blocks="mid", pools="1")
     assert not (tmp_path / "s.zarr" / "features").exists()
 
 

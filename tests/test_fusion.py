@@ -111,7 +111,8 @@ def test_comparison_shows_best_single_key_and_concatenation_with_paired_margins(
         assert row["fusion_minus"]["diff"] == pytest.approx(fusion["top1"] - row["top1"], abs=1e-9)
         lo, hi = row["fusion_minus"]["ci95"]
         assert lo <= row["fusion_minus"]["diff"] <= hi
-    probe_command(ProbeOptions.build(store=store_url, fuse="t=0/b=2/p=full,t=50/b=5/p=full", head="attention,mlp,fusion", **FAST)).to_json()
+    probe_command(ProbeOptions.build(store=store_url, fuse="t=0/b=2/p=full,t=50/b=5/p=full",
+                                     head="attention,mlp,fusion", **FAST)).to_json()
     assert "fusion minus it" in capsys.readouterr().out
 
 

@@ -26,7 +26,8 @@ def backend_spec(request, backend: str) -> tuple[str, dict]:
         return f"sd:{request.getfixturevalue('sd_folder')}", {}
     if not ADM_SPECS.is_dir():
         pytest.skip("guided-diffusion specs (shared/specs/adm) not present")
-    return f"adm:{ADM_SPECS / 'tiny' / 'tiny-uncond.safetensors'}", {"adm_config": str(ADM_SPECS / "tiny" / "tiny-uncond.json")}
+    tiny = ADM_SPECS / "tiny"
+    return f"adm:{tiny / 'tiny-uncond.safetensors'}", {"adm_config": str(tiny / "tiny-uncond.json")}
 
 
 def flat_params(model) -> torch.Tensor:

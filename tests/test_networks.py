@@ -167,7 +167,8 @@ def test_weight_file_mismatches_are_named_and_pre_041_files_load(resnet, tmp_pat
     old = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if not k.endswith("batches_tracked")}
     torch.save(old, tmp_path / "old.pth")
     loaded = plugin(RESNET, DIFFSTORE_RESNET50_SIZE=SIZE, DIFFSTORE_RESNET50_WEIGHTS=tmp_path / "old.pth")
-    assert loaded.module.layer4[2].bn3.num_batches_tracked.item() == 0 and loaded.module.fc.weight.dtype == torch.float32
+    assert loaded.module.layer4[2].bn3.num_batches_tracked.item() == 0
+    assert loaded.module.fc.weight.dtype == torch.float32
     assert torch.equal(loaded.module.layer3[1].conv2.weight, resnet.module.layer3[1].conv2.weight.half().float())
     renamed = dict(state)
     renamed["layer4.2.conv3.weights"] = renamed.pop("layer4.2.conv3.weight")

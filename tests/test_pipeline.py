@@ -36,12 +36,14 @@ def run(tmp_path, model, split, name, workers=0, batch_size=64, **kw):
 
 
 def serial_forward(model, split, micro_batch=16) -> dict:
-    """What the store must hold: forward_blocks over the whole split in this process (noise drawn here), cast by numpy."""
+    """What the store must hold: forward_blocks over the whole split in this process (noise drawn here),
+    cast by numpy."""
     x0 = Preprocess(model.image_size, model.image_channels)(split.load(np.arange(len(split))))
     blocks = model.blocks.resolve(ARGS["blocks"])
     out = {}
     for t in (10, 300):
-        f = forward_blocks(model, x0, t, split.ids, split.labels, 0, 1, "noised", blocks, ["1", "full"], micro_batch=micro_batch)
+        f = forward_blocks(model, x0, t, split.ids, split.labels, 0, 1, "noised", blocks, ["1", "full"],
+                           micro_batch=micro_batch)
         out.update({(t, b, p): v.numpy().astype(np.float16) for (b, p), v in f.items()})
     return out
 
@@ -122,7 +124,8 @@ def test_finished_extraction_is_recognised_without_reading_a_done_flag(tmp_path,
     url = str(tmp_path / "s.zarr")
     plan = plan_extraction(Store.open(url), model, digits, **ARGS, shard_rows=16)
     run_task(plan, 300, 1, batch_size=16)
-    assert {k: list(m) for k, m in done_masks(plan.arrays).items()} == {k: list(a.done_mask()) for k, a in plan.arrays.items()}
+    assert {k: list(m) for k, m in done_masks(plan.arrays).items()} == {k: list(a.done_mask())
+                                                                        for k, a in plan.arrays.items()}
     extract_features(plan, show_progress=False, workers=0)
 
     def forbidden(*_a, **_k):
@@ -159,17 +162,20 @@ def test_noise_added_in_the_loader_equals_add_noise_of_noise():
     x0 = torch.randn(5, 3, 8, 8)
     ids = [4, 1, 9, 2, 7]
     for abar in (0.9999, 0.37, 0.0042):
-        np.testing.assert_array_equal(noised(x0, 3, ids, 40, 1, abar), add_noise(x0, noise(3, ids, 40, 1, (3, 8, 8)), abar))
+        np.testing.assert_array_equal(noised(x0, 3, ids, 40, 1, abar),
+                                      add_noise(x0, noise(3, ids, 40, 1, (3, 8, 8)), abar))
 
 
-@pytest.mark.parametrize("channels, shape", [(3, (4, 16, 16, 3)), (1, (4, 16, 16)), (3, (4, 16, 16)), (1, (4, 16, 16, 3))])
+@pytest.mark.parametrize("channels, shape",
+                         [(3, (4, 16, 16, 3)), (1, (4, 16, 16)), (3, (4, 16, 16)), (1, (4, 16, 16, 3))])
 def test_batched_preprocessing_equals_the_pil_path(channels, shape):
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     pre = Preprocess(size=16, channels=channels)
     by_pil = np.stack([pre.one(im) for im in images])
     for batched in (pre(images), pre(list(images))):
         for layout in (torch.contiguous_format, torch.channels_last):  # the layout the forward always saw
-            assert batched.is_contiguous(memory_format=layout) == torch.from_numpy(by_pil).is_contiguous(memory_format=layout)
+            expected = torch.from_numpy(by_pil).is_contiguous(memory_format=layout)
+            assert batched.is_contiguous(memory_format=layout) == expected
         np.testing.assert_array_equal(batched.numpy(), by_pil)
 
 
@@ -191,13 +197,15 @@ def test_compiled_layers_keep_hooks_and_values(tiny_unet_dir, digits):
     x0 = Preprocess(compiled.image_size, 1)(digits.load(np.arange(20)))
     blocks = compiled.blocks.resolve("2,mid")
     a = forward_blocks(compiled, x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks, ["1", "full"])
-    b = forward_blocks(load_model(str(tiny_unet_dir)), x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks, ["1", "full"])
+    b = forward_blocks(load_model(str(tiny_unet_dir)), x0, 300, digits.ids[:20], None, 0, 1, "noised", blocks,
+                       ["1", "full"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_corrupt_image_in_a_loader_worker_is_a_clear_error(tmp_path, model, imagefolder_root):
     split = load_split("imagefolder", "train", str(imagefolder_root))  # holds dog/broken.jpg (truncated)
-    plan = plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, split, t="10", blocks="mid", pools="1", micro_batch=1)
+    plan = plan_extraction(Store.open(str(tmp_path / "s.zarr")), model, split, t="10", blocks="mid", pools="1",
+                           micro_batch=1)
     with pytest.raises(DiffstoreError, match="cannot decode image .*broken.jpg") as e:
         extract_features(plan, batch_size=1, show_progress=False, workers=1)  # 4 batches: one worker loads them
     assert "Traceback" not in str(e.value) and "--skip-bad" in str(e.value)

@@ -83,8 +83,10 @@ def test_non_diffusion_cnn_extracts_at_t0_and_compares_by_cka(resnet_spec, unet_
     for model, t, blocks in ((resnet, "0", "layer2,layer3"), (unet, "50", "mid")):
         extract_features(plan_extraction(store, model, split, t=t, blocks=blocks, pools="2"), show_progress=False)
     arrays = {(k.model, k.block): store.features(k).read() for k in store.feature_keys()}
-    assert set(arrays) == {("tiny_resnet.factory", 3), ("tiny_resnet.factory", 4), ("tiny_unet.factory", unet.blocks.mid)}
-    layer2, layer3, mid = arrays[("tiny_resnet.factory", 3)], arrays[("tiny_resnet.factory", 4)], arrays[("tiny_unet.factory", unet.blocks.mid)]
+    assert set(arrays) == {("tiny_resnet.factory", 3), ("tiny_resnet.factory", 4),
+                           ("tiny_unet.factory", unet.blocks.mid)}
+    layer2, layer3 = arrays[("tiny_resnet.factory", 3)], arrays[("tiny_resnet.factory", 4)]
+    mid = arrays[("tiny_unet.factory", unet.blocks.mid)]
     # the stored CKA values are those of the networks' own forwards (float16 storage: 1e-3)
     direct3, direct_mid = direct_block(resnet, split, 0, 4), direct_block(unet, split, 50, unet.blocks.mid)
     assert cka(layer3, mid) == pytest.approx(cka(direct3, direct_mid), abs=1e-3)
@@ -115,7 +117,8 @@ def write_plugin(tmp_path, body: str, name="bad.py") -> str:
     ("def factory(): return dict(GOOD, alphas_cumprod=[1.0, 0.0])", 0, "in \\(0, 1\\]"),
     ("def factory(): return dict(GOOD, config={'x': object()})", 0, "plain JSON"),
     ("def factory(): return GOOD", 0, "--random-init needs factory\\(random_init=None\\)"),
-    ("def factory(): raise OSError('checkpoint is corrupt')", None, "factory .* failed: OSError: checkpoint is corrupt"),
+    ("def factory(): raise OSError('checkpoint is corrupt')", None,
+     "factory .* failed: OSError: checkpoint is corrupt"),
     ("import not_a_module\ndef factory(): pass", None, "failed to import: ModuleNotFoundError"),
 ])
 def test_bad_plugin_names_what_is_wrong(tmp_path, body, random_init, message):
@@ -130,7 +133,8 @@ def test_random_init_factory_with_no_weight_files_loads(tmp_path):
     assert [b.name for b in model.blocks] == ["0"] and model.weights_sha256 == "random-init:3"
 
 
-@pytest.mark.parametrize("spec, message", [("nowhere.py:factory", "not found"), ("model.py", "py:path/to/file.py:factory")])
+@pytest.mark.parametrize("spec, message",
+                         [("nowhere.py:factory", "not found"), ("model.py", "py:path/to/file.py:factory")])
 def test_bad_plugin_spec_names_the_expected_form(spec, message):
     with pytest.raises(DiffstoreError, match=message):
         load_model(f"py:{spec}")

@@ -121,7 +121,8 @@ def test_stored_result_is_shown_cached_and_listed(store_url, capsys):
 
 
 def test_random_init_twin_and_pixel_baseline_in_one_table(store_url, capsys):
-    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", blocks="1", pools="1", baseline="pixels", show_all=True, **FAST)).to_json()
+    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", blocks="1", pools="1", baseline="pixels",
+                                           show_all=True, **FAST)).to_json()
     table = capsys.readouterr().out
     models = [r["model"] for r in out["results"]]
     assert models == ["tiny", "tiny.random-init-s1", "pixels"]
@@ -131,7 +132,8 @@ def test_random_init_twin_and_pixel_baseline_in_one_table(store_url, capsys):
 
 
 def test_summary_names_best_key_and_paired_margins_without_the_full_table(store_url, capsys):
-    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", blocks="1,3", pools="1", baseline="pixels", **FAST)).to_json()
+    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", blocks="1,3", pools="1",
+                                           baseline="pixels", **FAST)).to_json()
     text = capsys.readouterr().out
     assert "probe results" not in text and "--all" in text  # the summary, not the 4-row table
     assert "vs its random-init twin" in text
@@ -174,7 +176,8 @@ def test_select_ranks_every_key_and_trains_the_top_k(store_url, capsys):
 
 
 def test_grid_table_values_equal_stored_results_and_plots_are_written(store_url, tmp_path, capsys):
-    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", grid=True, plot=str(tmp_path), **FAST)).to_json()
+    out = probe_command(ProbeOptions.build(store=store_url, model="tiny", t="0", grid=True, plot=str(tmp_path),
+                                           **FAST)).to_json()
     assert "t x block" in capsys.readouterr().out
     # (tiny p=1, tiny p=full, random-init p=1) x heatmap, tiny minus twin at p=1: one t has no curve over t
     assert len(out["plots"]) == 4
@@ -185,7 +188,8 @@ def test_grid_table_values_equal_stored_results_and_plots_are_written(store_url,
     tables = {t.title: t for t in grid_tables(out["results"])}
     checked = 0
     for r in out["results"]:
-        table = next(t for title, t in tables.items() if title.startswith(f"digits {r['model']} (noised) p={r['pool']} "))
+        table = next(t for title, t in tables.items()
+                     if title.startswith(f"digits {r['model']} (noised) p={r['pool']} "))
         column = next(c for c in table.columns if c.header == f"b{r['block']} {r['block_name']}")
         cell = list(column.cells)[[str(t) for t in table.columns[0].cells].index(str(r["t"]))]
         assert cell.rstrip("*+") == f"{100 * stored[r['name']]['top1']:.1f}"
@@ -294,7 +298,8 @@ def sklearn_probe(store: Store, key: FeatureKey, Cs, val_frac=0.1, seed=0) -> tu
 
 @pytest.mark.parametrize("setting", [dict(blocks="3", pools="full"), dict(blocks="1", pools="1")])
 def test_converged_linear_probe_matches_sklearn_on_stored_features(store_url, setting):
-    r = probe(store_url, model="tiny", t="0", recipe="converged", show_progress=False, retrain=True, **setting)["results"]
+    r = probe(store_url, model="tiny", t="0", recipe="converged", show_progress=False, retrain=True,
+              **setting)["results"]
     ours = next(x for x in r if x["model"] == "tiny")
     assert ours["recipe"]["name"] == "converged" and ours["converged"]
     C, sk_top1 = sklearn_probe(Store.open(store_url, "r"), FeatureKey(**ours["keys"][0]), ProbeRecipe().Cs)

@@ -1,6 +1,6 @@
-"""Every command in README.md and docs/*.md runs as printed: each indented code block's `diffstore ...` lines (and the From
-Python block) run in order in a fresh folder, as a reader would paste them, each in its own fresh process (forked
-from one that imported torch and diffusers once: conftest.Command), and must exit 0.
+"""Every command in README.md and docs/*.md runs as printed: each indented code block's `diffstore ...` lines (and
+the From Python block) run in order in a fresh folder, as a reader would paste them, each in its own fresh process
+(forked from one that imported torch and diffusers once: conftest.Command), and must exit 0.
 
 Not run: `make ...` and `python pipelines/...` lines (long recipes with their own docs; `make test` is this suite);
 lines that need something you provide first, a cluster (`tcp://HOST`) or a downloaded dataset (`--data-root`),

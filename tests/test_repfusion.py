@@ -95,7 +95,8 @@ def test_targets_rerun_is_a_no_op_and_another_grid_is_refused(built, tmp_path):
     again = targets_command(TargetsConfig(**{**cfg.__dict__, "model": model_dir}), json_out=True, show_progress=False)
     assert again["shards_written"] == 0 and again["fingerprint"] == built["result"]["fingerprint"]
     with pytest.raises(DiffstoreError, match="t_grid"):
-        targets_command(TargetsConfig(**{**cfg.__dict__, "model": model_dir, "t_grid": "0:1000:500"}), show_progress=False)
+        targets_command(TargetsConfig(**{**cfg.__dict__, "model": model_dir, "t_grid": "0:1000:500"}),
+                        show_progress=False)
 
 
 def test_layer_resolves_blocks_modules_and_the_mid_conv(built):
@@ -136,7 +137,8 @@ def test_reinforce_gradient_raises_the_log_prob_of_a_positive_reward():
 
 
 def test_entropy_weight_decays_from_lambda_to_zero():
-    assert entropy_weight(0, 100) == 0.1 and entropy_weight(50, 100) == pytest.approx(0.05) and entropy_weight(100, 100) == 0
+    assert entropy_weight(0, 100) == 0.1 and entropy_weight(50, 100) == pytest.approx(0.05)
+    assert entropy_weight(100, 100) == 0
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -224,7 +226,8 @@ def test_at_loss_needs_stored_maps_and_a_prefix_split_loads_back(tmp_path, small
 
 
 def test_analyze_measures_rank_per_t_and_writes_plots(built, tmp_path):
-    r = analyze_command(AnalyzeConfig(store=built["store"], out=str(tmp_path), tsne_ts=2, tsne_points=60), json_out=True)
+    r = analyze_command(AnalyzeConfig(store=built["store"], out=str(tmp_path), tsne_ts=2, tsne_points=60),
+                        json_out=True)
     # the same measure recomputed here with numpy from the stored targets (identity view, one t at a time)
     z = Store.open(built["store"], "r").open_array(built["result"]["path"] + "/pooled").read()[:, 0].astype(np.float64)
     want = []

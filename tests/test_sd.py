@@ -1,4 +1,5 @@
-"""Stable Diffusion backend on a tiny pipeline built here (no download): blocks, latents, prompt, identity, extraction."""
+"""Stable Diffusion backend on a tiny pipeline built here (no download): blocks, latents, prompt, identity,
+extraction."""
 
 import json
 
@@ -53,7 +54,8 @@ def test_encode_gives_scaled_deterministic_latents(sd, sd_folder):
     z = sd.encode(x)
     assert z.shape == (3, 4, LATENT, LATENT)
     assert torch.equal(z, sd.encode(x))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # --compute-dtype must not reach the VAE (fp32, like force_upcast)
+    # --compute-dtype must not reach the VAE (fp32, like force_upcast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(z, sd.encode(x))
     vae = AutoencoderKL.from_pretrained(sd_folder / "vae")
     with torch.no_grad():
@@ -78,7 +80,8 @@ def test_blocks_equal_a_direct_diffusers_forward_with_the_null_text(sd, sd_folde
     def keep(b, out):  # attention blocks return (sample,)
         maps[b] = out[0] if isinstance(out, tuple) else out
 
-    handles = [unet.get_submodule(m).register_forward_hook(lambda _m, _i, out, b=b: keep(b, out)) for b, m in modules.items()]
+    handles = [unet.get_submodule(m).register_forward_hook(lambda _m, _i, out, b=b: keep(b, out))
+               for b, m in modules.items()]
     with torch.no_grad():
         text = CLIPTextModel.from_pretrained(sd_folder / "text_encoder")(tokens).last_hidden_state
         unet(x_t, torch.tensor([t, t]), encoder_hidden_states=text.expand(2, -1, -1))
@@ -103,7 +106,8 @@ def test_prompt_changes_features_and_identity(sd, sd_folder):
 
 def test_weights_hash_covers_unet_vae_text_encoder(sd, sd_folder):
     files = [sd_folder / "unet" / "diffusion_pytorch_model.safetensors",
-             sd_folder / "vae" / "diffusion_pytorch_model.safetensors", sd_folder / "text_encoder" / "model.safetensors"]
+             sd_folder / "vae" / "diffusion_pytorch_model.safetensors",
+             sd_folder / "text_encoder" / "model.safetensors"]
     assert sd.weights_sha256 == sha256_files(files)
 
 
@@ -153,4 +157,5 @@ def test_cli_blocks_lists_the_sd_table(sd, sd_folder):
     out = CliRunner().invoke(app, ["blocks", "--model", f"sd:{sd_folder}", "--json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.stdout)
-    assert [(r["b"], r["name"], r["C"], r["H"]) for r in rows] == [(b.index, b.name, b.channels, b.height) for b in sd.blocks]
+    assert [(r["b"], r["name"], r["C"], r["H"]) for r in rows] == [(b.index, b.name, b.channels, b.height)
+                                                                   for b in sd.blocks]

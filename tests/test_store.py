@@ -43,7 +43,8 @@ def test_batch_size_and_shard_size_change_neither_key_nor_values(tmp_path, model
     last micro-batch is padded and shards end mid-batch)."""
     def extract(name, batch_size, shard_rows):
         store = Store.open(str(tmp_path / name))
-        plan = plan_extraction(store, model, digits100, t="10,300", blocks="2,mid", pools="1,full", shard_rows=shard_rows)
+        plan = plan_extraction(store, model, digits100, t="10,300", blocks="2,mid", pools="1,full",
+                               shard_rows=shard_rows)
         extract_features(plan, batch_size=batch_size, show_progress=False)
         return {a.path: (a.attrs["fingerprint"], a.shard_rows, a.read()) for a in store.arrays()}
 
@@ -136,7 +137,8 @@ def test_missing_filesystem_library_is_named(monkeypatch):
     with pytest.raises(DiffstoreError, match="pip install"):
         Store.open("nosuchproto://bucket/x.zarr")
     monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed: importing it fails
-    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)  # the class, cached once imported
+    # the class, cached once imported
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
     with pytest.raises(DiffstoreError, match=r"s3://.*pip install s3fs"):
         Store.open("s3://bucket/x.zarr")
 

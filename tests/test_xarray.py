@@ -19,7 +19,8 @@ X = "features/digits/test/tiny-unet/noised/t10/b2/p2"
 def store_url(tmp_path_factory, tiny_unet_dir):
     url = str(tmp_path_factory.mktemp("xr") / "s.zarr")
     split = subset(load_split("digits", "test"), 40)
-    plan = plan_extraction(Store.open(url), load_model(str(tiny_unet_dir)), split, t="10", blocks="2,mid", pools="2,full", shard_rows=16)
+    plan = plan_extraction(Store.open(url), load_model(str(tiny_unet_dir)), split, t="10", blocks="2,mid",
+                           pools="2,full", shard_rows=16)
     extract_features(plan, batch_size=16, show_progress=False)
     return url, split
 
@@ -36,7 +37,8 @@ def test_open_datatree_opens_the_whole_store_with_labelled_features(store_url):
     np.testing.assert_array_equal(tree["datasets/digits/test"]["ids"].values, split.ids)
     full = tree[X.replace("p2", "pfull")]["x"]
     assert full.dims == ("sample", "channel", "height", "width") and full.shape[2:] == (16, 16)
-    assert float(x.sel(sample=split.ids[3]).sum()) == pytest.approx(float(x.values[3].astype(np.float64).sum()), rel=1e-3)
+    assert float(x.sel(sample=split.ids[3]).sum()) == pytest.approx(float(x.values[3].astype(np.float64).sum()),
+                                                                    rel=1e-3)
 
 
 def test_to_xarray_labels_format_1_arrays_too(store_url, tmp_path):

@@ -57,7 +57,8 @@ def axis_order(field: str, value):
 def select(store: Store, keys: list[FeatureKey], want: dict, free: str | None) -> list[FeatureKey]:
     """Keys matching `want` ({field: set}); every field except `free` must then have one value."""
     matches = [k for k in keys if all(getattr(k, f) in vals for f, vals in want.items() if vals is not None)]
-    asked = ", ".join(f"{f}={','.join(map(str, sorted(v, key=str)))}" for f, v in want.items() if v is not None) or "(no filter)"
+    asked = ", ".join(f"{f}={','.join(map(str, sorted(v, key=str)))}"
+                      for f, v in want.items() if v is not None) or "(no filter)"
     if not matches:
         held = "; ".join(f"{f}: {', '.join(map(str, sorted({getattr(k, f) for k in keys}, key=str)))}" for f in FIELDS)
         raise DiffstoreError(f"no feature array in {store.url} matches {asked}. "
@@ -77,11 +78,13 @@ def check_same_samples(entries: list[tuple[Store, ShardedArray]]) -> dict:
     sets = {}
     for store, arr in entries:
         source = {k: v for k, v in arr.attrs.get("dataset", {}).get("source", {}).items() if k != "root"}
-        sets.setdefault(json.dumps([arr.key.dataset, arr.key.split, source], sort_keys=True), []).append(f"{store.url}:{arr.path}")
+        group = json.dumps([arr.key.dataset, arr.key.split, source], sort_keys=True)
+        sets.setdefault(group, []).append(f"{store.url}:{arr.path}")
     if len(sets) > 1:
         groups = "\n  ".join(f"{', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}" for paths in sets.values())
         raise DiffstoreError("these arrays cover different sample sets (dataset, split or source differ), so CKA "
-                             f"between them is meaningless:\n  {groups}\nCompare features extracted from the same dataset split")
+                             f"between them is meaningless:\n  {groups}\nCompare features extracted "
+                             "from the same dataset split")
     # The stored ids decide: the same images in the same order.
     splits = {}
     for store, arr in entries:
@@ -115,7 +118,8 @@ def choose(store: Store, store_b: Store | None, by: str | None, a: str | None, b
 
     def resolve(s: Store, spec: str) -> list[FeatureKey]:
         keys = s.feature_keys()
-        return [select(s, keys, {**filters, **{f: {v} for f, v in item.items()}}, None)[0] for item in parse_keyset(spec)]
+        return [select(s, keys, {**filters, **{f: {v} for f, v in item.items()}}, None)[0]
+                for item in parse_keyset(spec)]
 
     rows = resolve(store, a)
     col_store = store_b or store
@@ -125,9 +129,11 @@ def choose(store: Store, store_b: Store | None, by: str | None, a: str | None, b
 def result_name(by: str | None, rows: list[FeatureKey], cols: list[FeatureKey], method: str, stores: list[str]) -> str:
     if by and rows == cols and len(stores) == 1:
         k = rows[0]
-        fixed = "_".join(f"{short}{getattr(k, f)}" for f, short in (("t", "t"), ("block", "b"), ("pool", "p")) if f != by)
+        fixed = "_".join(f"{short}{getattr(k, f)}" for f, short in (("t", "t"), ("block", "b"), ("pool", "p"))
+                         if f != by)
         return f"{k.dataset}-{k.split}-{k.model}-{k.input}_by-{by}_{fixed}_{method}"
-    digest = hashlib.sha256(json.dumps([stores, [k.path for k in rows], [k.path for k in cols]]).encode()).hexdigest()[:10]
+    pairs = json.dumps([stores, [k.path for k in rows], [k.path for k in cols]])
+    digest = hashlib.sha256(pairs.encode()).hexdigest()[:10]
     return f"pairs-{digest}_{method}"
 
 
@@ -159,9 +165,9 @@ def bias_warning(payload: dict, dims: list[int], command: str) -> str | None:
     floor = bias_floor(payload["n"], min(dims), min(dims))
     if floor < 0.05:
         return None
-    return (f"warning: exact (full-batch) CKA is biased upwards when N is not much larger than D: with N={payload['n']} "
-            f"and D={min(dims)}, two independent arrays would score about {floor:.2f}. For values that mean what "
-            f"they say, run: {command} --method unbiased")
+    return ("warning: exact (full-batch) CKA is biased upwards when N is not much larger than D: "
+            f"with N={payload['n']} and D={min(dims)}, two independent arrays would score about {floor:.2f}. "
+            f"For values that mean what they say, run: {command} --method unbiased")
 
 
 def compute(o: CKAOptions) -> dict:
@@ -190,7 +196,8 @@ def compute(o: CKAOptions) -> dict:
     samples = check_same_samples([(st, arr) for arr in row_arrays] + [(col_store, arr) for arr in col_arrays])
 
     # An array in both rows and columns is passed as the same object, so cka_matrix reads it once.
-    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)  # ShardedArray: checked reads (checksums, NaN rows)
+    # ShardedArray: checked reads (checksums, NaN rows)
+    view = (lambda x: RowPrefix(x, limit)) if limit else (lambda x: x)
     xs_rows = {arr.path: view(arr) for arr in row_arrays}
     xs_cols = [xs_rows[arr.path] if col_store is st and arr.path in xs_rows else view(arr) for arr in col_arrays]
     n = min(row_arrays[0].n_rows, limit or row_arrays[0].n_rows)
@@ -209,8 +216,9 @@ def compute(o: CKAOptions) -> dict:
 
     def describe(s: Store, keys, arrays):
         vary = [by] if by else varying_fields(keys) or []
-        return [{"store": s.url, "key": k.to_dict(), "short": k.short(), "label": label(k, arr, vary), "tick": label(k, None, vary),
-                 "block_name": arr.attrs.get("block", {}).get("name"), "width": width(arr.x)} for k, arr in zip(keys, arrays)]
+        return [{"store": s.url, "key": k.to_dict(), "short": k.short(), "label": label(k, arr, vary),
+                 "tick": label(k, None, vary), "block_name": arr.attrs.get("block", {}).get("name"),
+                 "width": width(arr.x)} for k, arr in zip(keys, arrays)]
 
     # Title: the fixed key fields users choose between (dataset, split and input are in the name and JSON).
     fixed = {f: getattr(row_keys[0], f) for f in ("split", "model", "t", "block", "pool")
@@ -219,7 +227,8 @@ def compute(o: CKAOptions) -> dict:
         fixed["block"] = label(row_keys[0], row_arrays[0], ["block"]).removeprefix("b")
     urls = sorted({st.url, col_store.url})
     payload = {
-        "name": name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls) + (f"_first{limit}" if limit else ""),
+        "name": (name or result_name(by, row_keys, col_keys, f"{result.method}-{cfg.kernel}", urls)
+                 + (f"_first{limit}" if limit else "")),
         "title": (f"by {by}, " if by else "") + " ".join(f"{f}={v}" for f, v in fixed.items()),
         "by": by, "rows": describe(st, row_keys, row_arrays), "cols": describe(col_store, col_keys, col_arrays),
         "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in result.matrix],

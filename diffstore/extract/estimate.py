@@ -58,7 +58,8 @@ def dry_run(plan: Plan) -> dict:
     rows, per_t = [], {}
     for key in [(t, b, p) for t in plan.ts for b in plan.blocks for p in plan.pools]:
         shards = shards_to_compute(plan, key)
-        raw = rows_of(plan, shards) * int(np.prod(plan.row_shape(key[1], key[2]))) * np.dtype(plan.recipe.storage_dtype).itemsize
+        raw = (rows_of(plan, shards) * int(np.prod(plan.row_shape(key[1], key[2])))
+               * np.dtype(plan.recipe.storage_dtype).itemsize)
         rows.append({"array": plan.key(*key).path, "status": "create" if key in plan.new else "resume",
                      "shards": len(shards), "of": len(plan.shards()), "bytes": int(math.ceil(raw * CODEC_RATIO))})
         per_t.setdefault(key[0], set()).update(shards)
@@ -66,4 +67,5 @@ def dry_run(plan: Plan) -> dict:
     seconds = sum(seconds_per_row(plan, t) * n for t, n in todo.items())
     return {"split": plan.split.split, "rows": len(plan.rows), "of": len(plan.split), "arrays": rows,
             "to_create": len(plan.new), "tasks": sum(len(s) for s in per_t.values()),
-            "bytes": sum(r["bytes"] for r in rows), "seconds": round(seconds, 1), "micro_batch": plan.recipe.micro_batch}
+            "bytes": sum(r["bytes"] for r in rows), "seconds": round(seconds, 1),
+            "micro_batch": plan.recipe.micro_batch}

@@ -22,7 +22,8 @@ class StopForward(Exception):
     """Raised from the deepest requested block's hook: the rest of the network is never run."""
 
 
-def run_truncated(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, labels, blocks: list[int]) -> dict[int, torch.Tensor]:
+def run_truncated(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, labels,
+                  blocks: list[int]) -> dict[int, torch.Tensor]:
     """Outputs of `blocks` from one forward that stops right after the last of them."""
     feats: dict[int, torch.Tensor] = {}
 
@@ -66,7 +67,8 @@ def compile_blocks(model: DiffusionModel, backend: str = "inductor") -> None:
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             p = f"{path}.{name}"
-            if p in hooked or any(h.startswith(p + ".") for h in hooked) or isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            if (p in hooked or any(h.startswith(p + ".") for h in hooked)
+                    or isinstance(child, (nn.ModuleList, nn.ModuleDict))):
                 visit(p, child)
             else:
                 child.compile(dynamic=False, backend=backend)

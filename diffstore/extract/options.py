@@ -137,8 +137,8 @@ def check_ts(ts: tuple[int, ...], num_timesteps: int) -> list[int]:
 def check_pools(pools: tuple[str, ...]) -> list[str]:
     for p in pools:
         if p != "full" and not (p.isdigit() and int(p) > 0):
-            raise DiffstoreError(f"{spell('pools', ExtractOptions)} takes positive integers or 'full' (e.g. 1,2,4,full), "
-                                 f"got {p!r}")
+            raise DiffstoreError(f"{spell('pools', ExtractOptions)} takes positive integers or "
+                                 f"'full' (e.g. 1,2,4,full), got {p!r}")
     if not pools:
         raise DiffstoreError(f"{spell('pools', ExtractOptions)} is empty: pass e.g. 1,2")
     return sorted(set(pools), key=lambda p: (p == "full", int(p) if p != "full" else 0))

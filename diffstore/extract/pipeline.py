@@ -99,7 +99,8 @@ class Batches(Dataset):
             if len(noised_ts) == len(unit.ts):  # every t noised: the clean images need not cross to the main process
                 item["images"] = None
         else:  # SD: noise goes on the latents, after the encoder has run on the device
-            item["eps"] = {t: [noise(r.noise_seed, ids, t, d, self.x0_shape) for d in range(r.noise_draws)] for t in noised_ts}
+            item["eps"] = {t: [noise(r.noise_seed, ids, t, d, self.x0_shape) for d in range(r.noise_draws)]
+                           for t in noised_ts}
         return item
 
 
@@ -147,7 +148,8 @@ def checked(out: torch.Tensor, array, plan: Plan, t: int, block: int, dtype: str
     info = plan.model.blocks[block]
     if tuple(out.shape[1:]) != tuple(array.shape[1:]):
         raise DiffstoreError(f"model {plan.model.name} block {block} ({info.name}) gives maps of shape "
-                             f"{tuple(out.shape[1:])} in a batch of {plan.recipe.micro_batch}, but {tuple(array.shape[1:])}"
+                             f"{tuple(out.shape[1:])} in a batch of {plan.recipe.micro_batch}, "
+                             f"but {tuple(array.shape[1:])}"
                              " when traced on one image: its output shape depends on the batch size. diffstore "
                              "stores one shape per block; fix the network (or its plugin's run function)")
     x = out.flatten(1).to(getattr(torch, dtype))
@@ -183,7 +185,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
     data = Batches(plan, units, batch_size, x0_shape)
     workers = min(workers, len(data) - 1) if len(data) > 1 else 0
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=PREFETCH if workers else None, multiprocessing_context="fork" if workers else None,
+                        prefetch_factor=PREFETCH if workers else None,
+                        multiprocessing_context="fork" if workers else None,
                         worker_init_fn=share_by_file if workers else None)
     storage = getattr(torch, r.storage_dtype)
     buffers: list = [None] * len(units)  # a unit's buffers exist from its first batch until the writer has them
@@ -199,7 +202,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
         flat, col = host.numpy(), 0
         for k in unit.arrays:
             size = int(np.prod(buffers[u][k].shape[1:]))
-            buffers[u][k][start:start + len(flat)] = flat[:, col:col + size].reshape(len(flat), *buffers[u][k].shape[1:])
+            values = flat[:, col:col + size].reshape(len(flat), *buffers[u][k].shape[1:])
+            buffers[u][k][start:start + len(flat)] = values
             col += size
         left[u] -= len(flat)
         if left[u] == 0:
@@ -219,7 +223,8 @@ def run_units(plan: Plan, units: list[Unit], batch_size: int, workers: int, on_b
                 x0 = encode_images(model, item["images"], mb)  # SD latents (on the CPU again), else the images
             pieces = []
             for t in unit.ts:
-                inputs = item["inputs"].get(t) or [add_noise(x0, e, float(model.alphas_cumprod[t])) for e in item["eps"].get(t, [])]
+                inputs = item["inputs"].get(t) or [add_noise(x0, e, float(model.alphas_cumprod[t]))
+                                                   for e in item["eps"].get(t, [])]
                 out = forward_blocks(model, x0, t, plan.split.ids[rows], plan.split.labels[rows], r.noise_seed,
                                      r.noise_draws, plan.input_mode, unit.blocks, unit.pools, r.compute_dtype, mb,
                                      inputs=inputs or None)

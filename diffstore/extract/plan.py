@@ -75,8 +75,9 @@ class Plan:
         return FeatureKey(self.split.name, self.split.split, self.model.name, self.input_mode, t, b, p)
 
     def attrs(self, t: int, b: int, p: str) -> dict:
-        return {"key": self.key(t, b, p).to_dict(), "recipe": self.recipe.to_dict(), "block": self.model.blocks[b].to_dict(),
-                "preprocess": self.preprocess.to_dict(), "model": {"name": self.model.name, "source": self.model.source},
+        return {"key": self.key(t, b, p).to_dict(), "recipe": self.recipe.to_dict(),
+                "block": self.model.blocks[b].to_dict(), "preprocess": self.preprocess.to_dict(),
+                "model": {"name": self.model.name, "source": self.model.source},
                 "dataset": {"source": self.split.source, "class_names": self.split.class_names}}
 
     def shards(self) -> range:
@@ -125,17 +126,19 @@ def plan_extraction(store: Store, model: DiffusionModel, split: Split, options: 
     rows = row_range(o, split.source.get("base_split", split.split), len(split) // n_views)
     rows = range(rows.start * n_views, rows.stop * n_views)
     if model.encode is None and model.image_channels not in (1, 3):
-        raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be adapted "
-                             "to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts the input")
+        raise DiffstoreError(f"model {model.name} takes {model.image_channels}-channel input; images can only be "
+                             "adapted to 1 (grey) or 3 (RGB) channels. Use a plugin (py:) whose factory adapts "
+                             "the input")
     ts, bs, ps = check_ts(o.t, model.num_timesteps), model.blocks.resolve(",".join(o.blocks)), check_pools(o.pools)
     for b in bs:
         info = model.blocks[b]
         too_big = [p for p in ps if p != "full" and (int(p) > info.height or int(p) > info.width)]
         if too_big:
-            raise DiffstoreError(f"pool {too_big[0]} is larger than block {b} ({info.name}: {info.height}x{info.width}); "
-                                 f"use pools <= {min(info.height, info.width)} or 'full'")
+            raise DiffstoreError(f"pool {too_big[0]} is larger than block {b} ({info.name}: "
+                                 f"{info.height}x{info.width}); use pools <= {min(info.height, info.width)} or 'full'")
     pre = Preprocess(size=model.image_size, channels=model.image_channels)
-    paths = [FeatureKey(split.name, split.split, model.name, o.input, tt, b, p).path for tt in ts for b in bs for p in ps]
+    paths = [FeatureKey(split.name, split.split, model.name, o.input, tt, b, p).path
+             for tt in ts for b in bs for p in ps]
     # A split an older version stored as a prefix of this one is grown first (grow.py); a dry run only says so.
     legacy = stored_prefix(store, split) if o.dry_run else None
     if not o.dry_run:

@@ -99,7 +99,8 @@ def repair(store: Store, model: DiffusionModel, texts: list[str] | None = None, 
         key, path = job.key, job.key.path
         if any(f.kind == "metadata" for f in by_path[path]):
             rebuild_metadata(store, path)
-        named = dataclasses.replace(model, name=key.model)  # the array's name for these weights (the fingerprint decides)
+        # the array's name for these weights (the fingerprint decides)
+        named = dataclasses.replace(model, name=key.model)
         plan = plan_extraction(store, named, job.data, job.options)
         array = plan.arrays[(key.t, key.block, key.pool)]
         array.invalidate(sorted({i for f in check_array(store, path) if f.kind == "corrupt" for i in f.shards}))
@@ -119,7 +120,8 @@ def run(o: RepairOptions) -> list[dict]:
 
     spec = o.model_spec()
     model = load_model(spec.pop("spec"), **spec).to(pick_device(o.device))
-    return repair(Store.open(o.store, mode="a"), model, list(o.keys) or None, o.data_root, o.batch_size, o.show_progress)
+    return repair(Store.open(o.store, mode="a"), model, list(o.keys) or None, o.data_root, o.batch_size,
+                  o.show_progress)
 
 
 repair_command = api(RepairOptions)(run)

@@ -71,13 +71,16 @@ def adm_config(spec: str | dict | None) -> dict:
         flags = obj.get("create_model_args", obj.get("flags", obj))
     else:
         raise DiffstoreError(f"unknown --adm-config {spec!r}: use one of {', '.join(ADM_CONFIGS)} or a JSON file "
-                             "of guided-diffusion create_model arguments (an object with 'create_model_args' or 'flags')")
+                             "of guided-diffusion create_model arguments (an object with "
+                             "'create_model_args' or 'flags')")
     unknown = sorted(set(flags) - set(DEFAULT_FLAGS))
     if unknown:
-        raise DiffstoreError(f"--adm-config: unknown guided-diffusion flags {unknown}; valid flags: {', '.join(DEFAULT_FLAGS)}")
+        raise DiffstoreError(f"--adm-config: unknown guided-diffusion flags {unknown}; valid flags: "
+                             f"{', '.join(DEFAULT_FLAGS)}")
     flags = {**DEFAULT_FLAGS, **flags}
     if flags["noise_schedule"] not in SCHEDULES:
-        raise DiffstoreError(f"--adm-config: noise_schedule {flags['noise_schedule']!r} is not one of {list(SCHEDULES)}")
+        raise DiffstoreError(f"--adm-config: noise_schedule {flags['noise_schedule']!r} is "
+                             f"not one of {list(SCHEDULES)}")
     ADMNetConfig.from_flags(flags)  # fail here, not later, on a shape it cannot build
     return flags
 
@@ -140,7 +143,8 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
     flags = adm_config(config if config is not None else config_name)
     cond = bool(flags["class_cond"])
     if class_label is not None and not cond:
-        raise DiffstoreError(f"--class-label {class_label}: ADM config {config_name} is unconditional; drop --class-label")
+        raise DiffstoreError(f"--class-label {class_label}: ADM config {config_name} is "
+                             "unconditional; drop --class-label")
     if class_label is not None and not 0 <= class_label < NUM_CLASSES:
         raise DiffstoreError(f"--class-label {class_label}: must be an ImageNet class index 0..{NUM_CLASSES - 1}")
 
@@ -153,7 +157,8 @@ def load_adm(path: str | None, config: str | dict | None, name: str | None = Non
             torch.manual_seed(random_init)
             net = build_adm(flags)
         weights_sha = f"random-init:{random_init}"
-        base = f"{name or (Path(path).stem if path else 'adm-' + Path(str(config_name)).stem)}.random-init-s{random_init}"
+        stem = name or (Path(path).stem if path else "adm-" + Path(str(config_name)).stem)
+        base = f"{stem}.random-init-s{random_init}"
 
     steps = int(flags["diffusion_steps"])
     t_scale = 1000.0 / steps if flags["rescale_timesteps"] else None

@@ -2,8 +2,8 @@
 
 Module names and nesting reproduce the reference's state_dict exactly (time_embed.0, label_emb,
 input_blocks.1.0.in_layers.2, middle_block.1.qkv, out.2; its parameter-free pieces - resamplers inside
-ResBlocks, QKVAttention - are plain functions here), so an official .pt loads with strict=True. The forward follows the reference op for op; the conformance vectors in
-shared/specs/adm/tiny check it to float32 precision.
+ResBlocks, QKVAttention - are plain functions here), so an official .pt loads with strict=True. The forward
+follows the reference op for op; the conformance vectors in shared/specs/adm/tiny check it to float32 precision.
 
     x -> input_blocks[0..N-1] -> middle_block -> output_blocks[0..N-1] (each fed cat[h, skip]) -> out
 
@@ -129,7 +129,8 @@ class ResBlock(nn.Module):
     """norm-act-conv, time embedding (as scale and shift of the second norm, or added), norm-act-drop-conv,
     plus skip. resample "up"/"down" resizes both paths between the first activation and conv."""
 
-    def __init__(self, ch: int, emb_ch: int, out_ch: int, dropout: float, scale_shift: bool, resample: str | None = None):
+    def __init__(self, ch: int, emb_ch: int, out_ch: int, dropout: float, scale_shift: bool,
+                 resample: str | None = None):
         super().__init__()
         self.scale_shift, self.resample = scale_shift, {"up": upsample, "down": downsample, None: None}[resample]
         self.in_layers = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
@@ -232,7 +233,8 @@ class ADMUNet(nn.Module):
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(EmbedSequential(res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)))
+                self.input_blocks.append(EmbedSequential(res(ch, ch, "down") if cfg.resblock_updown
+                                                         else Downsample(ch)))
                 skip_chs.append(ch)
                 ds *= 2
 

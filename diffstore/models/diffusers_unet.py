@@ -32,7 +32,8 @@ def unet_units(unet) -> list[tuple[str, str]]:
             prefix = f"{side}_blocks.{i}"
             attentions = getattr(block, "attentions", None)
             for j in range(len(block.resnets)):
-                path = f"{prefix}.attentions.{j}" if attentions is not None and j < len(attentions) else f"{prefix}.resnets.{j}"
+                attended = attentions is not None and j < len(attentions)
+                path = f"{prefix}.attentions.{j}" if attended else f"{prefix}.resnets.{j}"
                 units.append((f"{side}{i}.{j}", path))
             for k, _ in enumerate(getattr(block, f"{side}samplers", None) or []):
                 units.append((f"{side}{i}.{side}sample" + (f"{k}" if k else ""), f"{prefix}.{side}samplers.{k}"))
@@ -111,8 +112,8 @@ def load_unet2d(spec: str, name: str | None = None, random_init: int | None = No
     alphas, schedule = read_alphas_cumprod(root)
     try:
         if random_init is None:
-            unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False,
-                                               use_safetensors=(folder / "diffusion_pytorch_model.safetensors").is_file())
+            has_safetensors = (folder / "diffusion_pytorch_model.safetensors").is_file()
+            unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=has_safetensors)
         else:
             torch.manual_seed(random_init)
             unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))

@@ -93,7 +93,8 @@ def load_dit(spec: str, name: str | None = None, random_init: int | None = None,
         return net(x, t, class_labels=class_labels(label, labels, len(x), num_classes, x.device))
 
     suffix = {"null": "", "dataset": ".labels-dataset"}.get(labels_cfg["policy"], f".class{label}")
-    model_name, weights_sha = folder_identity(spec, root, [root / "transformer", root / "vae"], name, random_init, suffix)
+    model_name, weights_sha = folder_identity(spec, root, [root / "transformer", root / "vae"], name, random_init,
+                                              suffix)
     alphas, schedule = read_alphas_cumprod(root)
     resolution = int(net.config.sample_size) * vae_downscale(vae)
     return DiffusionModel(name=model_name, module=net, blocks=dit_block_table(net), alphas_cumprod=alphas,

@@ -89,9 +89,11 @@ def check_spec(spec: dict, where: str, random_init: int | None) -> None:
         raise DiffstoreError(f"{where} returned a dict without {', '.join(missing)} (required: {', '.join(REQUIRED)})")
     unknown = [k for k in spec if k not in REQUIRED + OPTIONAL]
     if unknown:
-        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, REQUIRED + OPTIONAL, n=1)) else k
+        hints = [f"{k} (did you mean {close[0]}?)"
+                 if (close := difflib.get_close_matches(k, REQUIRED + OPTIONAL, n=1)) else k
                  for k in unknown]
-        raise DiffstoreError(f"{where} returned unknown fields: {', '.join(hints)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+        raise DiffstoreError(f"{where} returned unknown fields: {', '.join(hints)}; allowed: "
+                             f"{', '.join(REQUIRED + OPTIONAL)}")
     if not isinstance(spec["module"], torch.nn.Module):
         raise DiffstoreError(f"{where}: 'module' must be a torch.nn.Module, got {type(spec['module']).__name__}")
     if not isinstance(spec["image_size"], int) or spec["image_size"] < 1:
@@ -120,7 +122,8 @@ def block_units(spec: dict, where: str) -> list[tuple[str, str]]:
         try:
             spec["module"].get_submodule(path)
         except AttributeError:
-            raise DiffstoreError(f"{where}: block {name!r} points at {path!r}, which is not a submodule of 'module'") from None
+            raise DiffstoreError(f"{where}: block {name!r} points at {path!r}, which is "
+                                 "not a submodule of 'module'") from None
         units.append((name, path))
     if not units:
         raise DiffstoreError(f"{where}: 'blocks' is empty; list the module paths whose outputs are features")
@@ -175,7 +178,8 @@ def load_plugin(spec: str, name: str | None = None, random_init: int | None = No
 def trace(model: DiffusionModel, units: list[tuple[str, str]], where: str):
     """The block table from one batch-1 forward on zeros; every listed block must fire and give [B, C, H, W]."""
     param = next(model.module.parameters(), torch.empty(0))
-    x = torch.zeros((1, model.image_channels, model.image_size, model.image_size), dtype=param.dtype, device=param.device)
+    x = torch.zeros((1, model.image_channels, model.image_size, model.image_size), dtype=param.dtype,
+                    device=param.device)
     t = torch.zeros(1, dtype=torch.long, device=param.device)
     labels = torch.zeros(1, dtype=torch.long, device=param.device)
 

@@ -27,7 +27,8 @@ TEXT_CONFIG_DROP = ("_name_or_path", "transformers_version", "dtype", "torch_dty
 # Only the pipeline parts diffstore uses: hub SD repos also hold single-file checkpoints, fp16/non-EMA copies and a
 # safety checker (over 10 GB), which would be downloaded and would enter the weights hash.
 SD_HUB_PATTERNS = ["model_index.json", "scheduler/*.json", "tokenizer/*", "unet/config.json",
-                   "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                   "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                   "vae/diffusion_pytorch_model.safetensors",
                    "text_encoder/config.json", "text_encoder/model.safetensors"]
 
 
@@ -106,8 +107,8 @@ def load_sd(spec: str, prompt: str = "", resolution: int | None = None, name: st
     except Exception as e:
         raise load_failure(f"could not load Stable Diffusion from {root}", e) from e
     if unet.config.addition_embed_type is not None:
-        raise DiffstoreError(f"{root}: the UNet needs added conditioning ({unet.config.addition_embed_type}, e.g. SDXL); "
-                             "only SD 1.x/2.x pipelines are supported")
+        raise DiffstoreError(f"{root}: the UNet needs added conditioning ({unet.config.addition_embed_type}, "
+                             "e.g. SDXL); only SD 1.x/2.x pipelines are supported")
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
 

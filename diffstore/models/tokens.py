@@ -27,8 +27,8 @@ class TokenMap(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         grid = tokens[:, self.prefix:]
         if grid.dim() != 3 or grid.shape[1] != self.height * self.width:
-            raise DiffstoreError(f"tokens of shape {tuple(tokens.shape)} do not fill a {self.height}x{self.width} patch "
-                                 f"grid after {self.prefix} prefix tokens; check the grid given to token_maps")
+            raise DiffstoreError(f"tokens of shape {tuple(tokens.shape)} do not fill a {self.height}x{self.width} "
+                                 f"patch grid after {self.prefix} prefix tokens; check the grid given to token_maps")
         return grid.transpose(1, 2).unflatten(2, (self.height, self.width))
 
     def extra_repr(self) -> str:

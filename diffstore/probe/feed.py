@@ -115,7 +115,8 @@ class Feed:
         """(list of x per source, y): shuffled when rng is given, else every position in order."""
         bs = self.batch_size
         if self.cache is not None:
-            order = torch.from_numpy(rng.permutation(len(self)) if rng is not None else np.arange(len(self))).to(self.device)
+            order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+            order = torch.from_numpy(order).to(self.device)
             for i in range(0, len(self), bs):
                 idx = order[i:i + bs]
                 yield [c[idx] for c in self.cache], self.cache_y[idx]

@@ -95,7 +95,8 @@ class ProbeResults(Mapping):
         if isinstance(which, int):
             return self.results[which]
         found = [r for r, row in zip(self.results, self.rows())
-                 if (row["name"] == which if isinstance(which, str) else all(row.get(k) == v for k, v in which.items()))]
+                 if (row["name"] == which if isinstance(which, str)
+                     else all(row.get(k) == v for k, v in which.items()))]
         if len(found) != 1:
             raise DiffstoreError(f"{which!r} picks {len(found)} results; pass a result name, a row number or fields "
                                  "that pick one (e.g. dict(model=..., t=10, block=7, pool=2, head='linear'))")

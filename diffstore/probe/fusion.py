@@ -107,13 +107,14 @@ def comparison_table(line: dict) -> Table:
     f = line["fusion"]
     table = Table(title=f"{f['dataset']} {f['model']}: fusion of {len(f['keys'])} keys vs the best single key and the "
                         "concatenation", caption="top-1 with its 95% bootstrap interval; best single key chosen by "
-                                                 "validation top-1; fusion minus it: paired bootstrap, same test samples")
+                                                 "validation top-1; fusion minus it: paired "
+                                                 "bootstrap, same test samples")
     for col in ("features", "head", "t", "block", "pool", "params", "top-1 [95% CI]", "val top-1",
                 "fusion minus it [95% CI]"):
         table.add_column(col, justify="right" if col in ("params", "val top-1") else "left")
     for row in [*line["rows"], {"features": "fusion", "result": f}]:
         r, d = row["result"], row.get("fusion_minus")
-        table.add_row(row["features"], r["head_label"], str(r["t"]), str(r["block"]), str(r["pool"]), f"{r['params']:,}",
-                      with_ci(r), f"{100 * r['val_top1']:.1f}",
+        table.add_row(row["features"], r["head_label"], str(r["t"]), str(r["block"]), str(r["pool"]),
+                      f"{r['params']:,}", with_ci(r), f"{100 * r['val_top1']:.1f}",
                       "-" if d is None else signed(d))
     return table

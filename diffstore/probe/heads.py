@@ -171,7 +171,8 @@ def build_head(spec: HeadSpec, row_shape: tuple, n_classes: int, mean: torch.Ten
     c, side = row_shape[0], min(row_shape[1:])
     if spec.kind == "linear":
         flat, d = pooled_flat(c, side, spec.pool)
-        head = nn.Sequential(flat, *([nn.BatchNorm1d(d, affine=False)] if spec.batchnorm else []), nn.Linear(d, n_classes))
+        head = nn.Sequential(flat, *([nn.BatchNorm1d(d, affine=False)] if spec.batchnorm else []),
+                             nn.Linear(d, n_classes))
     elif spec.kind == "mlp":
         flat, d = pooled_flat(c, side, spec.pool)
         layers = [flat]

@@ -132,7 +132,8 @@ def summary(results: list[dict], metric: str = "top1", labels: dict | None = Non
         line = {"dataset": dataset, "head": head, "recipe": recipe, "metric": metric, "best": best,
                 "n_keys": len(candidates)}
         twin = [r for r in mine if is_twin(r) and r["model"].startswith(best["model"] + ".random-init-")
-                and (r["t"], r["block"], r["pool"], r["input"]) == (best["t"], best["block"], best["pool"], best["input"])]
+                and (r["t"], r["block"], r["pool"], r["input"]) == (best["t"], best["block"], best["pool"],
+                                                                    best["input"])]
         pixels = [r for r in mine if r["kind"] == "pixels"]
         y = None if metric != "mean-per-class" else (labels or {}).get(dataset)
         line["twin_seeds"] = sorted({r["model"].rpartition(".random-init-s")[2] for r in mine if is_twin(r)
@@ -150,7 +151,8 @@ def summary_lines(lines: list[dict], plots: list[str]) -> list[str]:
     for s in lines:
         b, m = s["best"], s.get("metric", "top1")
         label = METRICS[m][0]
-        text.append(f"{s['dataset']}, {s['head']} head ({s['recipe']} recipe): best of {s['n_keys']} keys by validation "
+        text.append(f"{s['dataset']}, {s['head']} head ({s['recipe']} recipe): best of "
+                    f"{s['n_keys']} keys by validation "
                     + ("" if m == "top1" else f"{label} ") + f"is {b['model']} t={b['t']} block {block_label(b)} "
                     f"pool {b['pool']}: test {label} {with_ci(b, m)}")
         for name in ("twin", "pixels"):
@@ -195,7 +197,8 @@ def grids(results: list[dict]) -> dict[tuple, dict]:
     out: dict = {}
     for r in results:
         if r["kind"] == "store":
-            cells = out.setdefault((r["dataset"], r["model"], r["input"], r["pool"], r["head_label"], recipe_label(r)), {})
+            cells = out.setdefault((r["dataset"], r["model"], r["input"], r["pool"], r["head_label"],
+                                    recipe_label(r)), {})
             cells[(r["t"], r["block"])] = r
     return out
 

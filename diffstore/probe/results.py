@@ -71,8 +71,8 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
             for rows, split in ((source.train, train), (source.test, test)):
                 if rows.n_rows != len(split.labels):
                     raise DiffstoreError(f"{dataset} {source.row['model']} t={source.row['t']}/b={source.row['block']}/"
-                                         f"p={source.row['pool']}: {rows.n_rows} feature rows but the {split.split} split "
-                                         f"has {len(split.labels)} labels; re-extract the array into this store")
+                                         f"p={source.row['pool']}: {rows.n_rows} feature rows but the {split.split} "
+                                         f"split has {len(split.labels)} labels; re-extract the array into this store")
         solved = [it for it in items if it[3].kind == "linear" and recipe.name == "converged"]
         nearest = [it for it in items if it[3].kind == KNN]
         trained = [it for it in items if it not in solved and it not in nearest]

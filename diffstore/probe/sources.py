@@ -84,7 +84,8 @@ def parse_fuse(spec: str, keys: list[FeatureKey]) -> list[FeatureKey]:
             raise DiffstoreError(f"--fuse: {e}") from None
         if len(found) != 1:
             close = difflib.get_close_matches(item, sorted({k.short() for k in keys}), n=3, cutoff=0.3)
-            why = "no array" if not found else f"{len(found)} arrays (add model=/input=/dataset= to the item to pick one)"
+            why = ("no array" if not found
+                   else f"{len(found)} arrays (add model=/input=/dataset= to the item to pick one)")
             raise DiffstoreError(f"--fuse {item}: {why} in the store matches; closest: {', '.join(close) or 'none'}")
         out.append(found[0])
     if len(out) < 2:
@@ -101,7 +102,8 @@ def pixel_source(store: Store, dataset: str, attrs: dict, data_root: str | None,
         record = store.split(dataset, split)
         data = stored_split(dataset, split, attrs.get("dataset", {}).get("source"), root)
         data = data.take(record.ids, "pass --data-root of the data it was extracted from")
-        x = np.concatenate([pre(data.load(np.arange(i, min(i + 1024, len(data))))).numpy() for i in range(0, len(data), 1024)])
+        x = np.concatenate([pre(data.load(np.arange(i, min(i + 1024, len(data))))).numpy()
+                            for i in range(0, len(data), 1024)])
         rows[split] = first_rows(Rows.of(x), limit)
         fps.append(fingerprint({"pixels": dataset, "split": split, "ids_sha256": record.ids_sha256,
                                 "source": data.source, "preprocess": pre.to_dict()}))
@@ -115,14 +117,16 @@ def block_names(store: Store, keys: list[FeatureKey]) -> dict[FeatureKey, str]:
     return {k: store.features(k).attrs.get("block", {}).get("name", str(k.block)) for k in keys}
 
 
-def select_keys(store: Store, dataset=None, model=None, input=None, ts=None, blocks=None, pools=None) -> list[FeatureKey]:
+def select_keys(store: Store, dataset=None, model=None, input=None, ts=None, blocks=None,
+                pools=None) -> list[FeatureKey]:
     """Train keys matching the filters; a model filter also keeps its random-init twins (the baseline). Blocks
     are indices or the names `extract --blocks` accepts ('mid', 'down1.0')."""
     blocks, pools = (None if v is not None and tuple(v) == ("all",) else v for v in (blocks, pools))
     every = [k for k in store.feature_keys() if k.split == "train"]
     keys = [k for k in every if (dataset is None or k.dataset == dataset)
             and (model is None or k.model == model or k.model.startswith(f"{model}.random-init-"))
-            and (input is None or k.input == input) and (ts is None or k.t in ts) and (pools is None or k.pool in pools)]
+            and (input is None or k.input == input) and (ts is None or k.t in ts)
+            and (pools is None or k.pool in pools)]
     if blocks is not None:
         names = block_names(store, keys)
         unknown = [b for b in blocks if not b.isdigit() and b not in names.values()]
@@ -135,10 +139,11 @@ def select_keys(store: Store, dataset=None, model=None, input=None, ts=None, blo
         given = {f: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for f, v in asked.items()}
         want = "/".join(f"{f}={v}" for f, v in given.items() if v is not None)
         spell = lambda get: "/".join(f"{f}={get(f)}" for f in ROW_FIELDS)  # noqa: E731
-        close = difflib.get_close_matches(spell(lambda f: given[f] or "*"), [spell(lambda f: getattr(k, f)) for k in every],
-                                          n=3, cutoff=0.3)
+        close = difflib.get_close_matches(spell(lambda f: given[f] or "*"),
+                                          [spell(lambda f: getattr(k, f)) for k in every], n=3, cutoff=0.3)
         held = "; ".join(f"{f}: {', '.join(sorted({str(getattr(k, f)) for k in every}))}" for f in ROW_FIELDS)
         raise DiffstoreError(f"no train feature array in {store.url} matches {want or '(no filter)'}. "
                              + (f"Closest: {'; '.join(close)}. " if close else "")
-                             + (f"The store holds {held}" if every else "The store is empty: run `diffstore extract` first"))
+                             + (f"The store holds {held}" if every
+                                else "The store is empty: run `diffstore extract` first"))
     return keys

@@ -65,8 +65,8 @@ def compute(o: ProbeOptions) -> ProbeResults:
         if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
             mine = [k for k in keys if o.model is None or k.model == o.model]
             if fuse == "auto":
-                ranking, rho = rank_keys(st, [key_source(st, k, o.limit, o.augment) for k in mine], base, o.device, budget,
-                                         show_progress)
+                ranking, rho = rank_keys(st, [key_source(st, k, o.limit, o.augment) for k in mine], base, o.device,
+                                         budget, show_progress)
             chosen = auto_keys(ranking, select) if fuse == "auto" else parse_fuse(fuse, mine)
             singles = [key_source(st, k, o.limit, o.augment) for k in chosen]
             sources = [fuse_source(singles)]

@@ -186,7 +186,8 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
     feed = Feed([s[0] for s in sources], y_train, train_pos, recipe.batch_size, dev, budget)
     stats = feed.channel_stats()
     paper = recipe.name == "paper"
-    grid = [(recipe.lr, recipe.weight_decay)] if paper else [(lr, wd) for lr in recipe.lrs for wd in recipe.weight_decays]
+    grid = ([(recipe.lr, recipe.weight_decay)] if paper
+            else [(lr, wd) for lr in recipe.lrs for wd in recipe.weight_decays])
     heads, owner = [], []  # one head per (job, grid point)
     for j_index, j in enumerate(jobs):
         for _ in grid:
@@ -218,8 +219,9 @@ def train_many(jobs: list[Job], y_train: np.ndarray, y_test: np.ndarray, n_class
                        if val_feed else {}),
                     **({} if test is None else hits_record(test[j_index]["hits"], test[j_index]["hits5"], n_classes)),
                     "n_train": len(train_pos), "n_val": len(val_pos), "lr": lr, "weight_decay": wd,
-                    **({} if paper else {"val_top1_per_lr_wd": {"lr={:g},wd={:g}".format(*grid[i % len(grid)]): float(val[i]["top1"])
-                                                                for i in range(len(heads)) if owner[i] == owner[k]}}),
+                    **({} if paper else {"val_top1_per_lr_wd": {
+                        "lr={:g},wd={:g}".format(*grid[i % len(grid)]): float(val[i]["top1"])
+                        for i in range(len(heads)) if owner[i] == owner[k]}}),
                     **fits[k],
                     # side-by-side heads share one wall clock: each job is charged an equal part
                     "train_time_s": train_time / len(jobs), "trained_with": len(jobs), "device": str(dev),

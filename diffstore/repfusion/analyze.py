@@ -6,8 +6,8 @@
     t-SNE             2-D embedding per t of a seeded subset, coloured by class
     policy            the learned distribution over t of every distill run on these targets
 
-PNGs (spectra, effective_rank, tsne, policy) go to OUT/{targets fingerprint[:12]}/ (OUT: beside the store), matplotlib's object API
-as in plots.py; the numbers go to the store as a result.
+PNGs (spectra, effective_rank, tsne, policy) go to OUT/{targets fingerprint[:12]}/ (OUT: beside the store),
+matplotlib's object API as in plots.py; the numbers go to the store as a result.
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ def plot_spectra(ts: list[int], spectra: list[np.ndarray], path: Path) -> Path:
     return save(fig, path)
 
 
-def plot_tsne(ts: list[int], embeddings: list[np.ndarray], labels: np.ndarray, class_names: list[str], path: Path) -> Path:
+def plot_tsne(ts: list[int], embeddings: list[np.ndarray], labels: np.ndarray, class_names: list[str],
+              path: Path) -> Path:
     fig = Figure(figsize=(3.2 * len(ts) + 0.8, 3.4))
     axes = fig.subplots(1, len(ts), squeeze=False)[0]
     for ax, t, e in zip(axes, ts, embeddings):
         sc = ax.scatter(e[:, 0], e[:, 1], c=labels, cmap="tab10", s=4, vmin=0, vmax=max(9, len(class_names) - 1))
         ax.set(title=f"t={t}", xticks=[], yticks=[])
-    fig.colorbar(sc, ax=list(axes), ticks=range(len(class_names)), fraction=0.02, pad=0.01).ax.set_yticklabels(class_names)
+    bar = fig.colorbar(sc, ax=list(axes), ticks=range(len(class_names)), fraction=0.02, pad=0.01)
+    bar.ax.set_yticklabels(class_names)
     fig.savefig(path, dpi=120)  # not save(): tight_layout fights the shared colorbar
     return Path(path)
 
@@ -111,6 +113,7 @@ def analyze(cfg: AnalyzeConfig, show_progress: bool = True) -> dict:
         pngs.append(plot_policy(ts, runs, folder / "policy.png"))
     result = {"stage": "analyze", "targets": base, "targets_fingerprint": arr.attrs["fingerprint"], "t_grid": ts,
               "effective_rank": ranks, "top_singular_value": [float(s[0]) for s in spectra],
-              "tsne_t": [ts[k] for k in picks], "tsne_points": len(rows), "runs": sorted(runs), "pngs": [str(p) for p in pngs]}
+              "tsne_t": [ts[k] for k in picks], "tsne_points": len(rows), "runs": sorted(runs),
+              "pngs": [str(p) for p in pngs]}
     store.put_result(KIND, f"analysis-{arr.attrs['fingerprint'][:12]}", result)
     return result

@@ -22,19 +22,25 @@ class TargetsConfig(Options):
     dataset: str = opt("digits", "digits | mnist | fashion-mnist | cifar10 | imagefolder.")
     split: str = opt("train", "The split whose targets are computed.", choices=("train", "test"))
     data_root: str | None = opt(None, "Dataset directory (default: $DIFFSTORE_DATA/<dataset>).")
-    limit: int | None = opt(None, "Only the first N samples of the split (recorded in the fingerprint; the split keeps its name).", min=1)
+    limit: int | None = opt(None, "Only the first N samples of the split (recorded in the fingerprint; "
+                                  "the split keeps its name).", min=1)
     model: str = opt("default", "Teacher: default | FOLDER | owner/name | adm:PATH.pt | py:FILE.py:FACTORY.")
-    layer: str = opt(DEFAULT_LAYER, "mid-conv (the mid block's last conv, the paper code's choice), a block index or name, or a module path.")
-    t_grid: str = opt("0:1000:50", "Grid of t the policy picks from: start:stop:step ranges and integers (K = 20 by default).")
-    views: str = opt("flip", "View bank: none | flip | flip,crops:N (identity first, then the flip, then N seeded crops).")
-    input: str = opt("clean", "clean (x_0, t only in the time embedding, as RepFusion's code) | noised (x_t).", choices=("clean", "noised"))
+    layer: str = opt(DEFAULT_LAYER, "mid-conv (the mid block's last conv, the paper code's choice), a block index "
+                                    "or name, or a module path.")
+    t_grid: str = opt("0:1000:50", "Grid of t the policy picks from: start:stop:step ranges and "
+                                   "integers (K = 20 by default).")
+    views: str = opt("flip", "View bank: none | flip | flip,crops:N (identity first, then the "
+                             "flip, then N seeded crops).")
+    input: str = opt("clean", "clean (x_0, t only in the time embedding, as RepFusion's code) | noised (x_t).",
+                     choices=("clean", "noised"))
     noise_seed: int = opt(0, "Noise seed (noised input).", min=0)
     noise_draws: int = opt(1, "Average the targets over this many noise draws.", min=1)
     maps: bool = opt(False, "Also store the spatial maps (needed by --loss at).")
     view_seed: int = opt(0, "Seed of the view bank (crop offsets).", min=0)
     batch_size: int = opt(128, "Images per forward step (does not change values).", min=1)
     shard_rows: int | None = opt(None, "Rows per shard (default: sized to the target row).", min=1)
-    compute_dtype: str = opt("float32", "float32 | bfloat16 | float16 (autocast).", choices=("float32", "bfloat16", "float16"))
+    compute_dtype: str = opt("float32", "float32 | bfloat16 | float16 (autocast).",
+                             choices=("float32", "bfloat16", "float16"))
     dtype: str = opt("float16", "Storage dtype: float16 | float32.", choices=("float16", "float32"))
     device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
     show_progress: bool = progress_opt()
@@ -45,8 +51,10 @@ class DistillConfig(Options):
     store: str = opt(DEFAULT_STORE, "Store holding the targets.")
     targets: str | None = opt(None, "Targets path in the store (default: the store's only targets).")
     student: str = opt("resnet18", "resnet18 | wrn28-2 | mobilenetv2.", choices=("resnet18", "wrn28-2", "mobilenetv2"))
-    width: float = opt(0.25, "Channel multiplier of the student (1.0 = the published student; CPU default a quarter).", min=0.01)
-    loss: str = opt("hint", "hint | at (attention transfer, needs targets with --maps) | rkd.", choices=("hint", "at", "rkd"))
+    width: float = opt(0.25, "Channel multiplier of the student (1.0 = the published student; CPU default a quarter).",
+                       min=0.01)
+    loss: str = opt("hint", "hint | at (attention transfer, needs targets with --maps) | rkd.",
+                    choices=("hint", "at", "rkd"))
     epochs: int = opt(3, "Distillation epochs.", min=1)
     batch_size: int = opt(64, "Images per step.", min=2)
     lr: float = opt(0.05, "Student learning rate.", min=1e-12)
@@ -64,7 +72,8 @@ class DistillConfig(Options):
 
         from ..key import fingerprint
 
-        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("store", "targets", "device", "run", "show_progress")}
+        settings = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in ("store", "targets", "device", "run", "show_progress")}
         return self.run or f"{self.student}-{self.loss}-{fingerprint([settings, targets_fingerprint])[:8]}"
 
 
@@ -91,7 +100,8 @@ class AnalyzeConfig(Options):
     show_progress: bool = progress_opt()
 
     def out_dir(self) -> Path:
-        """Where the PNGs go: --out, else a folder beside a local store (data/default.zarr -> data/default-repfusion)."""
+        """Where the PNGs go: --out, else a folder beside a local store
+        (data/default.zarr -> data/default-repfusion)."""
         return Path(self.out) if self.out else beside_store(self.store, "repfusion")
 
 

@@ -49,8 +49,8 @@ def load_images(attrs: dict, split: str | None = None) -> tuple[torch.Tensor, np
     d = attrs["dataset"]
     data = load_split(d["name"], split or d["loader_split"], d["root"], limit=None if split else d["limit"])
     if split is None and data.ids_sha256() != d["ids_sha256"]:
-        raise DiffstoreError(f"the {d['name']}/{d['split']} split loaded now has other sample ids than the targets were "
-                             f"computed on; pass the same data root ({d['root']}) or recompute the targets")
+        raise DiffstoreError(f"the {d['name']}/{d['split']} split loaded now has other sample ids than the targets "
+                             f"were computed on; pass the same data root ({d['root']}) or recompute the targets")
     pre = Preprocess(**attrs["preprocess"])
     views = [View(**v) for v in attrs["views"]] if split is None else [View()]
     rows = np.arange(len(data))
@@ -271,7 +271,8 @@ def finetune(cfg: FinetuneConfig, show_progress: bool = True) -> dict:
     matching = [r for r in runs if cfg.run in (None, r["run"])]
     if not matching:
         known = f" (runs: {', '.join(r['run'] for r in runs)})" if runs else ""
-        raise DiffstoreError(f"no distill run {cfg.run or ''} in {store.url}{known}: run `diffstore repfusion train` first")
+        raise DiffstoreError(f"no distill run {cfg.run or ''} in {store.url}{known}: run "
+                             "`diffstore repfusion train` first")
     trained = matching[-1]
     attrs = store.open_array(f"{trained['targets']}/pooled").attrs
     device = pick_device(cfg.device)

@@ -68,6 +68,7 @@ class Distiller(nn.Module):
             return hint_loss(self.proj(student_map), z)
         if self.loss == "at":
             if z_map is None:
-                raise DiffstoreError("the 'at' loss needs the teacher's spatial maps: run `diffstore repfusion targets --maps`")
+                raise DiffstoreError("the 'at' loss needs the teacher's spatial maps: run `diffstore "
+                                     "repfusion targets --maps`")
             return attention_transfer(student_map, z_map)
         return rkd_loss(student_map.mean((2, 3)), z)

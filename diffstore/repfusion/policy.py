@@ -49,7 +49,8 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
-def fit_decoder(batches, channels: int, num_classes: int, lr: float = 1e-3, device: str | torch.device = "cpu") -> Decoder:
+def fit_decoder(batches, channels: int, num_classes: int, lr: float = 1e-3,
+                device: str | torch.device = "cpu") -> Decoder:
     """Fit g on cached (z, y) batches (drawn over every sample, view and t); returned frozen, in eval mode."""
     g = Decoder(channels, num_classes).to(device)
     opt = torch.optim.Adam(g.parameters(), lr=lr)

@@ -57,7 +57,8 @@ def parse_t_grid(spec: str, num_timesteps: int) -> list[int]:
                                  f"(e.g. 0:50:1,50:1000:50), got {item!r}")
     bad = sorted(t for t in ts if not 0 <= t < num_timesteps)
     if bad or not ts:
-        raise DiffstoreError(f"t grid {spec!r} must lie in [0, {num_timesteps - 1}] for this model; out of range: {bad[:5]}")
+        raise DiffstoreError(f"t grid {spec!r} must lie in [0, {num_timesteps - 1}] for this "
+                             f"model; out of range: {bad[:5]}")
     return sorted(ts)
 
 
@@ -123,9 +124,11 @@ def resolve_layer(model: DiffusionModel, spec: str, x0: torch.Tensor) -> tuple[D
         return model, Layer(f"b{b}", b, model.blocks[b])
     if spec == DEFAULT_LAYER:
         if model.blocks.mid is None:
-            raise DiffstoreError(f"model {model.name} has no mid block for --layer {DEFAULT_LAYER}; pass a block or module path")
+            raise DiffstoreError(f"model {model.name} has no mid block for --layer {DEFAULT_LAYER}; "
+                                 "pass a block or module path")
         mid = model.blocks[model.blocks.mid].module
-        convs = [f"{mid}.{n}" for n, m in model.module.get_submodule(mid).named_modules() if isinstance(m, torch.nn.Conv2d)]
+        convs = [f"{mid}.{n}" for n, m in model.module.get_submodule(mid).named_modules()
+                 if isinstance(m, torch.nn.Conv2d)]
         fired = _trace_module_outputs(model, convs, x0[:1])
         if not len(fired):
             raise DiffstoreError(f"no convolution ran inside {mid}; pass --layer as a block or module path")
@@ -137,7 +140,8 @@ def resolve_layer(model: DiffusionModel, spec: str, x0: torch.Tensor) -> tuple[D
         model.module.get_submodule(spec)
     except AttributeError:
         raise DiffstoreError(f"--layer {spec!r} is neither a block of {model.name} ({', '.join(sorted(names))}, 1.."
-                             f"{len(model.blocks)}) nor a module path in it. Run `diffstore blocks --model M`") from None
+                             f"{len(model.blocks)}) nor a module path in it. Run "
+                             "`diffstore blocks --model M`") from None
     traced = _trace_module_outputs(model, [spec], x0[:1])
     if not len(traced):
         raise DiffstoreError(f"module {spec} never runs in a forward of {model.name}; pick another --layer")
@@ -190,7 +194,8 @@ def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: Target
     model, lay = resolve_layer(model, cfg.layer, x0_of(np.arange(1), bank[0]))
     recipe = {"kind": "repfusion-targets", "model_fingerprint": model.fingerprint,
               "dataset_fingerprint": split.fingerprint(pre), "t_grid": ts, "views": [v.to_dict() for v in bank],
-              "input": cfg.input, "noise_seed": cfg.noise_seed, "noise_draws": cfg.noise_draws, "layer": lay.info.module,
+              "input": cfg.input, "noise_seed": cfg.noise_seed, "noise_draws": cfg.noise_draws,
+              "layer": lay.info.module,
               "compute_dtype": cfg.compute_dtype, "storage_dtype": cfg.dtype, "extractor_version": EXTRACTOR_VERSION}
     base = targets_base(split.name, split.split, model.name, lay.name, cfg.input)
     c, h, w = lay.info.channels, lay.info.height, lay.info.width
@@ -228,7 +233,8 @@ def build_targets(store: Store, model: DiffusionModel, split: Split, cfg: Target
                     for k, t in enumerate(ts):
                         out = forward_blocks(model, x0, t, split.ids[batch], split.labels[batch], cfg.noise_seed,
                                              cfg.noise_draws, cfg.input, [lay.block], pools, cfg.compute_dtype)
-                        buffers["pooled"][start:start + len(batch), v, k] = out[(lay.block, "1")].flatten(1).cpu().numpy()
+                        pooled = out[(lay.block, "1")].flatten(1).cpu().numpy()
+                        buffers["pooled"][start:start + len(batch), v, k] = pooled
                         if cfg.maps:
                             buffers["map"][start:start + len(batch), v, k] = out[(lay.block, "full")].cpu().numpy()
                         bar.advance(task, len(batch))

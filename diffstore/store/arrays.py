@@ -169,7 +169,8 @@ class ShardedArray:
             return False
         sl = self.shard_slice(i)
         if data.shape != (sl.stop - sl.start, *self.x.shape[1:]):
-            raise ValueError(f"shard {i} of {self.path} needs shape {(sl.stop - sl.start, *self.x.shape[1:])}, got {data.shape}")
+            raise ValueError(f"shard {i} of {self.path} needs shape "
+                             f"{(sl.stop - sl.start, *self.x.shape[1:])}, got {data.shape}")
         self.x[sl] = data.astype(self.x.dtype, copy=False)
         self._done[i] = 1  # after the data write returned: the store holds the shard's object
         if self._mask is None:

@@ -58,7 +58,8 @@ def zarr_store(url: str, read_only: bool, storage_options: dict | None = None):
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
     except (ImportError, ValueError) as e:
         pkg = FS_PACKAGES.get(protocol, f"the fsspec backend for {protocol}://")
-        raise DiffstoreError(f"cannot open {url}: {e}. Install {pkg} (pip install {pkg}) to use {protocol}:// stores") from None
+        raise DiffstoreError(f"cannot open {url}: {e}. Install {pkg} (pip install {pkg}) "
+                             f"to use {protocol}:// stores") from None
 
 
 def chain(e: BaseException) -> list[BaseException]:
@@ -91,7 +92,8 @@ def storage_failure(url: str, e: BaseException) -> str | None:
 def describe_failure(url: str, e: BaseException, file: str = "") -> str:
     """Why `url` (or its `file`) could not be opened, and what to do."""
     where = f"{url.rstrip('/')}/{file}" if file else url
-    return storage_failure(url, e) or f"{where} is not a readable diffstore store ({type(e).__name__}: {e}); pass another --store path"
+    return storage_failure(url, e) or (f"{where} is not a readable diffstore store ({type(e).__name__}: {e}); "
+                                       "pass another --store path")
 
 
 OS_FIXES = {errno.ENOSPC: "the disk is full: free space (or pass a --store on another disk) and re-run; "

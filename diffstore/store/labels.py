@@ -5,8 +5,8 @@ feature group opens as a Dataset whose `x` has dims (sample, channel, height, wi
 and class names as coordinates (`sample`, `label`, `label_name`; arrays written before label_name was stored lack
 it on disk, `to_xarray` adds it) and the done flags as a coordinate on `shard`. (The spatial dims
 are height/width, not y/x: xarray refuses a variable named like one of its own dimensions, and `x` is the
-array's name in every store.) `to_xarray` gives the same labelled view of any array, format 1 included (its dims were d0..d2 and its
-ids/labels had no dimension names, so only diffstore labels it).
+array's name in every store.) `to_xarray` gives the same labelled view of any array, format 1 included (its dims
+were d0..d2 and its ids/labels had no dimension names, so only diffstore labels it).
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ class Store:
 
         nodes = sync(every()) if self._root is not None else [None] * len(paths)
         wrap = {zarr.AsyncGroup: zarr.Group, zarr.AsyncArray: zarr.Array}
-        self._prefetched = {p: wrap[type(n)](n) if type(n) in wrap else n for p, n in zip(paths, nodes) if n is not UNREAD}
+        self._prefetched = {p: wrap[type(n)](n) if type(n) in wrap else n for p, n in zip(paths, nodes)
+                            if n is not UNREAD}
         try:
             yield
         finally:
@@ -455,7 +456,8 @@ class Store:
         if self._group(key.path) is None:
             known = [k.path for k in self.feature_keys()]
             close = difflib.get_close_matches(key.path, known, n=3, cutoff=0.5)
-            hint = ("closest: " + ", ".join(close)) if close else f"the store holds {len(known)} arrays (`diffstore ls`)"
+            hint = ("closest: " + ", ".join(close) if close
+                    else f"the store holds {len(known)} arrays (`diffstore ls`)")
             raise DiffstoreError(f"{key.path} is not in {self.url}; {hint}")
         return self.open_array(key.path)
 
@@ -494,7 +496,8 @@ class Store:
         path = f"datasets/{dataset}/{split}"
         g = self._group(path)
         if g is None or "ids" not in g or "labels" not in g:
-            raise DiffstoreError(f"{self.url} has no {dataset}/{split} split: run `diffstore extract --dataset {dataset} --split {split}`")
+            raise DiffstoreError(f"{self.url} has no {dataset}/{split} split: run `diffstore extract --dataset "
+                                 f"{dataset} --split {split}`")
         where, fix = f"{self.url.rstrip('/')}/{path}", f"diffstore repair --store {self.url} {path}"
         try:
             ids, labels = self._node(f"{path}/ids")[:], self._node(f"{path}/labels")[:]

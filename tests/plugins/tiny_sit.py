@@ -86,6 +86,7 @@ def factory(random_init=None):
         "image_size": SIZE,
         "image_channels": 3,
         "weight_files": [] if random_init is not None else [WEIGHTS],
-        "config": {"size": SIZE, "patch": PATCH, "width": WIDTH, "depth": DEPTH, "time": "s = t / T, linear interpolant"},
+        "config": {"size": SIZE, "patch": PATCH, "width": WIDTH, "depth": DEPTH,
+                   "time": "s = t / T, linear interpolant"},
         "run": run,
     }

@@ -19,8 +19,8 @@ WEIGHTS = Path(__file__).with_suffix(".safetensors")
 
 def build() -> UNet2DModel:
     return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, attention_head_dim=4)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
 
 
 def factory(random_init=None):
