@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (extract + probe on the embedded default, ending with the answer)
-# and `make test`.
+# and `make test` (ruff, then the suite).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(VENV)/bin/ruff check diffstore bench pipelines tests examples
 	$(PY) -m pytest
 
 # The answer needs its controls: the same architecture with random weights, and raw pixels.

@@ -1,7 +1,7 @@
 """`diffstore extract --dry-run`: what a run would do, before it does it.
 
 For every requested array: created or resumed, the shards this run would compute (those of its row range not done
-yet), and the bytes they take on disk: raw size x the codec's ratio on activations (store.CODEC_RATIO, measured).
+yet), and the bytes they take on disk: raw size x the codec's ratio on activations (store/codec.py RATIO, measured).
 The time is one micro-batch forward of the real model at each t, timed after a warm-up, scaled to the rows to
 compute; loading, decoding and writing overlap the forward in a real run (pipeline.py), so this is its floor on an
 idle machine, and within about 2x of the real run on the project's machines (bench/bench_team.py checks it).
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from ..store.store import CODEC_RATIO
+from ..store.codec import DEFAULT, RATIO
 from .forward import forward_blocks, prepare_model
 from .plan import Plan
 
@@ -53,6 +53,12 @@ def seconds_per_row(plan: Plan, t: int) -> float:
     return (time.perf_counter() - start) / len(x0)
 
 
+def ratio(plan: Plan, key: tuple) -> float:
+    """The codec's stored/raw ratio: the array's own codec when it exists, else the default for new arrays."""
+    codec = plan.arrays[key].codec if key in plan.arrays else DEFAULT
+    return RATIO.get(codec, 1.0)
+
+
 def dry_run(plan: Plan) -> dict:
     """The arrays, shards, bytes and estimated seconds of running `plan` (nothing written)."""
     rows, per_t = [], {}
@@ -61,7 +67,7 @@ def dry_run(plan: Plan) -> dict:
         raw = (rows_of(plan, shards) * int(np.prod(plan.row_shape(key[1], key[2])))
                * np.dtype(plan.recipe.storage_dtype).itemsize)
         rows.append({"array": plan.key(*key).path, "status": "create" if key in plan.new else "resume",
-                     "shards": len(shards), "of": len(plan.shards()), "bytes": int(math.ceil(raw * CODEC_RATIO))})
+                     "shards": len(shards), "of": len(plan.shards()), "bytes": int(math.ceil(raw * ratio(plan, key)))})
         per_t.setdefault(key[0], set()).update(shards)
     todo = {t: rows_of(plan, sorted(s)) for t, s in per_t.items() if s}
     seconds = sum(seconds_per_row(plan, t) * n for t, n in todo.items())

@@ -37,6 +37,10 @@ CODECS: dict[str, Callable[[], list]] = {  # name -> the array's compressors (za
     "shuffle-zstd-1": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
     "bitshuffle-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
 }
+# stored / raw bytes of float16 activations (the shipped model's digits features, bench/bench_read.py): what
+# `extract --dry-run` multiplies raw sizes by
+RATIO = {"none": 1.059, "zstd-1": 0.920, "zstd-3": 0.920, "lz4": 1.006, "shuffle-lz4": 1.002, "shuffle-zstd-1": 0.922,
+         "bitshuffle-lz4": 0.908}
 DEFAULT = "shuffle-lz4"  # for new arrays (bench/bench_read.py --sections codecs,local)
 LEGACY = "zstd-1"  # what every array without a `codec` attribute was written with
 
