@@ -307,7 +307,8 @@ class Case:
 
 def attempt(case: Case, work: Path) -> dict:
     """Run one case; the row says whether it was clean: the expected exit, the message naming the problem, no
-    traceback, bounded output, and no file created or changed (sha256 + mtime of every file under `work`)."""
+    traceback or Python warning, bounded output, and no file created or changed (sha256 + mtime of every file under
+    `work`)."""
     if case.setup is not None:
         case.setup()
     watch = work / case.unchanged if case.unchanged is not None else None
@@ -317,7 +318,7 @@ def attempt(case: Case, work: Path) -> dict:
     seconds = time.perf_counter() - t0
     text = " ".join((r.stderr + r.stdout).split())
     checks = {"message names it": case.needle in text and not any(s in text for s in case.secret),
-              "no traceback": "Traceback" not in text and len(r.stderr + r.stdout) < 20_000,
+              "no traceback": "Traceback" not in text and "Warning:" not in text and len(r.stderr + r.stdout) < 20_000,
               "nothing created or changed": tree_state(watch) == before if watch else case.after()}
     clean = all(checks.values()) and r.returncode == case.code and seconds < case.seconds
     return {"input": case.name, "exit": r.returncode, **checks, "seconds": round(seconds, 1), "clean": clean,
