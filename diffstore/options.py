@@ -38,6 +38,11 @@ def opt(default, help: str, *, flag: str | None = None, short: str | None = None
     return field(default=default, metadata=meta)
 
 
+def device_opt(note: str = ""):
+    """`device`: where the work runs (`note`: what it does not change)."""
+    return opt("auto", f"auto | cpu | cuda | cuda:N{f' ({note})' if note else ''}.")
+
+
 def progress_opt():
     """`show_progress` (Python), `--progress/--quiet` and `-q` (CLI): progress lines on stderr."""
     return opt(True, "Progress on stderr (--quiet, -q: none).", flag="--progress/--quiet", short=" /-q")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import DiffstoreError
 from ..key import INPUT_MODES, LEGACY_FORWARD, check_name
-from ..options import ModelOptions, StoreOptions, opt, progress_opt, spell
+from ..options import ModelOptions, StoreOptions, device_opt, opt, progress_opt, spell
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 STORAGE_DTYPES = ("float16", "float32")
@@ -32,7 +32,7 @@ class ExtractOptions(ModelOptions, StoreOptions):
     noise_seed: int = opt(0, "Noise seed: eps is a function of (seed, sample id, t, draw).", min=0)
     noise_draws: int = opt(1, "Average features over this many noise draws.", min=1)
     batch_size: int = opt(64, "Rows per step (does not change values).", min=1)
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N (does not change the key).")
+    device: str = device_opt("does not change the key")
     dtype: str = opt("float16", "Storage dtype: float16 | float32.", choices=STORAGE_DTYPES)
     compute_dtype: str = opt("float32", "float32 | bfloat16 | float16 (autocast).", choices=COMPUTE_DTYPES)
     shard_rows: int | None = opt(None, "Rows per shard (a multiple of the micro-batch; default: sized to ~256 MB "
@@ -83,7 +83,7 @@ class RepairOptions(ModelOptions, StoreOptions):
     data_root: str | None = opt(None, "Dataset directory the arrays were extracted from (default: $DIFFSTORE_DATA/"
                                       "<dataset>).")
     batch_size: int = opt(64, "Rows per step (does not change values).", min=1)
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N (does not change values).")
+    device: str = device_opt("does not change values")
     show_progress: bool = progress_opt()
 
 

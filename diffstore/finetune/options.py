@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..key import INPUT_MODES
-from ..options import ModelOptions, StoreOptions, opt, progress_opt
+from ..options import ModelOptions, StoreOptions, device_opt, opt, progress_opt
 from ..probe.options import HEADS
 
 STARTS = ("pretrained", "scratch")
@@ -46,5 +46,5 @@ class FinetuneOptions(ModelOptions, StoreOptions):
     data_root: str | None = opt(None, "Dataset directory the key was extracted from (default: $DIFFSTORE_DATA/"
                                       "<dataset>).")
     retrain: bool = opt(False, "Train again even when the same settings are stored.")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
+    device: str = device_opt()
     show_progress: bool = progress_opt()

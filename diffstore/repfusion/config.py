@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..key import DEFAULT_STORE
-from ..options import Options, opt, progress_opt
+from ..options import Options, device_opt, opt, progress_opt
 
 DEFAULT_LAYER = "mid-conv"
+
+
+def targets_opt():
+    return opt(None, "Targets path in the store (default: the store's only targets).")
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,14 @@ class TargetsConfig(Options):
     compute_dtype: str = opt("float32", "float32 | bfloat16 | float16 (autocast).",
                              choices=("float32", "bfloat16", "float16"))
     dtype: str = opt("float16", "Storage dtype: float16 | float32.", choices=("float16", "float32"))
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
+    device: str = device_opt()
     show_progress: bool = progress_opt()
 
 
 @dataclass(frozen=True)
 class DistillConfig(Options):
     store: str = opt(DEFAULT_STORE, "Store holding the targets.")
-    targets: str | None = opt(None, "Targets path in the store (default: the store's only targets).")
+    targets: str | None = targets_opt()
     student: str = opt("resnet18", "resnet18 | wrn28-2 | mobilenetv2.", choices=("resnet18", "wrn28-2", "mobilenetv2"))
     width: float = opt(0.25, "Channel multiplier of the student (1.0 = the published student; CPU default a quarter).",
                        min=0.01)
@@ -63,7 +67,7 @@ class DistillConfig(Options):
     baseline: bool = opt(True, "Subtract the batch-mean reward in REINFORCE (--no-baseline: plain REINFORCE).")
     decoder_steps: int = opt(500, "Steps fitting the frozen decoder g on the stored targets.", min=1)
     seed: int = opt(0, "Seed of initialisation, data order and policy samples.", min=0)
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
+    device: str = device_opt()
     run: str | None = opt(None, "Name of the run (default: derived from the settings).")
     show_progress: bool = progress_opt()
 
@@ -85,14 +89,14 @@ class FinetuneConfig(Options):
     batch_size: int = opt(64, "Images per step.", min=2)
     lr: float = opt(0.05, "Learning rate.", min=1e-12)
     seed: int = opt(0, "Seed shared by the distilled student and the baseline.", min=0)
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N.")
+    device: str = device_opt()
     show_progress: bool = progress_opt()
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig(Options):
     store: str = opt(DEFAULT_STORE, "Store holding the targets.")
-    targets: str | None = opt(None, "Targets path in the store (default: the store's only targets).")
+    targets: str | None = targets_opt()
     out: str | None = opt(None, "Folder for the PNGs (default: beside the store, STORE-repfusion/).")
     tsne_ts: int = opt(4, "t-SNE at this many grid points, evenly spread.", min=1)
     tsne_points: int = opt(500, "Samples in each t-SNE.", min=2)

@@ -17,10 +17,16 @@ STUDENTS = ("resnet18", "wrn28-2", "mobilenetv2")
 
 
 class Student(nn.Module):
-    feature_channels: int
+    """`layers` up to the distilled feature map (`channels` wide), then global average pool + linear."""
+
+    def __init__(self, layers: list[nn.Module], channels: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(*layers)
+        self.feature_channels = channels
+        self.fc = nn.Linear(channels, num_classes)
 
     def features(self, x):
-        raise NotImplementedError
+        return self.body(x)
 
     def classify(self, feature_map):
         return self.fc(feature_map.mean((2, 3)))
@@ -31,6 +37,16 @@ class Student(nn.Module):
 
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+
+
+def stages(block, cin: int, widths: list[int], per_stage: int) -> tuple[list[nn.Module], int]:
+    """`per_stage` blocks per width; every stage after the first halves the resolution in its first block."""
+    layers = []
+    for i, w in enumerate(widths):
+        for j in range(per_stage):
+            layers.append(block(cin, w, 2 if i > 0 and j == 0 else 1))
+            cin = w
+    return layers, cin
 
 
 # --- ResNet-18 (He et al.), CIFAR stem: 3x3 conv, stride 1, no max-pool ---------------------------------
@@ -47,20 +63,9 @@ class BasicBlock(nn.Module):
 
 class ResNet18(Student):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
-        super().__init__()
-        widths = [width, 2 * width, 4 * width, 8 * width]
-        layers = [*conv_bn(in_channels, width), nn.ReLU(inplace=True)]
-        cin = width
-        for i, w in enumerate(widths):
-            for j in range(2):
-                layers.append(BasicBlock(cin, w, 2 if i > 0 and j == 0 else 1))
-                cin = w
-        self.body = nn.Sequential(*layers)
-        self.feature_channels = cin
-        self.fc = nn.Linear(cin, num_classes)
-
-    def features(self, x):
-        return self.body(x)
+        stem = [*conv_bn(in_channels, width), nn.ReLU(inplace=True)]  # built first: the seeded init order of before
+        blocks, channels = stages(BasicBlock, width, [width, 2 * width, 4 * width, 8 * width], 2)
+        super().__init__([*stem, *blocks], channels, num_classes)
 
 
 # --- Wide ResNet (Zagoruyko & Komodakis), pre-activation blocks -----------------------------------------
@@ -81,24 +86,11 @@ class WideBlock(nn.Module):
 
 class WideResNet(Student):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, depth: int = 28, widen: int = 2, base: int = 16):
-        super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 (10, 16, 22, 28, ...), got {depth}")
-        n = (depth - 4) // 6
-        widths = [base * widen, 2 * base * widen, 4 * base * widen]
-        layers = [nn.Conv2d(in_channels, base, 3, 1, 1, bias=False)]
-        cin = base
-        for i, w in enumerate(widths):
-            for j in range(n):
-                layers.append(WideBlock(cin, w, 2 if i > 0 and j == 0 else 1))
-                cin = w
-        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*layers)
-        self.feature_channels = cin
-        self.fc = nn.Linear(cin, num_classes)
-
-    def features(self, x):
-        return self.body(x)
+        stem = nn.Conv2d(in_channels, base, 3, 1, 1, bias=False)  # built first: the seeded init order of before
+        blocks, c = stages(WideBlock, base, [base * widen, 2 * base * widen, 4 * base * widen], (depth - 4) // 6)
+        super().__init__([stem, *blocks, nn.BatchNorm2d(c), nn.ReLU(inplace=True)], c, num_classes)
 
 
 # --- MobileNetV2 (Sandler et al.), CIFAR strides: stem and the 24-channel stage keep the resolution ------
@@ -123,7 +115,6 @@ MBV2_STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 9
 
 class MobileNetV2(Student):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0):
-        super().__init__()
         scale = lambda c: max(8, int(c * width_mult + 4) // 8 * 8)  # noqa: E731 -- channels rounded to 8
         cin = scale(32)
         layers = [*conv_bn(in_channels, cin), nn.ReLU6(inplace=True)]
@@ -133,12 +124,7 @@ class MobileNetV2(Student):
                 cin = scale(c)
         last = max(1280, scale(1280)) if width_mult > 1 else scale(1280)
         layers += [*conv_bn(cin, last, 1), nn.ReLU6(inplace=True)]
-        self.body = nn.Sequential(*layers)
-        self.feature_channels = last
-        self.fc = nn.Linear(last, num_classes)
-
-    def features(self, x):
-        return self.body(x)
+        super().__init__(layers, last, num_classes)
 
 
 def build_student(name: str, num_classes: int, in_channels: int, width: float = 1.0) -> Student:
