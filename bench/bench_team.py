@@ -1,8 +1,16 @@
 """A store a team grows together (issue 22), measured against a moto S3 server started on 127.0.0.1.
 
     python bench/bench_team.py [--store /tmp/tc.zarr] [--kills 10] [--repeats 3] [--arrays 1000]
-                               [--baseline 5d5a2d8] [--only c d]
+                               [--baseline 5d5a2d8] [--only a b c d e]
 
+(a) `extract --limit 256`, then the same extraction without a limit, on one store (fresh processes): the shards the
+    second run computes (of the total), and every data object (chunks, done flags, split ids and labels: all but the
+    zarr.json metadata, which holds each run's provenance) equal to a fresh full run's.
+(b) two `extract` processes at once on one store, `--rows 0:N/2` and `--rows N/2:N` of each split: exit codes, and
+    every data object equal to the full run's.
+(e) `extract --dry-run --json` on an empty store vs the real extraction: its bytes vs the data objects written, its
+    estimated seconds vs the extraction's own time (in this process, the model loaded before the clock starts).
+    (a), (b) and (e) extract the shipped model on digits at --t 10 --blocks 2,mid --pools 1,2 (4 arrays per split).
 (c) `diffstore copy` of a default store (built with `diffstore extract --store STORE` when absent) to the S3 server
     and back: both copies bit-identical to the source (sha256 of every object); kill -9 at random instants of the
     copy, then a re-run: bit-identical each time; throughput of `copy` vs a raw fsspec copy of the same objects
@@ -114,6 +122,76 @@ def s3_objects(url: str) -> dict:
     return {k.removeprefix(base + "/"): hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
 
 
+KEYS = ("--t", "10", "--blocks", "2,mid", "--pools", "1,2", "-q")
+
+
+def data_objects(root: Path) -> dict:
+    """Every object but the metadata documents (zarr.json: each run's provenance and times differ)."""
+    return {k: v for k, v in local_objects(root).items() if not k.endswith("zarr.json")}
+
+
+def part_a(env: dict) -> list[str]:
+    small, full = WORK / "grown.zarr", WORK / "full.zarr"
+    for old in (small, full):
+        shutil.rmtree(old, ignore_errors=True)
+    t_full, _ = diffstore("extract", "--store", full, *KEYS, env=env)
+    t_small, _ = diffstore("extract", "--store", small, "--limit", 256, *KEYS, env=env)
+    t_grow, out = diffstore("extract", "--store", small, *KEYS, "--json", env=env)
+    rows = json.loads(out)
+    run, total = sum(r["shards_run"] for r in rows), sum(r["shards_total"] for r in rows)
+    same = data_objects(small) == data_objects(full)
+    log(f"(a) limit 256 then full: {run}/{total} shards computed by the second run, identical to a full run: {same}")
+    return [f"(a) `extract --limit 256` ({t_small:.1f} s), then the full extraction on the same store ({t_grow:.1f} s, "
+            f"exit 0): it computed {run} of {total} shards (the rest held the first 256 rows); every data object "
+            f"{'equal to' if same else 'DIFFERS from'} a fresh full run's ({len(data_objects(full))} objects; the full "
+            f"run took {t_full:.1f} s)"]
+
+
+def part_b(env: dict) -> list[str]:
+    from diffstore.datasets import load_split
+
+    halves = WORK / "halves.zarr"
+    shutil.rmtree(halves, ignore_errors=True)
+    sizes = {s: len(load_split("digits", s)) for s in ("train", "test")}
+    ranges = [",".join(f"{s}={a}:{b}" for s, (a, b) in zip(sizes, spans)) for spans in
+              ([(0, n // 2) for n in sizes.values()], [(n // 2, n) for n in sizes.values()])]
+    main = "from diffstore.cli import main\nmain()"
+    procs = [subprocess.Popen([sys.executable, "-c", main, "extract", "--store", str(halves), "--rows", r, *KEYS],
+                              env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for r in ranges]
+    exits = [p.wait() for p in procs]
+    same = data_objects(halves) == data_objects(WORK / "full.zarr")
+    log(f"(b) --rows halves at once: exits {exits}, identical to a full run: {same}")
+    return [f"(b) two processes at once, `--rows {ranges[0]}` and `--rows {ranges[1]}`: exits {exits}; the store "
+            f"they filled together {'equals' if same else 'DIFFERS from'} a full run's, object for object"]
+
+
+def part_e(env: dict) -> list[str]:
+    from diffstore.datasets import load_split
+    from diffstore.extract import extract_features, plan_extraction
+    from diffstore.models import load_model
+    from diffstore.store import Store
+
+    fresh = WORK / "estimated.zarr"
+    shutil.rmtree(fresh, ignore_errors=True)
+    _, out = diffstore("extract", "--store", fresh, "--dry-run", "--json", *KEYS, env=env)
+    plans = json.loads(out)
+    assert not fresh.exists(), "--dry-run wrote the store"
+    model, seconds = load_model("default"), 0.0
+    for split in ("train", "test"):
+        plan = plan_extraction(Store.open(str(fresh)), model, load_split("digits", split), t=[10], blocks=["2", "mid"],
+                               pools=["1", "2"])
+        t0 = time.perf_counter()
+        extract_features(plan, show_progress=False)
+        seconds += time.perf_counter() - t0
+    chunks = sum(p.stat().st_size for p in fresh.rglob("*") if p.is_file() and "/x/c/" in str(p))
+    guess_bytes, guess_s = sum(p["bytes"] for p in plans), sum(p["seconds"] for p in plans)
+    log(f"(e) dry-run {guess_bytes} B / {guess_s:.1f} s vs {chunks} B / {seconds:.1f} s")
+    return [f"(e) `--dry-run`: {guess_bytes / 1e6:.2f} MB and {guess_s:.1f} s estimated; the extraction wrote "
+            f"{chunks / 1e6:.2f} MB of feature chunks (estimate / real {guess_bytes / chunks:.2f}; goal within 10%) "
+            f"in {seconds:.1f} s (estimate / real {guess_s / seconds:.2f}; goal within 2x)"]
+
+
 def part_c(store: Path, env: dict, kills: int, repeats: int, rng: random.Random) -> list[str]:
     want = local_objects(store)
     nbytes = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
@@ -221,7 +299,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--arrays", type=int, default=1000)
     ap.add_argument("--baseline", default="5d5a2d8", help="Commit whose ls is timed beside this checkout's.")
-    ap.add_argument("--only", nargs="*", default=["c", "d"])
+    ap.add_argument("--only", nargs="*", default=["a", "b", "c", "d", "e"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
@@ -234,9 +312,12 @@ def main() -> None:
     if "c" in args.only and not store.exists():
         log(f"extracting the default store into {store} (minutes)")
         diffstore("extract", "--store", store, "-q", env=env)
+    lines = []
+    for name, part in (("a", part_a), ("b", part_b), ("e", part_e)):
+        if name in args.only:
+            lines += part(env)
     server = start_moto(env)
     try:
-        lines = []
         if "c" in args.only:
             lines += part_c(store, env, args.kills, args.repeats, random.Random(args.seed))
         if "d" in args.only:
