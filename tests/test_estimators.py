@@ -274,6 +274,18 @@ def test_c_at_an_end_of_the_grid_warns_and_is_recorded(store_url, capsys):
     assert LinearProbe(Cs=(1e-4, 3e-4)).fit(train.numpy(), train.labels).fit_record_["C_at_grid_end"] == "largest"
 
 
+def test_many_heads_at_the_grid_end_warn_in_one_line_naming_them(capsys):
+    from diffstore.probe.recipe import ProbeRecipe
+    from diffstore.probe.results import warn_fits
+
+    found = [(("C", "linear", 100.0, "largest"), f"m t=10/b={b}/p=1") for b in range(6)]
+    warn_fits(found + [(("converged", "mlp", "mlp"), "m t=10/b=0/p=2")], ProbeRecipe())
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "the linear heads of 6 keys chose C=100" in lines[0]
+    assert "m t=10/b=3/p=1 and 2 more" in lines[0] and "b=4" not in lines[0]
+    assert "the mlp head did not converge (still improving" in lines[1] and lines[1].endswith("m t=10/b=0/p=2")
+
+
 def test_refit_is_in_the_recipe_and_fits_every_train_row(store_url):
     plain, refit = (probe(store_url, **KEY, cs=CS, refit=flag)["results"][0] for flag in (False, True))
     assert plain["name"] != refit["name"] and refit["recipe"]["refit"] and not plain["recipe"]["refit"]

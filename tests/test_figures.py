@@ -72,7 +72,7 @@ def test_model_twin_and_pixels_share_one_colour_scale_and_the_curves_one_y_range
 
 
 def test_difference_heatmap_marks_exactly_the_cells_whose_paired_interval_excludes_0():
-    fig = figures(constructed())["digits_m.random-init-s0_noised_p2_linear_converged_trained_minus_twin"]
+    fig = figures(constructed())["digits_m_noised_p2_linear_converged_minus_random-init-s0"]
     image = fig.axes[0].images[0]
     np.testing.assert_allclose(image.get_array().filled(np.nan), [[50.0, 0.0], [0.5, -40.0]])
     lo, hi = image.get_clim()
@@ -82,7 +82,7 @@ def test_difference_heatmap_marks_exactly_the_cells_whose_paired_interval_exclud
     same = [r if "random-init" not in r["model"] else {**r, "test_hits": next(
         s["test_hits"] for s in constructed() if s["model"] == "m" and (s["t"], s["block"]) == (r["t"], r["block"]))}
         for r in constructed()]
-    tie = figures(same)["digits_m.random-init-s0_noised_p2_linear_converged_trained_minus_twin"]
+    tie = figures(same)["digits_m_noised_p2_linear_converged_minus_random-init-s0"]
     assert marked(tie, "paired 95% interval excludes 0") == set() and legend(tie) == []  # nothing marked, no legend
 
 

@@ -83,15 +83,18 @@ def figures(results: list[dict]) -> dict[str, Figure]:
     for (dataset, base, input_, pool, head, recipe), members in groups.items():
         levels = [pixel_level(pixels[dataset, head, recipe])] if (dataset, head, recipe) in pixels else []
         scale = scale_of(list(members.values()), levels)
+        def stem_of(model: str) -> str:
+            return "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head, recipe))
+
         for model, cells in members.items():
-            stem = "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head, recipe))
+            stem = stem_of(model)
             title = f"{dataset}, {model} ({input_}), pool {pool}: {head} head, {recipe} recipe"
             out.update({f"{stem}_{kind}": fig for kind, fig in accuracy_figures(cells, title, scale, levels).items()})
             if model != base and base in members:
                 fig = difference_figure(members[base], cells, f"{dataset}, {base} minus {model} ({input_}), pool "
                                                               f"{pool}: {head} head, {recipe} recipe")
                 if fig is not None:
-                    out[f"{stem}_trained_minus_twin"] = fig
+                    out[f"{stem_of(base)}_minus_{model[len(base) + 1:]}"] = fig  # ..._minus_random-init-s0
     return out
 
 

@@ -63,6 +63,7 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
     for i, name, source, spec in missing:
         todo.setdefault(source.row["dataset"], []).append((i, name, source, spec))
     writer = Store.open(store.url, "a") if todo else None
+    fit_warnings: list[tuple[tuple, str]] = []
     for dataset, items in todo.items():
         train, test = (first_labels(store.split(dataset, s), recipe.limit) for s in ("train", "test"))
         if recipe.views > 1:  # training rows are (sample, view) pairs, sample-major (extract --views)
@@ -102,23 +103,42 @@ def run_probes(store: Store, sources: list[Source], specs: list[HeadSpec], recip
                           "fingerprints": source.fingerprints, "head": spec.to_dict(), "head_label": spec.label(),
                           "recipe": recipe.to_dict(spec.kind), "seed": recipe.seed, **m,
                           **accuracy_record(hits, hits5, test.labels)}
-            warn_fit(results[i], source, spec, recipe)
+            fit_warnings += fit_warning(results[i], source, spec)
             writer.put_result("probe", name, results[i])
             if save_heads:
                 save_head(writer, results[i], spec, fitted, source.train.row_shape, train.class_names)
+    warn_fits(fit_warnings, recipe)
     return results
 
 
-def warn_fit(r: dict, source: Source, spec: HeadSpec, recipe: ProbeRecipe) -> None:
-    """On stderr: a head that did not converge, or whose chosen C is an end of the grid (the optimum may lie
-    beyond it)."""
+def fit_warning(r: dict, source: Source, spec: HeadSpec) -> list[tuple[tuple, str]]:
+    """(what, where) for a head that did not converge, or whose chosen C is an end of the grid (the optimum may
+    lie beyond it); `warn_fits` prints them, one line per what."""
     row = source.row
-    where = f"the {spec.label()} head on {r['model']} t={row['t']}/b={row['block']}/p={row['pool']}"
+    where = f"{r['model']} t={row['t']}/b={row['block']}/p={row['pool']}"
+    found = []
     if r.get("converged") is False:
-        stderr.print(f"[yellow]warning[/]: {where} did not converge "
-                     + ("(still improving on validation at the step budget: raise --steps)" if spec.kind != "linear"
-                        else "(L-BFGS hit --max-iter before its gradient test)"))
+        found.append((("converged", spec.label(), spec.kind), where))
     if r.get("C_at_grid_end"):
-        stderr.print(f"[yellow]warning[/]: {where} chose C={r['C']:g}, the {r['C_at_grid_end']} C of the grid "
-                     f"({', '.join(f'{c:g}' for c in sorted(recipe.Cs))}): the best L2 strength may lie beyond it; "
-                     f"extend the grid with {spell('cs', ProbeOptions)}")
+        found.append((("C", spec.label(), r["C"], r["C_at_grid_end"]), where))
+    return found
+
+
+def warn_fits(found: list[tuple[tuple, str]], recipe: ProbeRecipe, shown: int = 4) -> None:
+    """On stderr, one line per kind of warning naming the heads it concerns (the first `shown` of them)."""
+    by_what: dict[tuple, list[str]] = {}
+    for what, where in found:
+        by_what.setdefault(what, []).append(where)
+    for what, wheres in by_what.items():
+        n = len(wheres)
+        heads = f"the {what[1]} head" + (f"s of {n} keys" if n > 1 else "")
+        on = ", ".join(wheres[:shown]) + (f" and {n - shown} more" if n > shown else "")
+        if what[0] == "converged":
+            why = ("still improving on validation at the step budget: raise --steps" if what[2] != "linear"
+                   else "L-BFGS hit --max-iter before its gradient test")
+            stderr.print(f"[yellow]warning[/]: {heads} did not converge ({why}): {on}")
+        else:
+            grid = ", ".join(f"{c:g}" for c in sorted(recipe.Cs))
+            stderr.print(f"[yellow]warning[/]: {heads} chose C={what[2]:g}, the {what[3]} C of the grid ({grid}): "
+                         f"the best L2 strength may lie beyond it; extend the grid with {spell('cs', ProbeOptions)}. "
+                         f"On {on}")
