@@ -7,8 +7,8 @@ command paid before imports were lazy). `ls`, `info` and `verify` read a small s
 Also prints which heavy modules each command imported (must be none for --help, ls, info, verify).
 
 Also a no-op `diffstore extract` (everything requested already stored: answered from the identity cache, without
-torch; goal <= 1.5 s) and `extract --dry-run` (loads the model to time one micro-batch), on a store of the shipped
-model made here.
+torch; goal <= 1.5 s) and `extract --dry-run`: of the same (answered the same way) and with t=50 added (it loads the
+model to time one micro-batch), on a store of the shipped model made here.
 
 Usage: python bench/bench_startup.py [--repeats 5] [--json]        targets: `--help` < 0.5 s, no-op extract <= 1.5 s
 """
@@ -93,7 +93,8 @@ def main():
             "diffstore info": ([ds, "info", "--store", url, "t=10"], ["info", "--store", url, "t=10"]),
             "diffstore verify": ([ds, "verify", "--store", url], ["verify", "--store", url]),
             "diffstore extract (no-op)": (extract, extract[1:]),
-            "diffstore extract --dry-run": ([*extract, "--t", "10,50", "--dry-run"], None),
+            "extract --dry-run, stored": ([*extract, "--dry-run"], [*extract[1:], "--dry-run"]),
+            "extract --dry-run, t=50 new": ([*extract, "--t", "10,50", "--dry-run"], None),
         }
         rows = []
         for name, (cmd, argv) in commands.items():

@@ -123,13 +123,18 @@ def test_a_rerun_with_nothing_to_do_answers_without_torch(tmp_path, tiny_unet_di
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
     import json
 
-    def run():
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True)
+    def run(*more, whole=False):
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(args + list(more))], env=env,
+                              capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout)[0]["status"], done.stderr.strip().splitlines()[-1]
+        rows = json.loads(done.stdout)
+        return rows if whole else rows[0]["status"], done.stderr.strip().splitlines()[-1]
 
     assert run() == ("extracted", "TORCH")
     assert run() == ("already stored", "NO-TORCH")
+    quick, how = run("--dry-run", whole=True)  # --dry-run too: the same answer as the full path's, without torch
+    assert how == "NO-TORCH" and quick[0]["tasks"] == 0 and quick[0]["bytes"] == 0
     weights = next(Path(tiny_unet_dir).glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # "changed": check again
-    assert run() == ("already stored", "TORCH")
+    assert run("--dry-run", whole=True) == (quick, "TORCH")  # the full path, which remembers the new identity
+    assert run() == ("already stored", "NO-TORCH")

@@ -122,8 +122,9 @@ def split_identity(split) -> dict:
 
 
 def all_stored(o: ExtractOptions) -> list[dict] | None:
-    """The rows `extract` would print when every requested array holds every requested row, computed from the
-    cache and the store alone; None when that cannot be known this way (the caller then runs the full path)."""
+    """The rows `extract` (or `extract --dry-run`) would print when every requested array holds every requested
+    row, computed from the cache and the store alone; None when that cannot be known this way (the caller then runs
+    the full path)."""
     from ..blocks import BlockInfo, BlockTable
     from ..datasets import dataset_fingerprint
     from ..preprocess import Preprocess
@@ -168,6 +169,13 @@ def all_stored(o: ExtractOptions) -> list[dict] | None:
             masks = done_masks(arrays)
             if not all(masks[k][i] for k in arrays for i in shards):
                 return None
+            if o.dry_run:  # what stage.run prints from estimate.dry_run: nothing to create, compute or write
+                rows.append({"store": store.url, "dataset": name, "model": model["name"], "split": split,
+                             "rows": len(span), "of": data["n"],
+                             "arrays": [{"array": k.path, "status": "resume", "shards": 0, "of": len(shards),
+                                         "bytes": 0} for k in keys],
+                             "to_create": 0, "tasks": 0, "bytes": 0, "seconds": 0, "micro_batch": recipe.micro_batch})
+                continue
             rows.append({"store": store.url, "dataset": name, "split": split, "model": model["name"],
                          "rows": len(span), "of": data["n"], "micro_batch": recipe.micro_batch,
                          "arrays": [k.path for k in keys], "shards_run": 0, "shards_total": len(ts) * len(shards),

@@ -14,7 +14,7 @@ def run(o: ExtractOptions) -> list[dict]:
     from . import quick
 
     name = o.stored_dataset()  # checked before anything loads
-    if not o.dry_run and not o.views and (rows := quick.all_stored(o)) is not None:  # answered without torch
+    if not o.views and (rows := quick.all_stored(o)) is not None:  # all stored: answered without torch
         return rows
     from ..datasets import load_split
     from ..device import pick_device
