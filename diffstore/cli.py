@@ -32,6 +32,7 @@ from .errors import DiffstoreError, redact  # noqa: E402
 from .interrupts import Interrupts  # noqa: E402
 from .key import DEFAULT_STORE  # noqa: E402
 from .options import STORE_HELP, STYLE, flag_of, is_list  # noqa: E402
+from .terminal import console, emit, human_bytes  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
@@ -101,41 +102,6 @@ def options_command(group: typer.Typer, name: str, cls, run: typing.Callable, he
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
     group.command(name)(command)
-
-
-def console():
-    """stdout for results: the terminal's width; piped output is never wrapped."""
-    from .terminal import console as stdout
-
-    return stdout()
-
-
-def emit(rows: list[dict], title: str, as_json: bool, show: typing.Callable[[dict], dict] | None = None) -> None:
-    """Print rows as JSON (the data as it is), or as a rich table (through `show`, which formats for people).
-    Cells are Text: a name or path holding brackets is shown as it is, never read as markup."""
-    if as_json:
-        print(json.dumps(rows, indent=1, default=str))
-        return
-    from rich.table import Table
-    from rich.text import Text
-
-    rows = [show(r) for r in rows] if show else rows
-    table = Table(title=Text(title))
-    for col in (rows[0] if rows else {}):
-        table.add_column(Text(str(col)), justify="right" if isinstance(rows[0][col], (int, float)) else "left")
-    for row in rows:
-        table.add_row(*[Text(f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()])
-    from .terminal import fold
-
-    out = console()
-    out.print(fold(table, out.width))
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def run_extract(o, fmt: str | None) -> None:

@@ -8,9 +8,12 @@ cutting the key columns to 'datas…'.
 
 from __future__ import annotations
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
+import json
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # rich loads on first output, so `diffstore --help` never pays for it
+    from rich.console import Console
+    from rich.table import Table
 
 UNWRAPPED = 100_000  # columns of a console writing to a file: in effect, no wrapping
 KEY_COLUMNS = ("dataset", "split", "model", "input", "t", "block", "pool", "head", "recipe", "features", "rank")
@@ -19,6 +22,8 @@ NARROWEST = 4  # a folded column still shows this many characters a line
 
 def console(stderr: bool = False) -> Console:
     """stdout (or stderr) at the terminal's width; at no width limit when it is a file or a pipe."""
+    from rich.console import Console
+
     probe = Console(stderr=stderr)
     return probe if probe.is_terminal else Console(stderr=stderr, width=UNWRAPPED, soft_wrap=True)
 
@@ -35,6 +40,8 @@ def fold(table: Table, width: int) -> Table:
     spaces instead of rules between columns; then the widest columns wrap at spaces ('93.3 [90.8, 95.6]' on three
     lines); then key columns fold inside words, the longest name first (a model name folds, 'dataset' stays
     whole), headers never; numbers fold only when nothing else is left."""
+    from rich import box
+
     cols = table.columns
     for col in cols:
         col.overflow = "fold"
@@ -67,3 +74,29 @@ def overhead(table: Table) -> int:
     n, (_, right, _, left) = len(table.columns), table.padding
     rules = (n - 1 + 2 * table.show_edge) if table.box else 0
     return rules + n * (left + right) - (0 if table.pad_edge else left + right)
+
+
+def emit(rows: list[dict], title: str, as_json: bool, show: Callable[[dict], dict] | None = None) -> None:
+    """Print a command's rows on stdout as JSON (the data as it is), or as a rich table (through `show`, which
+    formats for people). Cells are Text: a name or path holding brackets is shown as it is, never read as markup."""
+    if as_json:
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [show(r) for r in rows] if show else rows
+    table = Table(title=Text(title))
+    for col in (rows[0] if rows else {}):
+        table.add_column(Text(str(col)), justify="right" if isinstance(rows[0][col], (int, float)) else "left")
+    for row in rows:
+        table.add_row(*[Text(f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row.values()])
+    out = console()
+    out.print(fold(table, out.width))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

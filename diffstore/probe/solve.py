@@ -326,8 +326,8 @@ def solve_many(sources: list[Rows], tests: list[Rows] | None, pools: list[int | 
     for i, key in enumerate(zip(widths, pools)):
         groups.setdefault(key, []).append(i)
     out: list = [None] * len(sources)
-    with progress("width", disable=not show_progress) as bar:
-        task = bar.add_task(f"solve {len(sources)} linear probe(s)", total=len(groups))
+    with progress("probe", disable=not show_progress) as bar:  # advanced a group of one feature width at a time
+        task = bar.add_task(f"solve {len(sources)} linear probe(s)", total=len(sources))
         for (width, pool), idx in groups.items():
             start = time.perf_counter()
             metrics = solve_group([sources[i] for i in idx], None if tests is None else [tests[i] for i in idx], pool,
@@ -335,5 +335,5 @@ def solve_many(sources: list[Rows], tests: list[Rows] | None, pools: list[int | 
             spent = time.perf_counter() - start
             for i, m in zip(idx, metrics):
                 out[i] = {**m, "train_time_s": spent / len(idx), "trained_with": len(idx), "device": str(dev)}
-            bar.advance(task)
+            bar.advance(task, len(idx))
     return out

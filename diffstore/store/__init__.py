@@ -2,6 +2,8 @@
 
 from .arrays import ShardedArray
 from .backend import zarr_store
-from .store import FORMAT, SplitRecord, Store, fingerprint_diff, provenance
+from .provenance import provenance
+from .splits import SplitRecord
+from .store import FORMAT, Store, fingerprint_diff
 
 __all__ = ["FORMAT", "ShardedArray", "SplitRecord", "Store", "fingerprint_diff", "provenance", "zarr_store"]

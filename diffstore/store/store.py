@@ -34,7 +34,6 @@ import contextlib
 import difflib
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from ..errors import DiffstoreError
-from ..key import BadName, FeatureKey, check_name, select
+from ..key import BadName, FeatureKey, select
 from .arrays import ShardedArray
 from .attrs import shown
 from .backend import describe_failure, zarr_store
@@ -53,20 +52,12 @@ from .codec import LEGACY as LEGACY_CODEC
 from .codec import compressors
 from .labels import SAMPLE, label_names, row_dims
 from .provenance import provenance
+from .results import ResultsMixin
+from .splits import SplitRecord, SplitsMixin
 
 FORMAT = 2
 READS = (1, 2)  # store formats this version reads
 CHUNK_BYTES = 1 << 20  # target raw size of one chunk (the unit a reader decompresses)
-
-
-@dataclass
-class SplitRecord:
-    dataset: str
-    split: str
-    ids: np.ndarray
-    labels: np.ndarray
-    class_names: list[str]
-    ids_sha256: str
 
 
 def fingerprint_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -79,12 +70,6 @@ def fingerprint_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: stored {a!r}, requested {b!r}")
     return out
-
-
-def ids_sha256(ids: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 def entries(folder: Path) -> list[str]:
@@ -109,7 +94,9 @@ def check_path(path) -> str:
 UNREAD = object()  # a node prefetched() could not read: _node reads it again and names the failure
 
 
-class Store:
+class Store(SplitsMixin, ResultsMixin):
+    """A store: nodes, arrays and keys here; dataset splits (splits.py) and results (results.py) as mixins."""
+
     def __init__(self, url: str, zs, root: zarr.Group | None):
         self.url = url
         self.zs = zs
@@ -459,91 +446,3 @@ class Store:
                     else f"the store holds {len(known)} arrays (`diffstore ls`)")
             raise DiffstoreError(f"{key.path} is not in {self.url}; {hint}")
         return self.open_array(key.path)
-
-    # --- dataset splits (ids and labels stored once per split) -----------------------------------
-    def check_split(self, split) -> None:
-        g = self._group(f"datasets/{split.name}/{split.split}")
-        if g is not None and g.attrs.get("ids_sha256") != split.ids_sha256():
-            raise DiffstoreError(f"{self.url} holds {split.name}/{split.split} with other sample ids "
-                                 f"({shown(g.attrs.get('n'), 20)} samples, you have {len(split)}, and theirs are not "
-                                 "the first rows of yours: other files, another order, or --skip-bad on one side "
-                                 "only); refusing to mix them. Use another --store, or the data the store was made "
-                                 "from")
-
-    @staticmethod
-    def split_attrs(split) -> dict:
-        """What a split's group records: the whole split's identity (ids and labels sha256), size and source."""
-        return {"class_names": list(split.class_names), "ids_sha256": split.ids_sha256(), "n": len(split),
-                "labels_sha256": ids_sha256(split.labels), "source": split.source, "skipped": split.skipped}
-
-    def put_split(self, split) -> SplitRecord:
-        """Store ids and labels once per split; a split a killed run left without them is completed."""
-        path = f"datasets/{split.name}/{split.split}"
-        self.check_split(split)
-        g = self._group(path)
-        if g is None:
-            try:
-                g = self.root.create_group(path, attributes=self.split_attrs(split))
-            except (ContainsGroupError, ContainsArrayError):
-                self.check_split(split)
-                g = self._group(path)
-        self._put_values(g, "ids", split.ids)
-        self._put_values(g, "labels", split.labels)
-        return self.split(split.name, split.split)
-
-    def split(self, dataset: str, split: str) -> SplitRecord:
-        path = f"datasets/{dataset}/{split}"
-        g = self._group(path)
-        if g is None or "ids" not in g or "labels" not in g:
-            raise DiffstoreError(f"{self.url} has no {dataset}/{split} split: run `diffstore extract --dataset "
-                                 f"{dataset} --split {split}`")
-        where, fix = f"{self.url.rstrip('/')}/{path}", f"diffstore repair --store {self.url} {path}"
-        try:
-            ids, labels = self._node(f"{path}/ids")[:], self._node(f"{path}/labels")[:]
-        except DiffstoreError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a corrupt chunk (zstd, checksum): name it and the fix
-            raise DiffstoreError(f"{where}: its ids or labels cannot be read ({type(e).__name__}: {str(e)[:200]}). "
-                                 f"Rebuild them from the dataset with `{fix}`") from None
-        attrs = dict(g.attrs)
-        names = attrs.get("class_names")
-        if ids_sha256(ids) != attrs.get("ids_sha256") or ids.shape != labels.shape or not isinstance(names, list) \
-                or ("labels_sha256" in attrs and ids_sha256(labels) != attrs["labels_sha256"]):
-            raise DiffstoreError(f"{where}: its ids or labels do not match what was recorded (sha256, length or "
-                                 f"class names). Rebuild them from the dataset with `{fix}`")
-        return SplitRecord(dataset, split, ids, labels, [str(c)[:200] for c in names], attrs["ids_sha256"])
-
-    # --- results written next to the features ----------------------------------------------------
-    def put_result(self, kind: str, name: str, payload: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
-        """A result's payload (JSON attrs), replacing any of that name; `arrays` (a saved head's weights) are
-        written first and the payload last, so a write cut short leaves no payload and is not listed."""
-        path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
-        if self._group(path) is not None:
-            del self.root[path]
-        g = self.root.create_group(path)
-        for array, value in (arrays or {}).items():  # dimension names make the group an xarray Dataset
-            g.create_array(array, data=value, dimension_names=[f"{array}_{i}" for i in range(value.ndim)])
-        g.attrs.update({"payload": payload, "provenance": provenance(finished=True)})
-
-    def result_paths(self, kind: str | None = None) -> list[str]:
-        kinds = [kind] if kind else self.child_groups("results")
-        return [f"results/{k}/{name}" for k in kinds for name in self.child_groups(f"results/{k}")]
-
-    def results(self, kind: str, with_provenance: bool = False) -> list[dict]:
-        """Payloads of the stored results of `kind`; with_provenance: each with its "provenance" record too."""
-        attrs = [a for a in (dict(self._group(p).attrs) for p in self.result_paths(kind)) if "payload" in a]
-        return [{**a["payload"], "provenance": a.get("provenance")} if with_provenance else a["payload"] for a in attrs]
-
-    def result_arrays(self, kind: str, name: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
-        """The float arrays stored with a result (a saved head's weights), by name, read only when their names and
-        shapes are exactly `shapes` (what the reader expects: a forged size is refused before anything is read)."""
-        path = f"results/{check_name('result kind', kind)}/{check_name('result', name)}"
-        g = self._group(path)
-        nodes = dict(g.arrays()) if g is not None else {}
-        found = {a: tuple(node.shape) for a, node in nodes.items() if node.dtype.kind == "f"}
-        wrong = sorted(a for a in {*nodes, *shapes} if found.get(a) != tuple(shapes.get(a, ())) or a not in shapes)
-        if wrong:
-            raise DiffstoreError(f"{self.url.rstrip('/')}/{path}: its arrays ({shown(', '.join(wrong), 120)}) are not "
-                                 "the float arrays of the shapes its description gives. Remove it with `diffstore rm` "
-                                 "and store it again")
-        return {a: np.asarray(node[...], np.float32) for a, node in nodes.items()}
