@@ -42,18 +42,29 @@ class BadName(DiffstoreError, ValueError):
     """A name or key that cannot be a store path (a DiffstoreError for users, a ValueError for parsers)."""
 
 
-def check_name(kind: str, name, reserved_ok: bool = True) -> str:
-    """`name` if it is a valid model, dataset or result name; else BadName saying what is allowed.
-    reserved_ok=False: a name the user chose, which may not end in the reserved .random-init-s<int>."""
-    text = name if isinstance(name, str) else repr(name)
-    shown = text if len(text) <= 60 else text[:60] + "..."
+def shorten(text: str) -> str:
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def check_name(kind: str, name) -> str:
+    """`name` if it is a valid model, dataset, split or result name (a store path segment); else BadName saying
+    what is allowed."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
-        raise BadName(f"{kind} name {shown!r} is not allowed: use 1-128 letters, digits and . _ + - (no '/', '..', "
-                      "spaces or brackets), starting with a letter or digit")
+        text = name if isinstance(name, str) else repr(name)
+        raise BadName(f"{kind} name {shorten(text)!r} is not allowed: use 1-128 letters, digits and . _ + - (no '/', "
+                      "'..', spaces or brackets), starting with a letter or digit")
+    return name
+
+
+def check_model_name(kind: str, name, reserved_ok: bool = True) -> str:
+    """A valid model name: the suffix .random-init-s<int> only as a random-init twin's (NAME.random-init-sS, whose
+    seed is read back from it); reserved_ok=False: a name the user chose, which may not carry it at all. Other
+    names (a result naming a twin's arrays) may hold the text freely."""
+    check_name(kind, name)
     base, marker, seed = name.partition(RANDOM_INIT)
     if marker and (not reserved_ok or not seed.isdigit() or RANDOM_INIT in seed or not base):
-        raise BadName(f"{kind} name {shown!r} uses the reserved suffix {RANDOM_INIT}<int>: pass --random-init S "
-                      "(it names the model NAME.random-init-sS) and choose another --model-name")
+        raise BadName(f"{kind} name {shorten(name)!r} uses the reserved suffix {RANDOM_INIT}<int>: pass --random-init "
+                      "S (it names the model NAME.random-init-sS) and choose another --model-name")
     return name
 
 
@@ -101,7 +112,7 @@ class FeatureKey:
     def __post_init__(self):
         check_name("dataset", self.dataset)
         check_name("split", self.split)
-        check_name("model", self.model)
+        check_model_name("model", self.model)
         if self.input not in INPUT_MODES:
             raise BadName(f"input must be one of {INPUT_MODES}, got {self.input!r}")
         for name, value, low in (("t", self.t, 0), ("block", self.block, 1)):
@@ -178,8 +189,8 @@ def parse_selector(text: str) -> dict:
             raise ValueError(f"cannot read {part!r} in {text!r}: use name=value parts such as t=90/b=5/p=2 "
                              f"(names: {', '.join(SELECTOR_FIELDS)})")
         field_ = SELECTOR_FIELDS[name]
-        if field_ in ("dataset", "split", "model"):
-            check_name(field_, value)  # a name that cannot be a store path selects nothing: say why
+        if field_ in ("dataset", "split", "model"):  # a name that cannot be a store path selects nothing: say why
+            (check_model_name if field_ == "model" else check_name)(field_, value)
         if field_ in ("t", "block"):
             if not value.lstrip("-").isdigit():
                 raise ValueError(f"cannot read {part!r} in {text!r}: {name} takes an integer (e.g. {name}=90)")

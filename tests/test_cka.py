@@ -169,7 +169,8 @@ def test_mismatched_sample_counts_and_bad_settings_are_refused():
 
 # --- the stage, on a real store --------------------------------------------------------------------------
 
-def make_store(url, n=300, ids=None, split="train", blocks=(1, 2, 3), ts=(10, 90), seed=0, dataset_fp=None) -> Store:
+def make_store(url, n=300, ids=None, split="train", blocks=(1, 2, 3), ts=(10, 90), seed=0, dataset_fp=None,
+               model="tiny") -> Store:
     """A store with random-but-related features for each (t, block) at pool 2: block b at time t mixes a shared
     latent with noise whose weight grows with b and t, so the matrix has structure."""
     store = Store.open(str(url), mode="a")
@@ -183,7 +184,7 @@ def make_store(url, n=300, ids=None, split="train", blocks=(1, 2, 3), ts=(10, 90
         for b in blocks:
             feats = z @ rng.normal(size=(6, 16)) + (b * t / 90) * rng.normal(size=(n, 16))
             block = {"index": b, "name": f"down{b}", "module": f"m{b}", "channels": 4, "height": 4, "width": 4}
-            feature_array(store, FeatureKey("toy", split, "tiny", "noised", t, b, "2"), recipe, (4, 2, 2), n, 128,
+            feature_array(store, FeatureKey("toy", split, model, "noised", t, b, "2"), recipe, (4, 2, 2), n, 128,
                           rows=feats.reshape(-1, 4, 2, 2), block=block)
     return store
 
@@ -208,6 +209,31 @@ def test_cka_command_block_matrix_end_to_end(tmp_path, capsys):
     assert (tmp_path / "plot" / f"{payload['name']}.png").stat().st_size > 1000
     stored = Store.open(str(url), mode="r").results("cka")
     assert [r["name"] for r in stored] == [payload["name"]] and stored[0]["matrix"] == payload["matrix"]
+
+
+def test_a_random_init_twins_matrix_is_stored_under_a_name_holding_its_model(tmp_path):
+    # `make cka` draws every model of a store, the twin too: its result name holds NAME.random-init-sS mid-name
+    url = tmp_path / "s.zarr"
+    make_store(url, model="tiny.random-init-s0")
+    payload = cka_command(str(url), by="block", t="90", show_progress=False)
+    assert "tiny.random-init-s0" in payload["name"]
+    assert [r["name"] for r in Store.open(str(url), mode="r").results("cka")] == [payload["name"]]
+
+
+def test_make_cka_draws_every_model_of_a_store_the_twin_too(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url, out = tmp_path / "s.zarr", tmp_path / "cka"
+    make_store(url, split="test")
+    make_store(url, split="test", model="tiny.random-init-s0")
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "pipelines" / "cka.py"),
+                           "--store", str(url), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # per model: block x block at t=10 and t=90, t x t at blocks 1-3
+    assert len(list(out.glob("*.png"))) == len(list(out.glob("*.json"))) == 2 * (2 + 3)
+    assert len(list(out.glob("*tiny.random-init-s0*.png"))) == 5
 
 
 def test_cka_command_minibatch_t_matrix_records_batch_size_and_seed(tmp_path):

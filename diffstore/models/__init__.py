@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DiffstoreError, redact
-from ..key import check_name
+from ..key import check_model_name
 
 if TYPE_CHECKING:  # importing the package stays torch-free (extract/quick.py reads DEFAULT_DIR)
     from .base import DiffusionModel
@@ -38,13 +38,13 @@ def parse_class_label(value: int | str | None) -> int | str | None:
 def load_model(spec: str = "default", *, name: str | None = None, random_init: int | None = None,
                adm_config: str | None = None, class_label: int | str | None = None,
                prompt: str = "", resolution: int | None = None) -> DiffusionModel:
-    """The model `spec` names, checked: its name is a valid store path segment (key.check_name), and its source
+    """The model `spec` names, checked: its name is a valid store path segment (key.check_model_name), and its source
     records the spec as the user gave it (provenance a paper can cite; never reloaded from a store)."""
     if name is not None:
-        check_name("--model-name", name, reserved_ok=False)  # before a load that may take minutes
+        check_model_name("--model-name", name, reserved_ok=False)  # before a load that may take minutes
     model = load_backend(spec, name, random_init, adm_config, parse_class_label(class_label), prompt, resolution)
     try:
-        check_name("model", model.name)
+        check_model_name("model", model.name)
     except DiffstoreError as e:
         raise DiffstoreError(f"{e}; pass --model-name NAME") from None
     model.source = {**model.source, "spec": redact(spec), "given": redact(spec)}
