@@ -16,13 +16,13 @@ so. With --weights FILE (a torchvision resnet50 / timm vit state_dict) it is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 import diffstore as ds
 from diffstore.cka.options import CKAOptions
@@ -38,6 +38,21 @@ NETWORKS = {
     "vit_base": ("vit.py:base", "DIFFSTORE_VIT"),
     "vit_small": ("vit.py:small", "DIFFSTORE_VIT"),
 }
+
+
+@contextlib.contextmanager
+def environment(settings: dict):
+    """os.environ with `settings` while the plugin loads (it reads its weights and size from there), then as before."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def keyset(store: Store, model: str, dataset: str, split: str, t: int, pool: str) -> str:
@@ -70,7 +85,7 @@ def run(args) -> dict:
     seconds = {}
     diffusion = ds.extract(args.store, model=args.model, t=str(args.t), **data)[0]
     seconds["extract diffusion"] = time.perf_counter() - started
-    with patch.dict(os.environ, settings):
+    with environment(settings):
         network = ds.extract(args.store, model=f"py:{PLUGINS / factory}", t="0", **data,
                              random_init=None if args.weights else args.random_init,
                              model_name=args.name or f"{args.network}-{args.image_size}px")[0]
