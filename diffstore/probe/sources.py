@@ -42,7 +42,8 @@ def key_source(store: Store, key: FeatureKey, limit: int | None = None, augment:
         view_key = replace(key, split=view_name(key.split, augment))
         if store._group(view_key.path) is None:
             raise DiffstoreError(f"--augment {augment}: {key.path} has no stored views {view_key.path}; extract them "
-                                 f"with `{store.features(key).extract_hint()} --views {augment}`")
+                                 f"with `{store.features(key).extract_hint()} --views {augment}`, or leave the model "
+                                 "out (--model NAME picks the models to probe)")
         key = view_key
     train = store.features(key).require_done(limit * views if limit else None)
     test_key = replace(key, split="test")
