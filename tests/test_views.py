@@ -95,3 +95,24 @@ def test_probe_augment_trains_on_the_stored_views_and_tests_on_plain_images(tmp_
     assert augmented["n_train"] == 2 * plain["n_train"] and augmented["n_val"] == plain["n_val"]
     with pytest.raises(DiffstoreError, match="no stored views"):
         ds.probe(url, augment="crops:2", **kw)
+
+
+def test_probe_augment_probes_the_models_whose_views_are_stored_and_names_the_rest(tmp_path, model, tiny_unet_dir,
+                                                                                    capsys):
+    import diffstore as ds
+    from diffstore.models import load_model
+
+    pre = Preprocess(model.image_size, model.image_channels)
+    train, test = (subset(load_split("digits", s), n) for s, n in (("train", 80), ("test", 40)))
+    url = str(tmp_path / "s.zarr")
+    twin = load_model(str(tiny_unet_dir), random_init=0)
+    for m, data in ((model, train), (model, view_split(train, "flip", 0, pre)), (model, test), (twin, train),
+                    (twin, test)):
+        extract_features(plan_extraction(Store.open(url), m, data, t="10", blocks="mid", pools="2"),
+                         show_progress=False)
+    kw = dict(t=10, pools=2, show_progress=False)
+    results = ds.probe(url, augment="flip", **kw).results
+    assert [(r["model"], r["recipe"]["augment"]) for r in results] == [(model.name, "flip")]
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"1 key(s) without stored flip views are not probed (models {twin.name})" in err and "--views flip" in err
+    assert {r["model"] for r in ds.probe(url, **kw).results} == {model.name, twin.name}  # plain: both, as before

@@ -71,7 +71,7 @@ class ProbeOptions(StoreOptions):
     limit: int | None = opt(None, "Only the first N rows of each split.", min=1)
     augment: str | None = opt(None, "Train on the train split's stored views (extract --views SPEC: flip, crops:K, "
                                     "flip,crops:K): every view of a sample is a training row; validation and test read "
-                                    "the plain images.")
+                                    "the plain images. Models without those views are left out, with a note.")
     baseline: str | None = opt(None, "pixels: the same head on raw preprocessed pixels.", choices=("none", "pixels"))
     data_root: str | None = opt(None, "Dataset directory for --baseline pixels.")
     select: int = opt(0, "Rank every key by a closed-form ridge proxy; train the top K.", min=0)

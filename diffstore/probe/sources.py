@@ -42,8 +42,7 @@ def key_source(store: Store, key: FeatureKey, limit: int | None = None, augment:
         view_key = replace(key, split=view_name(key.split, augment))
         if store._group(view_key.path) is None:
             raise DiffstoreError(f"--augment {augment}: {key.path} has no stored views {view_key.path}; extract them "
-                                 f"with `{store.features(key).extract_hint()} --views {augment}`, or leave the model "
-                                 "out (--model NAME picks the models to probe)")
+                                 f"with `{store.features(key).extract_hint()} --views {augment}`")
         key = view_key
     train = store.features(key).require_done(limit * views if limit else None)
     test_key = replace(key, split="test")
@@ -59,6 +58,16 @@ def key_source(store: Store, key: FeatureKey, limit: int | None = None, augment:
            "--split test), or use a larger pool.")
     return Source(row, "store", [key], [train.attrs["fingerprint"], test.attrs["fingerprint"]],
                   first_rows(Rows.of(train), limit * views if limit else None), first_rows(Rows.of(test), limit), fix)
+
+
+def with_views(store: Store, keys: list[FeatureKey], augment: str) -> tuple[list[FeatureKey], list[FeatureKey]]:
+    """(keys whose views `augment` names are stored, keys without them). A store often holds views for some models
+    only (the trained model's, not its twin's): those are probed, the rest named. None with views: key_source's
+    refusal, which says how to extract them."""
+    stored = [k for k in keys if store._group(replace(k, split=view_name(k.split, augment)).path) is not None]
+    if keys and not stored:
+        key_source(store, keys[0], augment=augment)  # raises, naming the extraction
+    return stored, [k for k in keys if k not in stored]
 
 
 def joined(values: list) -> str:

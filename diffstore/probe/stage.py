@@ -29,7 +29,7 @@ from .recipe import ProbeRecipe
 from .report import collapse_seeds, grid_tables, ranking_table, results_table, summary, summary_lines
 from .results import run_probes
 from .select import rank_keys
-from .sources import fuse_source, key_source, parse_fuse, pixel_source, select_keys
+from .sources import fuse_source, key_source, parse_fuse, pixel_source, select_keys, with_views
 
 
 def compute(o: ProbeOptions) -> ProbeResults:
@@ -61,6 +61,12 @@ def compute(o: ProbeOptions) -> ProbeResults:
             raise DiffstoreError(f"{spell('select', ProbeOptions)} ranks single keys; use it without "
                                  f"{spell('fuse', ProbeOptions)} (or fuse auto: fuse the top K)")
         keys = select_keys(st, o.dataset, o.model, o.input, o.t, o.blocks, o.pools)
+        if o.augment:
+            keys, without = with_views(st, keys, o.augment)
+            if without:
+                stderr.print(f"note: {len(without)} key(s) without stored {o.augment} views are not probed (models "
+                             f"{', '.join(dict.fromkeys(k.model for k in without))}); to compare them, extract with "
+                             f"`{st.features(without[0]).extract_hint()} --views {o.augment}`")
         singles = None
         if fuse:  # --model names the one model whose keys are fused (not its random-init twins)
             mine = [k for k in keys if o.model is None or k.model == o.model]
