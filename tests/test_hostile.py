@@ -11,21 +11,8 @@ import os
 import shutil
 
 import pytest
-from hostile import (
-    ARRAY,
-    LIMIT,
-    MARKER,
-    Bed,
-    Guard,
-    api,
-    attempt,
-    bad_inputs,
-    cli,
-    crafted,
-    edit_attrs,
-    name_payloads,
-    plant,
-)
+from hostile import ARRAY, LIMIT, Bed, api, attempt, bad_inputs, cli, crafted
+from payloads import MARKER, Guard, edit_attrs, name_payloads, plant
 
 from conftest import tree_state
 from faults import flipped_byte
