@@ -11,8 +11,6 @@ matplotlib, so every command imports its stage inside its body, and options come
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import logging
 import signal
@@ -31,14 +29,14 @@ import typer  # noqa: E402
 from .errors import DiffstoreError, redact  # noqa: E402
 from .interrupts import Interrupts  # noqa: E402
 from .key import DEFAULT_STORE  # noqa: E402
-from .options import STORE_HELP, STYLE, flag_of, is_list  # noqa: E402
+from .options import JSON_HELP, STORE_HELP, command  # noqa: E402
 from .terminal import console, emit, human_bytes  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Cached feature stores of diffusion-model activations.")
 
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", "-s", help=STORE_HELP)
-JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout (data: paths, lists, ints, bytes).")
+JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
 
 
 def show_version(value: bool) -> None:
@@ -55,53 +53,10 @@ def options(version: bool = typer.Option(False, "--version", callback=show_versi
     """Cached feature stores of diffusion-model activations."""
 
 
-# --- commands built from an options dataclass -------------------------------------------------------------------
-
-def cli_parameter(f: dataclasses.Field, hint, argument: bool) -> inspect.Parameter:
-    """The typer parameter of one options field: lists as comma strings (or, as arguments, words), booleans as
-    --x/--no-x."""
-    if argument:  # a list of words: `repair KEY KEY`
-        info = typer.Argument(None, help=f.metadata.get("help"), show_default=False)
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]], default=info)
-    default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-    if is_list(hint):
-        hint, default = Optional[str], default or None
-    flag = flag_of(f)
-    decls = [f"{flag}/--no-{flag[2:]}" if "/" not in flag else flag] if hint in (bool, Optional[bool]) else [flag]
-    info = typer.Option(default, *decls, *([f.metadata["short"]] if f.metadata.get("short") else []),
-                        help=f.metadata.get("help"))
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=info)
-
-
-CsvOpt = typer.Option(False, "--csv", help="The results as a CSV table on stdout (one tidy row each).")
-
-
 def options_command(group: typer.Typer, name: str, cls, run: typing.Callable, help: str,
                     arguments: tuple[str, ...] = (), csv: bool = False) -> None:
-    """A typer command whose options are the fields of `cls`, plus --json (and --csv). `run(options, fmt)` (fmt:
-    "json", "csv" or None) imports its stage when called. Values are checked by `cls.build`, with the CLI's
-    spelling of each option in errors."""
-    hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
-    params = [cli_parameter(f, hints[f.name], f.name in arguments) for f in fields]
-    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=JsonOpt))
-    if csv:
-        params.append(inspect.Parameter("as_csv", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=CsvOpt))
-
-    def command(**kw):
-        as_json, as_csv = kw.pop("as_json", False), kw.pop("as_csv", False)
-        if as_json and as_csv:
-            raise DiffstoreError("pass --json or --csv, not both")
-        kw = {k: (tuple(v or ()) if k in arguments else v) for k, v in kw.items()}
-        token = STYLE.set("cli")  # errors name options as flags while this command runs (and only then)
-        try:
-            run(cls.build(kw), "json" if as_json else "csv" if as_csv else None)
-        finally:
-            STYLE.reset(token)
-
-    command.__signature__ = inspect.Signature(params)
-    command.__doc__ = help
-    group.command(name)(command)
+    """Register the command options.command builds from `cls` (its fields as flags, plus --json and --csv)."""
+    group.command(name)(command(cls, run, help, arguments, csv))
 
 
 def run_extract(o, fmt: str | None) -> None:

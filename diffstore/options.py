@@ -1,6 +1,6 @@
 """One definition per stage's options: a dataclass whose fields carry type, default and help text. The CLI's
-options (cli.py), the API's keyword signature (`help(ds.extract)`) and the payload shipped to dask workers are all
-built from it, so adding an option is one edit.
+options (`command`, registered by cli.py), the API's keyword signature (`api`: `help(ds.extract)`) and the payload
+shipped to dask workers are all built from it, so adding an option is one edit.
 
     @dataclass(frozen=True)
     class ExtractOptions(ModelOptions):
@@ -27,6 +27,8 @@ from .errors import DiffstoreError
 from .key import DEFAULT_STORE
 
 STORE_HELP = "Store path or fsspec URL (s3://bucket/team.zarr)."
+JSON_HELP = "Machine-readable JSON on stdout (data: paths, lists, ints, bytes)."
+CSV_HELP = "The results as a CSV table on stdout (one tidy row each)."
 STYLE = contextvars.ContextVar("diffstore_option_style", default="api")  # "cli" while a command parses and runs
 
 
@@ -239,6 +241,57 @@ def api(cls: type, first: tuple[str, ...] = ("store",)):
         return call
 
     return wrap
+
+
+def cli_parameter(f: dataclasses.Field, hint, argument: bool) -> inspect.Parameter:
+    """The typer parameter of one options field: lists as comma strings (or, as arguments, words), booleans as
+    --x/--no-x."""
+    import typer
+
+    if argument:  # a list of words: `repair KEY KEY`
+        info = typer.Argument(None, help=f.metadata.get("help"), show_default=False)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[list[str]],
+                                 default=info)
+    default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    if is_list(hint):
+        hint, default = typing.Optional[str], default or None
+    flag = flag_of(f)
+    boolean = hint in (bool, typing.Optional[bool])
+    decls = [f"{flag}/--no-{flag[2:]}" if "/" not in flag else flag] if boolean else [flag]
+    info = typer.Option(default, *decls, *([f.metadata["short"]] if f.metadata.get("short") else []),
+                        help=f.metadata.get("help"))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=info)
+
+
+def command(cls: type, run: typing.Callable, help: str, arguments: tuple[str, ...] = (), csv: bool = False):
+    """The CLI's function for an options class, as `api` is Python's: the fields of `cls` as typer parameters,
+    plus --json (and --csv). `run(options, fmt)` (fmt: "json", "csv" or None) imports its stage when called.
+    Values are checked by `cls.build`, with the CLI's spelling of each option in errors."""
+    import typer
+
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    params = [cli_parameter(f, hints[f.name], f.name in arguments) for f in fields]
+    flags = {"as_json": typer.Option(False, "--json", help=JSON_HELP)}
+    if csv:
+        flags["as_csv"] = typer.Option(False, "--csv", help=CSV_HELP)
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=v)
+               for k, v in flags.items()]
+
+    def call(**kw):
+        as_json, as_csv = kw.pop("as_json", False), kw.pop("as_csv", False)
+        if as_json and as_csv:
+            raise DiffstoreError("pass --json or --csv, not both")
+        kw = {k: (tuple(v or ()) if k in arguments else v) for k, v in kw.items()}
+        token = STYLE.set("cli")  # errors name options as flags while this command runs (and only then)
+        try:
+            run(cls.build(kw), "json" if as_json else "csv" if as_csv else None)
+        finally:
+            STYLE.reset(token)
+
+    call.__signature__ = inspect.Signature(params)
+    call.__doc__ = help
+    return call
 
 
 class StagePackage(types.ModuleType):
