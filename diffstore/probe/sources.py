@@ -33,13 +33,18 @@ class Source:
     fix: str  # how to get spatial maps, for heads that need them
 
 
+def views_of(key: FeatureKey, augment: str) -> FeatureKey:
+    """The key of `key`'s stored views (the split SPLIT+VIEWS that `extract --views` writes)."""
+    return replace(key, split=view_name(key.split, augment))
+
+
 def key_source(store: Store, key: FeatureKey, limit: int | None = None, augment: str | None = None) -> Source:
     """A train key and its test twin, both done on rows [0, limit); augment: train on the key's stored views
     (the split SPLIT+VIEWS that `extract --views` writes), every view of a sample a row."""
     views = 1
     if augment:
         views = len(view_set(augment))
-        view_key = replace(key, split=view_name(key.split, augment))
+        view_key = views_of(key, augment)
         if store._group(view_key.path) is None:
             raise DiffstoreError(f"--augment {augment}: {key.path} has no stored views {view_key.path}; extract them "
                                  f"with `{store.features(key).extract_hint()} --views {augment}`")
@@ -64,10 +69,10 @@ def with_views(store: Store, keys: list[FeatureKey], augment: str) -> tuple[list
     """(keys whose views `augment` names are stored, keys without them). A store often holds views for some models
     only (the trained model's, not its twin's): those are probed, the rest named. None with views: key_source's
     refusal, which says how to extract them."""
-    stored = [k for k in keys if store._group(replace(k, split=view_name(k.split, augment)).path) is not None]
-    if keys and not stored:
+    has = {k: store._group(views_of(k, augment).path) is not None for k in keys}
+    if keys and not any(has.values()):
         key_source(store, keys[0], augment=augment)  # raises, naming the extraction
-    return stored, [k for k in keys if k not in stored]
+    return [k for k in keys if has[k]], [k for k in keys if not has[k]]
 
 
 def joined(values: list) -> str:
