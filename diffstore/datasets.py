@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .errors import DiffstoreError
-from .key import fingerprint, sha256_files
+from .key import fingerprint, ids_sha256, sha256_files
 
 if TYPE_CHECKING:
     from .preprocess import Preprocess
@@ -71,7 +71,7 @@ class Split:
         return len(self.ids)
 
     def ids_sha256(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.ids, dtype="<i8").tobytes()).hexdigest()
+        return ids_sha256(self.ids)
 
     def take(self, ids: np.ndarray, hint: str = "") -> "Split":
         """The samples `ids`, in that order (a store may hold a subset of a split, or another order)."""
@@ -227,7 +227,7 @@ def load_cifar10_bin(split: str, bin_dir: Path) -> Split:
         return out.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
     source = {"kind": "cifar10-bin", "root": str(bin_dir), "files": {p.name: p.stat().st_size for p in files},
-              "labels_sha256": hashlib.sha256(labels.astype("<i8").tobytes()).hexdigest()}
+              "labels_sha256": ids_sha256(labels)}
     return Split("cifar10", split, np.arange(len(labels), dtype=np.int64), labels, class_names, source, load)
 
 

@@ -82,6 +82,13 @@ def fingerprint(value) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
+def ids_sha256(ids) -> str:
+    """sha256 of sample ids (or labels) as little-endian int64: a split's identity."""
+    import numpy as np  # (key.py stays importable without numpy's start-up until this is called)
+
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
 def sha256_files(paths: list[Path]) -> str:
     """sha256 over the bytes of the given files, in the given order (file names do not count)."""
     h = hashlib.sha256()

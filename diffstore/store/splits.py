@@ -3,13 +3,13 @@ by every array of that split (the rows of every feature array follow them)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from ..errors import DiffstoreError
+from ..key import ids_sha256
 from .attrs import shown
 
 
@@ -21,10 +21,6 @@ class SplitRecord:
     labels: np.ndarray
     class_names: list[str]
     ids_sha256: str
-
-
-def ids_sha256(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 class SplitsMixin:
