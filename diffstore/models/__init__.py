@@ -13,6 +13,7 @@ backend's default (ADM: the dataset's labels; DiT: its null class).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,11 @@ def load_model(spec: str = "default", *, name: str | None = None, random_init: i
     records the spec as the user gave it (provenance a paper can cite; never reloaded from a store)."""
     if name is not None:
         check_model_name("--model-name", name, reserved_ok=False)  # before a load that may take minutes
-    model = load_backend(spec, name, random_init, adm_config, parse_class_label(class_label), prompt, resolution)
+    with warnings.catch_warnings():
+        # torch.load(weights_only=True) warns about a checkpoint's pickle protocol before it refuses (or accepts)
+        # the file; base.load_failure explains a refusal, so the warning would only hide the real message
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        model = load_backend(spec, name, random_init, adm_config, parse_class_label(class_label), prompt, resolution)
     try:
         check_model_name("model", model.name)
     except DiffstoreError as e:

@@ -6,7 +6,6 @@ and what identifies it (weights sha256 + architecture config).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,10 +14,6 @@ import torch
 from ..blocks import BlockTable
 from ..errors import DiffstoreError
 from ..key import model_fingerprint
-
-# torch.load(weights_only=True) warns about a checkpoint's pickle protocol before it refuses (or accepts) the file; the
-# refusal is explained by load_failure, so the warning only hides the real message.
-warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
 
 
 @dataclass
