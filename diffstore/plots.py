@@ -9,6 +9,7 @@ saving are apart, so one figure goes to PNG, PDF and SVG alike and tests read th
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,15 +53,15 @@ def heatmap(matrix, row_labels: list, col_labels: list, title: str, cbar_label: 
     m = np.asarray(matrix, dtype=float)
     slant = max((len(str(c)) for c in col_labels), default=0) > 3
     # about 9 x 4 inches for 15 blocks x 4 t: a paper's text width at 80% scale, cells wide enough for '93.1'
-    fig = Figure(figsize=(2.4 + 0.45 * max(len(col_labels), 6), 1.9 + 0.4 * max(len(row_labels), 3) + 0.6 * slant),
-                 layout="constrained")
+    width = 2.4 + 0.45 * max(len(col_labels), 6)
+    fig = Figure(figsize=(width, 1.9 + 0.4 * max(len(row_labels), 3) + 0.6 * slant), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=40 if slant else 0,
                   ha="right" if slant else "center", rotation_mode="anchor", fontsize=8)
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=8)
     ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, int(width * 12)), fontsize=9)  # a small grid's title wraps, never overlaps
     cbar = fig.colorbar(im, ax=ax, label=cbar_label)
     handles = []
     for mark in marks:

@@ -84,6 +84,7 @@ def test_difference_heatmap_marks_exactly_the_cells_whose_paired_interval_exclud
         for r in constructed()]
     tie = figures(same)["digits_m_noised_p2_linear_converged_minus_random-init-s0"]
     assert marked(tie, "paired 95% interval excludes 0") == set() and legend(tie) == []  # nothing marked, no legend
+    assert tie.axes[0].images[0].get_clim() == (-10.0, 10.0)  # no difference: white, on a scale of +-10 points
 
 
 def test_legend_lists_only_the_marks_and_lines_that_are_drawn():

@@ -19,6 +19,7 @@ from .intervals import difference, result_hits
 from .report import best_cell, grid_matrix, grids, pixel_size, recipe_label, with_ci
 
 TWIN = ".random-init-"
+DIFFERENCE_FLOOR = 10.0  # points: the difference scale spans at least +-10, so a few points never look saturated
 
 
 def pixel_level(r: dict) -> Level:
@@ -59,7 +60,7 @@ def difference_figure(trained: dict, twin: dict, title: str) -> Figure | None:
     ts, bs, m = grid_matrix({c: {**r, "top1": diffs[c]["diff"]} for c, r in shared.items()})
     where = positions(shared)
     apart = [where[c] for c, d in diffs.items() if d["ci95"][0] > 0 or d["ci95"][1] < 0]
-    span = max(float(np.nanmax(np.abs(m))), 0.5)
+    span = max(float(np.nanmax(np.abs(m))), DIFFERENCE_FLOOR)
     return heatmap(m, ts, bs, title, "trained minus twin, test top-1 (points)", fmt="{:+.1f}",
                    marks=[Mark("paired 95% interval excludes 0", apart, "D", size=5)],
                    vmin=-span, vmax=span, cmap="RdBu", xlabel="block", ylabel="diffusion time step t")
@@ -83,6 +84,7 @@ def figures(results: list[dict]) -> dict[str, Figure]:
     for (dataset, base, input_, pool, head, recipe), members in groups.items():
         levels = [pixel_level(pixels[dataset, head, recipe])] if (dataset, head, recipe) in pixels else []
         scale = scale_of(list(members.values()), levels)
+
         def stem_of(model: str) -> str:
             return "_".join(s.replace("/", "-") for s in (dataset, model, input_, f"p{pool}", head, recipe))
 
